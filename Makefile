@@ -1,0 +1,39 @@
+# Everything runs from a virtual environment at .venv in the checkout, made on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= keras,dev,postgres,parallel,docker
+
+.PHONY: install run test test-fast lint bench ui clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## the main job on the embedded defaults: one study of the base ANN on digits,
+## local SQLite MLflow (./mlflow.db) and Optuna storage (./optuna.db), in-process trials
+run: install
+	$(VENV)/bin/mlops-tune
+
+## the whole test suite (real MLflow, real Optuna storages, real TensorFlow)
+test: install
+	$(PY) -m pytest -q
+
+## tests without the ones that train Keras models or run long studies
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) benchmarks/tracking_overhead.py
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+
+clean:
+	rm -rf outputs multirun mlruns mlflow.db optuna.db

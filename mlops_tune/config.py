@@ -1,0 +1,119 @@
+"""Turning a composed Hydra config into a plain, validated dict.
+
+Hydra already rejects overrides of keys that do not exist (``foo=1``); this module
+rejects keys added with ``+`` that nothing reads, missing required values and values
+out of range, each as a :class:`~mlops_tune.errors.UsageError` that names the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mlops_tune.errors import UsageError
+
+TRAIN_SECTIONS = frozenset({"model", "data", "tracking", "seed"})
+TUNE_SECTIONS = TRAIN_SECTIONS | {"runner", "search", "gate", "study", "registry", "report"}
+SAMPLERS = ("tpe", "random", "mutation")
+PRUNERS = ("median", "hyperband", "none")
+GATE_METRICS = ("val_accuracy",)
+
+#: keys of the fixed sections (the model and data sections are checked by their family / loader)
+SECTION_KEYS: Mapping[str, frozenset[str]] = {
+    "tracking": frozenset({"uri", "experiment"}),
+    "gate": frozenset({"threshold", "metric"}),
+    "study": frozenset({
+        "name", "storage", "n_trials", "timeout", "sampler", "pruner",
+        "max_consecutive_failures", "heartbeat_interval", "grace_period",
+    }),
+    "registry": frozenset({"name", "promote"}),
+    "report": frozenset({"junit"}),
+    "runner": frozenset({"name"}),
+    "search": frozenset({"space"}),
+}
+
+
+def to_plain(cfg: Any) -> dict[str, Any]:
+    """Resolve a DictConfig into plain Python containers, reporting missing values by key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raise UsageError(f"{key}: required value is missing (set {key}=...)") from None
+    except InterpolationResolutionError as exc:
+        raise UsageError(f"{getattr(exc, 'full_key', 'config')}: {str(exc).splitlines()[0]}") from None
+    assert isinstance(plain, dict)
+    return plain
+
+
+def validate_train(cfg: Mapping[str, Any], sections: frozenset[str] = TRAIN_SECTIONS) -> None:
+    """Check a ``train`` config: sections, model (by its family) and data (by its loader)."""
+    from mlops_tune.data import loader_arguments
+    from mlops_tune.families import get_family
+
+    _known(cfg, sections, "")
+    for section in ("tracking", "model", "data"):
+        if not isinstance(cfg.get(section), Mapping):
+            raise UsageError(f"{section}: missing config section")
+    _check_sections(cfg)
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"seed: must be a non-negative integer, got {seed!r}")
+    if not isinstance(cfg["model"].get("family"), str):
+        raise UsageError("model.family: missing (every model YAML names its family)")
+    get_family(cfg["model"]["family"]).validate(cfg["model"])
+    loader_arguments(cfg["data"])
+
+
+def validate_tune(cfg: Mapping[str, Any]) -> None:
+    """Check a ``tune`` config: everything :func:`validate_train` checks, plus gate and study."""
+    validate_train(cfg, TUNE_SECTIONS)
+    gate = cfg["gate"]
+    threshold = gate.get("threshold")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+        raise UsageError(f"gate.threshold: must be an accuracy in [0, 1], got {threshold!r}")
+    if gate.get("metric") not in GATE_METRICS:
+        raise UsageError(f"gate.metric: '{gate.get('metric')}' is not one of {', '.join(GATE_METRICS)} "
+                         "(the test split is never used to choose)")
+    study = cfg["study"]
+    _positive(study, "n_trials", "study")
+    _positive(study, "max_consecutive_failures", "study")
+    _positive(study, "heartbeat_interval", "study")
+    _positive(study, "grace_period", "study")
+    timeout = study.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise UsageError(f"study.timeout: must be null or a positive number of seconds, got {timeout!r}")
+    sampler = study.get("sampler")
+    if not (sampler in SAMPLERS or (isinstance(sampler, Mapping) and "_target_" in sampler)):
+        raise UsageError(f"study.sampler: '{sampler}' is not one of {', '.join(SAMPLERS)} "
+                         "or {_target_: optuna.samplers.X}")
+    if study.get("pruner") not in PRUNERS:
+        raise UsageError(f"study.pruner: '{study.get('pruner')}' is not one of {', '.join(PRUNERS)}")
+    if not isinstance(study.get("name"), str) or not study["name"]:
+        raise UsageError("study.name: must be a non-empty string")
+    if not isinstance(study.get("storage"), str):
+        raise UsageError("study.storage: must be an Optuna storage URL such as sqlite:///optuna.db")
+
+
+def _check_sections(cfg: Mapping[str, Any]) -> None:
+    for section, keys in SECTION_KEYS.items():
+        if section in cfg:
+            if not isinstance(cfg[section], Mapping):
+                raise UsageError(f"{section}: must be a config section, got {cfg[section]!r}")
+            _known(cfg[section], keys, f"{section}.")
+
+
+def _known(values: Mapping[str, Any], allowed: Iterable[str], prefix: str) -> None:
+    allowed = set(allowed)
+    for key in values:
+        if key not in allowed:
+            raise UsageError(f"{prefix}{key}: unknown config key (known: {', '.join(sorted(allowed))})")
+
+
+def _positive(section: Mapping[str, Any], key: str, name: str) -> None:
+    value = section.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UsageError(f"{name}.{key}: must be a positive integer, got {value!r}")

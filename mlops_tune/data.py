@@ -1,0 +1,331 @@
+"""Dataset loaders and the stratified train / validation / test split.
+
+Every loader returns a :class:`Dataset` of raw features (no scaling: scaling belongs to
+the model, so that a logged model takes the same inputs as the data file). The split
+then hands each model family the shape it asks for (flat vectors or images with a
+channel axis) through :meth:`Splits.as_input`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from mlops_tune.errors import UsageError
+
+InputKind = Literal["flat", "image"]
+
+#: Keys every ``data`` config has; the rest are the loader's keyword arguments.
+COMMON_KEYS = frozenset({"name", "loader", "val_size", "test_size"})
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Raw samples with integer labels ``0..k-1``.
+
+    Attributes:
+        x: float32 features, samples first; ``(n, features)`` or ``(n, h, w, c)``.
+        y: int64 labels.
+        classes: the original label of each class index (kept with the model).
+        feature_names: column names of flat tabular data, else ``None``.
+        image_shape: ``(h, w, c)`` when the samples can be viewed as images.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: list[str]
+    feature_names: list[str] | None = None
+    image_shape: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train / validation / test arrays of one dataset, in one input shape."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    feature_names: list[str] | None
+    image_shape: tuple[int, int, int] | None
+    dataset_name: str
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def as_input(self, kind: InputKind) -> Splits:
+        """The same splits reshaped for a family that takes ``kind`` inputs."""
+        if kind == "flat":
+            shape: tuple[int, ...] = (int(np.prod(self.x_train.shape[1:])),)
+        elif self.image_shape is None:
+            raise UsageError(
+                f"data={self.dataset_name}: this model needs images, but the data has no "
+                "image shape (use data=digits, npz with 3-D/4-D x, images or keras)"
+            )
+        else:
+            shape = self.image_shape
+        if self.x_train.shape[1:] == shape:
+            return self
+
+        def reshape(x: np.ndarray) -> np.ndarray:
+            return x.reshape((x.shape[0], *shape))
+
+        return replace(
+            self,
+            x_train=reshape(self.x_train),
+            x_val=reshape(self.x_val),
+            x_test=reshape(self.x_test),
+        )
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def load_sklearn(name: str) -> Dataset:
+    """A dataset bundled with scikit-learn (digits, breast_cancer, wine, iris)."""
+    from sklearn import datasets
+
+    loader = getattr(datasets, f"load_{name}", None)
+    if loader is None:
+        raise UsageError(f"data.name: '{name}' is not a scikit-learn bundled dataset")
+    bunch = loader()
+    image_shape = (8, 8, 1) if name == "digits" else None
+    names = [str(c) for c in bunch.target_names]
+    return Dataset(
+        x=np.asarray(bunch.data, dtype=np.float32),
+        y=np.asarray(bunch.target, dtype=np.int64),
+        classes=names,
+        feature_names=None if image_shape else [str(f) for f in bunch.feature_names],
+        image_shape=image_shape,
+    )
+
+
+def load_csv(
+    path: str,
+    target: str,
+    features: Sequence[str] | None = None,
+    encode_categorical: bool = False,
+) -> Dataset:
+    """A CSV file with a header row; ``target`` names the label column."""
+    import pandas as pd
+
+    file = _existing_file(path, "data.path")
+    try:
+        frame = pd.read_csv(file)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"data.path: cannot read {file} as CSV ({exc})") from None
+    columns = [str(c) for c in frame.columns]
+    if target not in frame.columns:
+        raise UsageError(f"data.target: column '{target}' not in {file} (columns: {', '.join(columns)})")
+    wanted = list(features) if features else [c for c in frame.columns if c != target]
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise UsageError(f"data.features: column(s) {', '.join(map(repr, missing))} not in {file}")
+    if not wanted:
+        raise UsageError(f"data.features: {file} has no feature column besides '{target}'")
+    x_frame = frame[wanted]
+    text_columns = [c for c in wanted if not pd.api.types.is_numeric_dtype(x_frame[c])]
+    if text_columns and not encode_categorical:
+        raise UsageError(
+            f"data.features: column(s) {', '.join(map(repr, text_columns))} in {file} are not "
+            "numeric (set data.encode_categorical=true to one-hot encode them)"
+        )
+    if text_columns:
+        x_frame = pd.get_dummies(x_frame, columns=text_columns, dtype=np.float32)
+    if x_frame.isna().to_numpy().any():
+        bad = [str(c) for c in x_frame.columns if x_frame[c].isna().any()]
+        raise UsageError(f"data.features: missing values in column(s) {', '.join(map(repr, bad))} of {file}")
+    labels = frame[target]
+    if labels.isna().any():
+        raise UsageError(f"data.target: missing labels in column '{target}' of {file}")
+    codes, uniques = pd.factorize(labels, sort=True)
+    return Dataset(
+        x=x_frame.to_numpy(dtype=np.float32),
+        y=codes.astype(np.int64),
+        classes=[str(u) for u in uniques],
+        feature_names=[str(c) for c in x_frame.columns],
+    )
+
+
+def load_npz(path: str) -> Dataset:
+    """A ``.npz`` archive with arrays ``x`` (samples first) and ``y``."""
+    file = _existing_file(path, "data.path")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            if "x" not in archive or "y" not in archive:
+                raise UsageError(f"data.path: {file} must hold arrays 'x' and 'y' (has {', '.join(archive.files)})")
+            x, y = archive["x"], archive["y"]
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"data.path: cannot read {file} as .npz ({exc})") from None
+    if not np.issubdtype(x.dtype, np.number):
+        raise UsageError(f"data.path: array 'x' in {file} is not numeric ({x.dtype})")
+    if x.ndim == 3:
+        x = x[..., np.newaxis]
+    image_shape = tuple(int(d) for d in x.shape[1:]) if x.ndim == 4 else None
+    return _with_encoded_labels(x.astype(np.float32), y, image_shape)  # type: ignore[arg-type]
+
+
+def load_images(path: str, image_size: Sequence[int] = (32, 32), color_mode: str = "grayscale") -> Dataset:
+    """One sub-folder per class of PNG/JPEG images (Keras' directory reader)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"data.path: folder not found: {folder}")
+    if color_mode not in ("grayscale", "rgb"):
+        raise UsageError(f"data.color_mode: '{color_mode}' is not grayscale or rgb")
+    from keras.utils import image_dataset_from_directory
+
+    try:
+        ds = image_dataset_from_directory(
+            str(folder),
+            labels="inferred",
+            label_mode="int",
+            color_mode=color_mode,
+            image_size=tuple(image_size),
+            batch_size=None,
+            shuffle=False,
+            verbose=False,
+        )
+    except ValueError as exc:
+        raise UsageError(f"data.path: no images read from {folder} ({exc})") from None
+    xs, ys = [], []
+    for image, label in ds.as_numpy_iterator():
+        xs.append(image)
+        ys.append(label)
+    if not xs:
+        raise UsageError(f"data.path: no PNG/JPEG images under {folder}")
+    x = np.stack(xs).astype(np.float32)
+    return Dataset(
+        x=x,
+        y=np.asarray(ys, dtype=np.int64),
+        classes=list(ds.class_names),
+        image_shape=tuple(int(d) for d in x.shape[1:]),  # type: ignore[arg-type]
+    )
+
+
+KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+
+
+def load_keras(dataset: str = "mnist", limit: int | None = None) -> Dataset:
+    """A Keras dataset by name, downloaded into the Keras cache on first use."""
+    if dataset not in KERAS_DATASETS:
+        raise UsageError(f"data.dataset: '{dataset}' is not one of {', '.join(KERAS_DATASETS)}")
+    import importlib
+
+    module = importlib.import_module(f"keras.datasets.{dataset}")
+    (x_a, y_a), (x_b, y_b) = module.load_data()
+    x = np.concatenate([x_a, x_b])
+    y = np.concatenate([y_a, y_b]).reshape(-1)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    if x.ndim == 3:
+        x = x[..., np.newaxis]
+    return _with_encoded_labels(x.astype(np.float32), y, tuple(int(d) for d in x.shape[1:]))  # type: ignore[arg-type]
+
+
+LOADERS: Mapping[str, Callable[..., Dataset]] = {
+    "sklearn": load_sklearn,
+    "csv": load_csv,
+    "npz": load_npz,
+    "images": load_images,
+    "keras": load_keras,
+}
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def loader_arguments(data_cfg: Mapping[str, Any]) -> tuple[Callable[..., Dataset], dict[str, Any]]:
+    """The loader a ``data`` config names and the keyword arguments it passes to it.
+
+    Raises:
+        UsageError: unknown loader, unknown key or missing required value.
+    """
+    loader_name = data_cfg.get("loader")
+    if loader_name not in LOADERS:
+        raise UsageError(f"data.loader: '{loader_name}' is not one of {', '.join(LOADERS)}")
+    loader = LOADERS[loader_name]
+    params = inspect.signature(loader).parameters
+    kwargs = {k: v for k, v in data_cfg.items() if k not in COMMON_KEYS}
+    if loader is load_sklearn:
+        kwargs["name"] = data_cfg.get("name")
+    for key in kwargs:
+        if key not in params:
+            raise UsageError(f"data.{key}: unknown key for the {loader_name} loader (known: {', '.join(params)})")
+    for key, param in params.items():
+        if param.default is inspect.Parameter.empty and kwargs.get(key) is None:
+            raise UsageError(f"data.{key}: required for data={data_cfg.get('name')}, e.g. data.{key}=...")
+    for key in ("val_size", "test_size"):
+        value = data_cfg.get(key)
+        if not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise UsageError(f"data.{key}: must be a fraction between 0 and 1, got {value!r}")
+    if data_cfg["val_size"] + data_cfg["test_size"] >= 1:
+        raise UsageError("data.val_size + data.test_size: must leave samples to train on (sum < 1)")
+    return loader, kwargs
+
+
+def load_splits(data_cfg: Mapping[str, Any], seed: int) -> Splits:
+    """Load the dataset a ``data`` config describes and split it (stratified, seeded)."""
+    loader, kwargs = loader_arguments(data_cfg)
+    dataset = loader(**kwargs)
+    return split(dataset, float(data_cfg["val_size"]), float(data_cfg["test_size"]), seed,
+                 name=str(data_cfg.get("name")))
+
+
+def split(dataset: Dataset, val_size: float, test_size: float, seed: int, name: str = "data") -> Splits:
+    """Stratified train / validation / test split.
+
+    Raises:
+        UsageError: one class only, or too few samples for every split to hold each class.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = len(dataset.y)
+    n_classes = len(dataset.classes)
+    if n_classes < 2:
+        only = dataset.classes[0] if dataset.classes else "none"
+        raise UsageError(f"data={name}: the target has only one class ('{only}'); a classifier needs two or more")
+    counts = np.bincount(dataset.y, minlength=n_classes)
+    n_test = math.ceil(n * test_size)
+    n_val = math.ceil((n - n_test) * val_size / (1 - test_size))
+    n_train = n - n_test - n_val
+    if min(n_test, n_val, n_train) < n_classes or counts.min() < 3:
+        raise UsageError(
+            f"data={name}: {n} samples are too few for val_size={val_size} and test_size={test_size} "
+            f"with {n_classes} classes (every split needs each class; smallest class has {counts.min()})"
+        )
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        dataset.x, dataset.y, test_size=n_test, stratify=dataset.y, random_state=seed
+    )
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest, y_rest, test_size=n_val, stratify=y_rest, random_state=seed
+    )
+    return Splits(
+        x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test,
+        classes=dataset.classes, feature_names=dataset.feature_names,
+        image_shape=dataset.image_shape, dataset_name=name,
+    )
+
+
+def _existing_file(path: str, key: str) -> Path:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UsageError(f"{key}: file not found: {file}")
+    return file
+
+
+def _with_encoded_labels(x: np.ndarray, y: np.ndarray, image_shape: tuple[int, int, int] | None) -> Dataset:
+    y = np.asarray(y).reshape(-1)
+    if len(y) != len(x):
+        raise UsageError(f"data: x has {len(x)} samples but y has {len(y)} labels")
+    uniques, codes = np.unique(y, return_inverse=True)
+    return Dataset(x=x, y=codes.astype(np.int64), classes=[str(u) for u in uniques], image_shape=image_shape)

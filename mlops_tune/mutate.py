@@ -1,0 +1,86 @@
+"""The ``mutation`` sampler: the original "change the model and retrain" loop, done properly.
+
+Each new trial starts from the best completed trial so far (the base model until one
+completes) and applies one or two mutation operators of the search space (widen or
+narrow a layer, add or remove a layer, change k, switch the scaler, ...). The parent
+trial and the operators are stored as trial user attributes (``parent_trial``,
+``mutations``), so every child run can say where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from mlops_tune.search import SearchSpace
+
+ATTR_PARENT = "parent_trial"
+ATTR_MUTATIONS = "mutations"
+
+
+class MutationSampler(BaseSampler):
+    """Mutate the best trial so far; fall back to random sampling for anything unplanned.
+
+    Args:
+        space: the study's search space (its ``base`` is the starting point).
+        seed: seeds operator choice and the fallback sampler.
+        max_tries: attempts to find a child that no earlier trial has tried.
+    """
+
+    def __init__(self, space: SearchSpace, seed: int | None = None, max_tries: int = 20) -> None:
+        self._space = space
+        self._rng = random.Random(seed)
+        self._fallback = RandomSampler(seed=seed)
+        self._max_tries = max_tries
+        self._plans: dict[int, dict[str, Any]] = {}
+
+    def reseed_rng(self) -> None:
+        self._rng = random.Random()
+        self._fallback.reseed_rng()
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return {}
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if "fixed_params" in trial.system_attrs:  # an enqueued trial (the base model)
+            return
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        parent = max(done, key=lambda t: t.value or 0.0, default=None)
+        point = self._space.decode(parent.params) if parent else dict(self._space.base)
+        tried = {json.dumps(t.params, sort_keys=True, default=str) for t in study.get_trials(deepcopy=False)}
+        for _ in range(self._max_tries):
+            child, ops = self._space.mutate(point, self._rng, n_ops=self._rng.choice((1, 2)))
+            params = self._space.encode(child)
+            if ops and json.dumps(params, sort_keys=True, default=str) not in tried:
+                break
+        self._plans[trial._trial_id] = params
+        storage = study._storage
+        storage.set_trial_user_attr(trial._trial_id, ATTR_PARENT, parent.number if parent else "base")
+        storage.set_trial_user_attr(trial._trial_id, ATTR_MUTATIONS, ",".join(ops))
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        plan = self._plans.get(trial._trial_id, {})
+        if param_name in plan:
+            value = plan[param_name]
+            try:
+                inside = param_distribution._contains(param_distribution.to_internal_repr(value))
+            except ValueError:  # a categorical value that is not a choice
+                inside = False
+            if inside:
+                return value
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        self._plans.pop(trial._trial_id, None)

@@ -1,0 +1,137 @@
+"""What a study shows: a line per trial, a summary table, and its artifacts in MLflow."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    import optuna
+
+    from mlops_tune.search import SearchSpace
+    from mlops_tune.study import StudyResult
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def architecture(params: Mapping[str, Any]) -> str:
+    """Compact ``key=value`` text of a trial's params, lists rebuilt (``hidden_units=[16,8]``)."""
+    lists: dict[str, list[Any]] = {}
+    parts = []
+    for key, value in params.items():
+        stem, _, index = key.rpartition("_")
+        if key.endswith("_len"):
+            continue
+        if index.isdigit() and f"{stem}_len" in params:
+            lists.setdefault(stem, []).append(value)
+        else:
+            parts.append(f"{key}={_fmt(value)}")
+    return " ".join([f"{k}=[{','.join(map(str, v))}]" for k, v in lists.items()] + parts)
+
+
+def _best(study: optuna.Study) -> float | None:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max((t.value for t in done if t.value is not None), default=None)
+
+
+def study_header(name: str, cfg: Mapping[str, Any], space: SearchSpace, existing: int) -> None:
+    resumed = f", resuming with {existing} trial(s) stored" if existing else ""
+    print(
+        f"study '{name}': model={cfg['model']['name']} data={cfg['data']['name']} "
+        f"sampler={cfg['study']['sampler'] if isinstance(cfg['study']['sampler'], str) else 'custom'} "
+        f"gate {cfg['gate']['metric']} >= {cfg['gate']['threshold']} within {cfg['study']['n_trials']} "
+        f"trials{resumed}; {len(space.dimensions)} dimensions searched",
+        flush=True,
+    )
+
+
+def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapsed: float) -> None:
+    """One progress line: number, state, accuracy, seconds, best so far, architecture."""
+    value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
+    if trial.state == TrialState.PRUNED and trial.intermediate_values:
+        step = max(trial.intermediate_values)
+        value = f"{trial.intermediate_values[step]:.4f}@{step}"
+    best = _best(study)
+    seconds = trial.user_attrs.get("seconds")
+    if seconds is None and trial.datetime_complete and trial.datetime_start:
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    origin = ""
+    if "mutations" in trial.user_attrs:
+        origin = f"  <- #{trial.user_attrs.get('parent_trial')} {trial.user_attrs['mutations']}"
+    elif trial.user_attrs.get("parent_trial") == "none":
+        origin = "  (base model)"
+    error = ""
+    if trial.state == TrialState.FAIL and "error" in trial.user_attrs:
+        error = f"  error: {trial.user_attrs['error']}"
+    mark = " *gate*" if trial.value is not None and trial.value >= threshold else ""
+    print(
+        f"[trial {trial.number:3d}] {trial.state.name:8s} val_accuracy={value:<8s} "
+        f"best={(f'{best:.4f}' if best is not None else '-'):6s} {seconds or 0:6.1f}s "
+        f"(elapsed {elapsed:5.0f}s)  {architecture(trial.params)}{origin}{mark}{error}",
+        flush=True,
+    )
+
+
+def summary(study: optuna.Study, result: StudyResult) -> None:
+    """A table of the best trials and the gate's verdict."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name: sum(t.state == state for t in trials) for state in TrialState}
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -(t.value or 0.0))
+    print(f"\nstudy '{result.study_name}': {len(trials)} trials "
+          f"({', '.join(f'{n} {k.lower()}' for k, n in counts.items() if n)})", flush=True)
+    if done:
+        print("  rank  trial  val_accuracy  architecture")
+        for rank, t in enumerate(done[:5], 1):
+            print(f"  {rank:4d}  {t.number:5d}  {t.value:12.4f}  {architecture(t.params)}")
+    verdict = "PASSED" if result.gate_passed else "MISSED"
+    best = f"{result.best_value:.4f}" if result.best_value is not None else "none"
+    test = f", test_accuracy {result.test_accuracy:.4f}" if result.test_accuracy is not None else ""
+    print(f"gate {verdict}: best val_accuracy {best} (trial {result.best_trial}) vs threshold "
+          f"{result.threshold}{test}; MLflow parent run {result.parent_run_id}", flush=True)
+
+
+def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | None) -> None:
+    """Trials table (CSV), optimization history and parameter importance (PNG), best config (YAML)."""
+    import mlflow
+
+    from mlops_tune import tracking
+
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs",
+                                          "datetime_start", "datetime_complete", "duration"))
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False)
+    mlflow.log_text(buffer.getvalue(), "trials.csv")
+    if best_config is not None:
+        tracking.log_config(best_config, "best_config.yaml")
+    _log_plots(study)
+
+
+def _log_plots(study: optuna.Study) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    from optuna.visualization import matplotlib as optuna_plots
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    plots = [("optimization_history.png", optuna_plots.plot_optimization_history)]
+    if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
+        plots.append(("param_importances.png", optuna_plots.plot_param_importances))
+    for name, plot in plots:
+        with contextlib.suppress(Exception):  # a plot is a convenience, never a reason to fail
+            axes = plot(study)
+            figure = axes.figure if hasattr(axes, "figure") else axes
+            figure.set_size_inches(8, 5)
+            figure.tight_layout()
+            mlflow.log_figure(figure, name)
+            plt.close(figure)
+

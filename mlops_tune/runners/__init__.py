@@ -1,0 +1,31 @@
+"""Runners decide WHERE a trial runs; what a trial does is :func:`mlops_tune.trial.run_trial`.
+
+``runner.name`` in the config picks one: ``inprocess`` (this Python process, frameworks
+loaded once; the default). A runner gets the trial's resolved config and the Optuna
+trial (for pruning reports) and returns the trial's :class:`~mlops_tune.trial.TrialOutcome`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from mlops_tune.errors import UsageError
+from mlops_tune.runners._base import Runner, TrialContext
+
+__all__ = ["RUNNERS", "Runner", "TrialContext", "get_runner"]
+
+RUNNERS = {
+    "inprocess": "mlops_tune.runners.inprocess:InProcessRunner",
+}
+
+
+def get_runner(runner_cfg: Mapping[str, Any]) -> Runner:
+    """The runner named by ``runner.name``."""
+    name = runner_cfg.get("name")
+    if name not in RUNNERS:
+        raise UsageError(f"runner.name: '{name}' is not one of {', '.join(RUNNERS)}")
+    module_name, _, class_name = RUNNERS[name].partition(":")
+    runner: Runner = getattr(importlib.import_module(module_name), class_name)(runner_cfg)
+    return runner

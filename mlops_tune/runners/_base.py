@@ -1,0 +1,34 @@
+"""The runner interface."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mlops_tune.data import Splits
+from mlops_tune.trial import TrialOutcome
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a study shares."""
+
+    experiment_id: str
+    parent_run_id: str
+    splits: Splits
+    #: decides from a trial's validation accuracy whether its model is worth logging
+    should_log_model: Callable[[float], bool]
+
+
+class Runner(abc.ABC):
+    """Runs one trial somewhere and returns its outcome."""
+
+    def __init__(self, runner_cfg: Mapping[str, Any]) -> None:
+        self.cfg = dict(runner_cfg)
+
+    @abc.abstractmethod
+    def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,
+            tags: Mapping[str, str]) -> TrialOutcome:
+        """Train and track one trial; raise ``optuna.TrialPruned`` when pruned."""

@@ -1,0 +1,42 @@
+"""Trials in this Python process: the frameworks are imported once for the whole study."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mlops_tune.runners._base import Runner, TrialContext
+from mlops_tune.trial import TrialOutcome, run_trial
+
+
+class OptunaReporter:
+    """Reports per-epoch validation accuracy to an Optuna trial and prunes on its word."""
+
+    def __init__(self, trial: Any) -> None:
+        self.trial = trial
+
+    def report(self, value: float, step: int) -> None:
+        import optuna
+
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {step} with val_accuracy={value:.4f}")
+
+
+class InProcessRunner(Runner):
+    """Calls :func:`~mlops_tune.trial.run_trial` directly."""
+
+    def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,
+            tags: Mapping[str, str]) -> TrialOutcome:
+        return run_trial(
+            trial_cfg,
+            experiment_id=context.experiment_id,
+            splits=context.splits,
+            parent_run_id=context.parent_run_id,
+            run_name=f"trial-{trial.number}",
+            tags=tags,
+            reporter=OptunaReporter(trial),
+            evaluate_test=False,
+            should_log_model=context.should_log_model,
+            on_run_started=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+        )

@@ -1,0 +1,315 @@
+"""The tuning loop: one Optuna study of mutations of the base model, gated by accuracy.
+
+:func:`run_study` validates everything first (nothing is written for a bad config),
+then opens or resumes the study, enqueues the base model as trial 0, runs trials
+through the configured runner until the gate is met or the budget is spent, and
+finishes with the test-split evaluation of the best model, the study's artifacts and
+the registry promotion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mlops_tune import report, tracking
+from mlops_tune.data import Splits, load_splits
+from mlops_tune.errors import StudyAborted, UsageError
+from mlops_tune.families import get_family
+from mlops_tune.mutate import ATTR_MUTATIONS, ATTR_PARENT, MutationSampler
+from mlops_tune.runners import Runner, TrialContext, get_runner
+from mlops_tune.search import SearchSpace
+from mlops_tune.trial import trial_config
+
+ATTR_PARENT_RUN = "mlflow_parent_run_id"
+ATTR_RUN = "mlflow_run_id"
+ATTR_MODEL_URI = "model_uri"
+ATTR_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """How a study ended."""
+
+    study_name: str
+    gate_passed: bool
+    best_value: float | None
+    best_trial: int | None
+    test_accuracy: float | None
+    n_trials: int
+    threshold: float
+    parent_run_id: str
+    registered_version: str | None = None
+    champion: bool = False
+    #: the best trial's config (model, data, seed, tracking), for ``mlops-train``
+    best_config: dict[str, Any] | None = None
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
+    """The Optuna storage named by ``study.storage`` (RDB URL, or ``journal:///path``).
+
+    RDB storages get a heartbeat, so a trial whose worker died is failed after the grace period.
+
+    Raises:
+        UsageError: the storage cannot be opened (the message names the host, not the password).
+    """
+    url = str(study_cfg["storage"])
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            return JournalStorage(JournalFileBackend(url.split(":", 1)[1].removeprefix("//")))
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=_engine_kwargs(url),
+            heartbeat_interval=int(study_cfg["heartbeat_interval"]),
+            grace_period=int(study_cfg["grace_period"]),
+        )
+    except Exception as exc:
+        host = urlsplit(url).hostname or url.split("://", 1)[-1].split("?")[0]
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"study.storage: cannot open the Optuna storage at {tracking.redact(host)} "
+                         f"({tracking.redact(reason)})") from None
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    if url.startswith("postgresql"):
+        return {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
+    return {}
+
+
+def make_sampler(study_cfg: Mapping[str, Any], space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    """``tpe`` (seeded, warm-started by the base trial), ``random``, ``mutation`` or ``{_target_: ...}``."""
+    sampler = study_cfg["sampler"]
+    if sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, group=True)
+    if sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if sampler == "mutation":
+        return MutationSampler(space, seed=seed)
+    return _instantiate(sampler, "study.sampler", optuna.samplers.BaseSampler)
+
+
+def make_pruner(study_cfg: Mapping[str, Any]) -> optuna.pruners.BasePruner:
+    """``median`` (default), ``hyperband``, ``none`` or ``{_target_: optuna.pruners.X, ...}``."""
+    pruner = study_cfg["pruner"]
+    if pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=4)
+    if pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=2, reduction_factor=3)
+    if pruner == "none":
+        return optuna.pruners.NopPruner()
+    return _instantiate(pruner, "study.pruner", optuna.pruners.BasePruner)
+
+
+def _instantiate(spec: Any, key: str, base: type) -> Any:
+    from hydra.utils import instantiate
+
+    try:
+        obj = instantiate(spec)
+    except Exception as exc:
+        raise UsageError(f"{key}: cannot build {spec.get('_target_')!r} ({str(exc).splitlines()[0]})") from None
+    if not isinstance(obj, base):
+        raise UsageError(f"{key}: {spec.get('_target_')!r} is not an Optuna {base.__name__}")
+    return obj
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+class Study:
+    """One study of one base model; :meth:`run` is the whole loop."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        """Validate and prepare everything that can fail on bad input, writing nothing."""
+        self.cfg = cfg
+        self.name = str(cfg["study"]["name"])
+        self.threshold = float(cfg["gate"]["threshold"])
+        self.space = SearchSpace.from_config((cfg.get("search") or {}).get("space"), cfg)
+        self.family = get_family(cfg["model"]["family"])
+        self.runner: Runner = get_runner(cfg["runner"])
+        self.sampler = make_sampler(cfg["study"], self.space, int(cfg["seed"]))
+        self.pruner = make_pruner(cfg["study"])
+        self.splits: Splits = load_splits(cfg["data"], int(cfg["seed"]))
+        self.splits.as_input(self.family.input_kind)  # rejects e.g. a CNN on tabular data now
+        self.consecutive_failures = 0
+        self.last_error = ""
+
+    # -------------------------------------------------------------- lifecycle
+    def run(self) -> StudyResult:
+        storage = make_storage(self.cfg["study"])
+        experiment_id = tracking.connect(self.cfg["tracking"]["uri"], self.cfg["tracking"]["experiment"])
+        study = optuna.create_study(
+            study_name=self.name, storage=storage, direction="maximize",
+            sampler=self.sampler, pruner=self.pruner, load_if_exists=True,
+        )
+        existing = len(study.get_trials(deepcopy=False))
+        if not existing:
+            study.enqueue_trial(self.space.encode(self.space.base), user_attrs={ATTR_PARENT: "none"},
+                                skip_if_exists=True)
+        parent_run_id = study.user_attrs.get(ATTR_PARENT_RUN)
+        with tracking.run(experiment_id, self.name, resume_run_id=parent_run_id,
+                          tags={tracking.TAG_STUDY: self.name}) as run_id:
+            if parent_run_id is None:
+                study.set_user_attr(ATTR_PARENT_RUN, run_id)
+                tracking.log_batch(params={
+                    **tracking.flatten("gate", self.cfg["gate"]),
+                    **tracking.flatten("study", {k: v for k, v in self.cfg["study"].items() if k != "storage"}),
+                    **tracking.flatten("base", {"model": self.cfg["model"], "data": self.cfg["data"]}),
+                    "runner": self.cfg["runner"]["name"],
+                })
+            self._reconcile(study, experiment_id, run_id)
+            context = TrialContext(experiment_id, run_id, self.splits, self._improves(study))
+            report.study_header(self.name, self.cfg, self.space, existing)
+            self._optimize(study, context)
+            self._reconcile(study, experiment_id, run_id)
+            return self._finish(study, run_id)
+
+    def _optimize(self, study: optuna.Study, context: TrialContext) -> None:
+        n_total = int(self.cfg["study"]["n_trials"])
+        remaining = n_total - len(study.get_trials(deepcopy=False, states=_COUNTED))
+        if remaining <= 0 or self._gate_met(study):
+            return
+        started = time.perf_counter()
+
+        def objective(trial: optuna.Trial) -> float:
+            return self._run_trial(trial, context)
+
+        def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+            report.trial_line(study, trial, self.threshold, time.perf_counter() - started)
+            if trial.state == TrialState.FAIL:
+                self.consecutive_failures += 1
+                self.last_error = str(trial.user_attrs.get(ATTR_ERROR, "see the trial's MLflow run"))
+                if self.consecutive_failures >= int(self.cfg["study"]["max_consecutive_failures"]):
+                    study.stop()
+            else:
+                self.consecutive_failures = 0
+            if self._gate_met(study):
+                study.stop()
+
+        study.optimize(
+            objective, n_trials=remaining, timeout=self.cfg["study"]["timeout"],
+            callbacks=[after_trial, optuna.study.MaxTrialsCallback(n_total, states=None)],
+            catch=(Exception,), gc_after_trial=False,
+        )
+        limit = int(self.cfg["study"]["max_consecutive_failures"])
+        if self.consecutive_failures >= limit:
+            raise StudyAborted(f"study '{self.name}' stopped after {limit} failed trials in a row "
+                               f"(last error: {self.last_error})")
+
+    def _run_trial(self, trial: optuna.Trial, context: TrialContext) -> float:
+        point = self.space.suggest(trial)
+        trial_cfg = trial_config(self.space.apply(self.cfg, point))
+        attrs = trial.study._storage.get_trial_user_attrs(trial._trial_id)
+        tags = {
+            tracking.TAG_STUDY: self.name,
+            tracking.TAG_TRIAL_NUMBER: str(trial.number),
+            tracking.TAG_PARENT_TRIAL: str(attrs.get(ATTR_PARENT, "")),
+            tracking.TAG_MUTATIONS: str(attrs.get(ATTR_MUTATIONS, "")),
+        }
+        try:
+            outcome = self.runner.run(trial_cfg, trial, context, {k: v for k, v in tags.items() if v})
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            trial.set_user_attr(ATTR_ERROR, f"{type(exc).__name__}: {first_line}"[:500])
+            raise
+        trial.set_user_attr("seconds", round(outcome.seconds, 3))
+        trial.set_user_attr("fit_seconds", round(outcome.fit_seconds, 3))
+        if outcome.model_uri:
+            trial.set_user_attr(ATTR_MODEL_URI, outcome.model_uri)
+        return outcome.val_accuracy
+
+    def _improves(self, study: optuna.Study) -> Any:
+        def improves(val_accuracy: float) -> bool:
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            return not done or val_accuracy > max(t.value or -math.inf for t in done)
+
+        return improves
+
+    def _gate_met(self, study: optuna.Study) -> bool:
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return any(t.value is not None and t.value >= self.threshold for t in done)
+
+    def _reconcile(self, study: optuna.Study, experiment_id: str, parent_run_id: str) -> None:
+        """Fail trials of dead workers (stale heartbeat) and close their MLflow runs."""
+        with contextlib.suppress(Exception):
+            optuna.storages.fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        live = {str(t.user_attrs[ATTR_RUN]) for t in running if ATTR_RUN in t.user_attrs}
+        closed = tracking.close_orphan_runs(experiment_id, parent_run_id, live)
+        if closed:
+            print(f"closed {len(closed)} MLflow run(s) left RUNNING by a dead worker", flush=True)
+
+    # -------------------------------------------------------------- the end of a study
+    def _finish(self, study: optuna.Study, parent_run_id: str) -> StudyResult:
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = max(done, key=lambda t: t.value or 0.0, default=None)
+        passed = best is not None and best.value is not None and best.value >= self.threshold
+        result = StudyResult(
+            study_name=self.name, gate_passed=passed, best_value=best.value if best else None,
+            best_trial=best.number if best else None, test_accuracy=None, n_trials=len(trials),
+            threshold=self.threshold, parent_run_id=parent_run_id,
+        )
+        metrics: dict[str, float] = {"n_trials": float(len(trials))}
+        best_cfg = None
+        if best is not None:
+            best_cfg = trial_config(self.space.apply(self.cfg, self.space.decode(best.params)))
+            result = replace(result, best_config=best_cfg)
+            model_uri = best.user_attrs.get(ATTR_MODEL_URI)
+            metrics["best_val_accuracy"] = float(best.value or 0.0)
+            if model_uri:
+                model = self.family.load_model(model_uri)
+                inputs = self.splits.as_input(self.family.input_kind)
+                test_accuracy = self.family.accuracy(model, inputs.x_test, inputs.y_test)
+                metrics["test_accuracy"] = test_accuracy
+                result = replace(result, test_accuracy=test_accuracy)
+        tracking.log_batch(metrics=metrics, tags={
+            tracking.TAG_GATE: "passed" if passed else "missed",
+            **({"mlops_tune.best_trial": str(best.number)} if best else {}),
+        })
+        report.log_study_artifacts(study, best_cfg)
+        if passed and self.cfg["registry"]["promote"] and best is not None:
+            result = self._promote(best, result)
+        report.summary(study, result)
+        return result
+
+    def _promote(self, best: FrozenTrial, result: StudyResult) -> StudyResult:
+        model_uri = best.user_attrs.get(ATTR_MODEL_URI)
+        if not model_uri or result.test_accuracy is None:
+            print("registry: the best trial logged no model; nothing registered", flush=True)
+            return result
+        name = str(self.cfg["registry"]["name"])
+        version = tracking.register(model_uri, name, result.test_accuracy, {
+            "study": self.name, "trial": str(best.number), "val_accuracy": f"{best.value:.6f}",
+        })
+        current = tracking.champion_test_accuracy(name)
+        champion = current is None or result.test_accuracy > current
+        if champion:
+            tracking.set_champion(name, version)
+            print(f"registry: {name} version {version} is now '{tracking.CHAMPION_ALIAS}' "
+                  f"(test_accuracy {result.test_accuracy:.4f}"
+                  + (f" > {current:.4f})" if current is not None else ")"), flush=True)
+        else:
+            print(f"registry: {name} version {version} registered; '{tracking.CHAMPION_ALIAS}' stays "
+                  f"(its test_accuracy {current:.4f} >= {result.test_accuracy:.4f})", flush=True)
+        return replace(result, registered_version=version, champion=champion)
+
+
+#: trial states that use up the budget (all but WAITING: an enqueued trial is not spent yet)
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)

@@ -1,0 +1,54 @@
+"""``mlops-train``: train and evaluate ONE model from the Hydra config, tracked in MLflow.
+
+Examples::
+
+    mlops-train                                   # base ANN on digits
+    mlops-train model=knn data=breast_cancer
+    mlops-train data=csv data.path=iris.csv data.target=species
+    mlops-train --config-path outputs/best --config-name best_config   # a study's best trial
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlops_tune.cli import hydra_main, record_job
+from mlops_tune.errors import EXIT_OK
+
+PROG = "mlops-train"
+
+
+def train(cfg: Any) -> int:
+    """The ``mlops-train`` task: validate, load the data, run one tracked trial, print a summary."""
+    from mlops_tune import tracking
+    from mlops_tune.config import to_plain, validate_train
+    from mlops_tune.data import load_splits
+    from mlops_tune.trial import run_trial
+
+    plain = to_plain(cfg)
+    validate_train(plain)
+    splits = load_splits(plain["data"], plain["seed"])
+    experiment_id = tracking.connect(plain["tracking"]["uri"], plain["tracking"]["experiment"])
+    outcome = run_trial(plain, experiment_id=experiment_id, splits=splits)
+    model, data = plain["model"]["name"], plain["data"]["name"]
+    print(
+        f"{PROG}: {model} on {data}: val_accuracy={outcome.val_accuracy:.4f} "
+        f"test_accuracy={outcome.test_accuracy:.4f} ({outcome.epochs} epochs, "
+        f"fit {outcome.fit_seconds:.1f} s, {outcome.n_params:,} params)\n"
+        f"  MLflow run {outcome.run_id} in experiment '{plain['tracking']['experiment']}' at "
+        f"{tracking.redact(plain['tracking']['uri'])}",
+        flush=True,
+    )
+    return EXIT_OK
+
+
+def _job(cfg: Any) -> int:
+    return record_job(train, cfg, PROG)
+
+
+def main() -> None:
+    hydra_main("train", _job, PROG)
+
+
+if __name__ == "__main__":
+    main()

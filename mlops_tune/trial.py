@@ -1,0 +1,153 @@
+"""ONE trial: train one model from a resolved config, evaluate it, track it in MLflow.
+
+This is the seam every runner shares (DESIGN.md): ``mlops-train`` calls it once, the
+study calls it per trial in this process, and the MLflow/Docker runners call it inside
+another process. A runner only decides where :func:`run_trial` runs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from optuna.exceptions import TrialPruned
+
+from mlops_tune import tracking
+from mlops_tune.data import Splits, load_splits
+from mlops_tune.families import get_family
+
+#: the config sections that make up one trial (and its reproducible YAML)
+TRIAL_SECTIONS = ("model", "data", "seed", "tracking")
+
+
+class Reporter(Protocol):
+    """Receives the validation accuracy after every epoch; may raise ``optuna.TrialPruned``."""
+
+    def report(self, value: float, step: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What one trial produced (all accuracies on the splits of ``data``)."""
+
+    run_id: str
+    val_accuracy: float
+    train_accuracy: float
+    test_accuracy: float | None
+    n_params: int
+    epochs: int
+    fit_seconds: float
+    seconds: float
+    model_uri: str | None
+    evaluate_seconds: float = 0.0
+
+    @property
+    def overhead_seconds(self) -> float:
+        """Wall time spent outside fit and evaluation (tracking, building, bookkeeping)."""
+        return self.seconds - self.fit_seconds - self.evaluate_seconds
+
+
+def trial_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a config that defines one trial; logged as ``config.yaml``."""
+    return {key: cfg[key] for key in TRIAL_SECTIONS if key in cfg}
+
+
+def run_trial(
+    cfg: Mapping[str, Any],
+    *,
+    experiment_id: str,
+    splits: Splits | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    reporter: Reporter | None = None,
+    evaluate_test: bool = True,
+    should_log_model: Callable[[float], bool] = lambda _val_accuracy: True,
+    on_run_started: Callable[[str], None] | None = None,
+) -> TrialOutcome:
+    """Train, evaluate and track one model described by a validated, plain ``cfg``.
+
+    Args:
+        cfg: plain config with ``model``, ``data``, ``seed`` (and ``tracking``).
+        experiment_id: MLflow experiment of the run (see :func:`tracking.connect`).
+        splits: the loaded data; loaded from ``cfg["data"]`` when omitted.
+        parent_run_id: the study's run, for a trial's child run.
+        reporter: gets ``val_accuracy`` per epoch (pruning raises ``optuna.TrialPruned``).
+        evaluate_test: also measure the test split (``mlops-train`` does; study trials don't).
+        should_log_model: decides from the validation accuracy whether to log the model.
+        on_run_started: called with the run id as soon as the run exists.
+
+    Raises:
+        optuna.TrialPruned: the reporter pruned the trial (the run ends FINISHED, tagged PRUNED).
+        Exception: training failed (the run ends FAILED with the error as tag and artifact).
+    """
+    started = time.perf_counter()
+    model_cfg, seed = cfg["model"], int(cfg["seed"])
+    family = get_family(model_cfg["family"])
+    if splits is None:
+        splits = load_splits(cfg["data"], seed)
+    inputs = splits.as_input(family.input_kind)  # may reject the data before any run exists
+    history: list[dict[str, float]] = []
+
+    def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
+        if len(history) <= epoch:
+            history.append(dict(metrics))
+        if reporter is not None:
+            reporter.report(metrics["val_accuracy"], epoch)
+
+    run_tags = {tracking.TAG_FAMILY: family.name, **(tags or {})}
+    name = run_name or f"{model_cfg['name']}-{cfg['data']['name']}"
+    pruned: TrialPruned | None = None
+    with tracking.run(experiment_id, name, parent_run_id=parent_run_id, tags=run_tags) as run_id:
+        if on_run_started is not None:
+            on_run_started(run_id)
+        params = {**tracking.flatten("model", model_cfg), **tracking.flatten("data", cfg["data"]),
+                  "seed": str(seed)}
+        tracking.log_batch(params=params)
+        tracking.log_config(trial_config(cfg))
+        random.seed(seed)
+        np.random.seed(seed)
+        fit_started = time.perf_counter()
+        try:
+            fit = family.fit(model_cfg, inputs, seed, on_epoch)
+        except TrialPruned as exc:
+            tracking.log_batch(history=history, tags={tracking.TAG_STATE: "PRUNED"})
+            pruned = exc
+        except Exception:
+            tracking.log_batch(history=history, tags={tracking.TAG_STATE: "FAIL"})
+            raise
+        else:
+            fit_seconds = time.perf_counter() - fit_started
+            evaluate_started = time.perf_counter()
+            val_accuracy = family.accuracy(fit.model, inputs.x_val, inputs.y_val)
+            test_accuracy = (family.accuracy(fit.model, inputs.x_test, inputs.y_test)
+                             if evaluate_test else None)
+            evaluate_seconds = time.perf_counter() - evaluate_started
+            n_params = family.n_params(fit.model)
+            metrics = {"val_accuracy": val_accuracy, "fit_seconds": fit_seconds,
+                       "n_params": float(n_params), "epochs": float(len(fit.history))}
+            if test_accuracy is not None:
+                metrics["test_accuracy"] = test_accuracy
+            model_uri = family.log_model(fit.model, inputs, "model") if should_log_model(val_accuracy) else None
+            tracking.log_batch(
+                metrics=metrics, history=history,
+                tags={tracking.TAG_STATE: "COMPLETE", **({tracking.TAG_MODEL_URI: model_uri} if model_uri else {})},
+            )
+    if pruned is not None:
+        raise pruned
+    return TrialOutcome(
+        run_id=run_id,
+        val_accuracy=val_accuracy,
+        train_accuracy=fit.history[-1].get("train_accuracy", float("nan")) if fit.history else float("nan"),
+        test_accuracy=test_accuracy,
+        n_params=n_params,
+        epochs=len(fit.history),
+        fit_seconds=fit_seconds,
+        evaluate_seconds=evaluate_seconds,
+        seconds=time.perf_counter() - started,
+        model_uri=model_uri,
+    )

@@ -1,0 +1,104 @@
+"""Shared fixtures: a working folder with a ready MLflow DB, and the commands as subprocesses.
+
+Creating an MLflow SQLite DB runs its migrations (~5 s here), so one template DB is made
+per test session and copied into each test's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        """stderr lines written by mlops-tune itself ("prog: error: ...")."""
+        return [line for line in self.stderr.splitlines() if ": error: " in line]
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    code = (
+        "import mlflow, logging; logging.disable(logging.INFO); "
+        "mlflow.set_tracking_uri('sqlite:///mlflow.db'); mlflow.MlflowClient().search_experiments()"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=folder, check=True, capture_output=True)
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh working folder holding a copy of the template MLflow DB; cwd for the test."""
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env.update(extra)
+    return env
+
+
+def run_command(name: str, *args: str, cwd: Path, timeout: float = 600, **env: str) -> Result:
+    """Run ``mlops-train`` or ``mlops-tune`` as a user would, in ``cwd``."""
+    proc = subprocess.run(
+        [str(BIN / name), *args], cwd=cwd, env=command_env(**env),
+        capture_output=True, text=True, timeout=timeout,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def train(workdir: Path):
+    def run(*args: str, **env: str) -> Result:
+        return run_command("mlops-train", *args, cwd=workdir, **env)
+
+    return run
+
+
+@pytest.fixture
+def tune(workdir: Path):
+    def run(*args: str, **env: str) -> Result:
+        return run_command("mlops-tune", *args, cwd=workdir, **env)
+
+    return run
+
+
+def mlflow_runs(folder: Path, experiment: str = "mlops-tune") -> list:
+    """All runs of ``experiment`` in ``folder``'s mlflow.db (oldest first)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return list(reversed(client.search_runs([exp.experiment_id], max_results=1000)))
+
+
+def mlflow_client(folder: Path):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
