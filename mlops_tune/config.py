@@ -90,8 +90,10 @@ def validate_tune(cfg: Mapping[str, Any]) -> None:
     if not (sampler in SAMPLERS or (isinstance(sampler, Mapping) and "_target_" in sampler)):
         raise UsageError(f"study.sampler: '{sampler}' is not one of {', '.join(SAMPLERS)} "
                          "or {_target_: optuna.samplers.X}")
-    if study.get("pruner") not in PRUNERS:
-        raise UsageError(f"study.pruner: '{study.get('pruner')}' is not one of {', '.join(PRUNERS)}")
+    pruner = study.get("pruner")
+    if not (pruner in PRUNERS or (isinstance(pruner, Mapping) and "_target_" in pruner)):
+        raise UsageError(f"study.pruner: '{pruner}' is not one of {', '.join(PRUNERS)} "
+                         "or {_target_: optuna.pruners.X}")
     if not isinstance(study.get("name"), str) or not study["name"]:
         raise UsageError("study.name: must be a non-empty string")
     if not isinstance(study.get("storage"), str):

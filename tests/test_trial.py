@@ -1,0 +1,85 @@
+"""The one-trial seam in process: determinism, pruning and failure bookkeeping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mlops_tune import tracking
+from mlops_tune.cli import CONF_DIR
+from mlops_tune.config import to_plain, validate_train
+from mlops_tune.trial import run_trial
+from tests.conftest import mlflow_runs
+
+
+def compose_plain(config: str, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        plain = to_plain(compose(config_name=config, overrides=list(overrides)))
+    return plain
+
+
+@pytest.fixture
+def experiment(workdir: Path) -> str:
+    return tracking.connect(f"sqlite:///{workdir / 'mlflow.db'}", "mlops-tune")
+
+
+@pytest.mark.slow
+def test_same_config_twice_gives_identical_results(experiment: str, workdir: Path) -> None:
+    cfg = compose_plain("train", "model.epochs=3", "model.hidden_units=[16]")
+    validate_train(cfg)
+    first = run_trial(cfg, experiment_id=experiment)
+    second = run_trial(cfg, experiment_id=experiment)
+    assert first.val_accuracy == second.val_accuracy
+    assert first.test_accuracy == second.test_accuracy
+    client = __import__("mlflow").MlflowClient()
+    losses = [[m.value for m in client.get_metric_history(o.run_id, "loss")] for o in (first, second)]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def test_sklearn_is_deterministic_with_a_seeded_estimator(experiment: str) -> None:
+    cfg = compose_plain("train", "model=random_forest", "data=wine", "model.n_estimators=15", "seed=3")
+    results = {run_trial(cfg, experiment_id=experiment).val_accuracy for _ in range(2)}
+    assert len(results) == 1
+
+
+@pytest.mark.slow
+def test_nan_loss_fails_the_run(experiment: str, workdir: Path) -> None:
+    from mlops_tune.families.keras import TrainingDiverged
+
+    cfg = compose_plain("train", "model.epochs=5", "model.optimizer=sgd", "model.learning_rate=10",
+                        "model.hidden_units=[256,256]", "model.early_stopping_patience=0")
+    with pytest.raises(TrainingDiverged, match="loss became"):
+        run_trial(cfg, experiment_id=experiment)
+    [run] = mlflow_runs(workdir)
+    assert run.info.status == "FAILED"
+    assert "loss became" in run.data.tags[tracking.TAG_ERROR]
+    assert run.data.tags[tracking.TAG_STATE] == "FAIL"
+
+
+def test_pruned_trial_ends_finished_and_tagged(experiment: str, workdir: Path) -> None:
+    class PruneAtOnce:
+        def report(self, value: float, step: int) -> None:
+            raise optuna.TrialPruned(f"pruned at {step}")
+
+    cfg = compose_plain("train", "model=knn")
+    with pytest.raises(optuna.TrialPruned):
+        run_trial(cfg, experiment_id=experiment, reporter=PruneAtOnce())
+    [run] = mlflow_runs(workdir)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.TAG_STATE] == "PRUNED"
+    assert "val_accuracy" in run.data.metrics  # what was reached before pruning is kept
+
+
+def test_failing_estimator_marks_the_run_failed_with_the_error(experiment: str, workdir: Path) -> None:
+    cfg = compose_plain("train", "model=knn", "model._target_=tests.helpers.AlwaysFailsKNN")
+    validate_train(cfg)
+    with pytest.raises(RuntimeError, match="always fails"):
+        run_trial(cfg, experiment_id=experiment)
+    [run] = mlflow_runs(workdir)
+    assert run.info.status == "FAILED"
+    assert "always fails" in run.data.tags[tracking.TAG_ERROR]
+    client = __import__("mlflow").MlflowClient()
+    assert "error.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
