@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= keras,dev,postgres,parallel,docker
 
-.PHONY: install run test test-fast lint bench ui clean
+.PHONY: install run test test-fast lint bench ui stop-services clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,13 @@ bench: install
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+
+## stop the background services that `make server` started (no-op when none runs)
+stop-services:
+	@for pidfile in .services/*.pid; do \
+		[ -f "$$pidfile" ] || continue; \
+		kill "$$(cat "$$pidfile")" 2>/dev/null || true; rm -f "$$pidfile"; \
+	done
 
 clean:
 	rm -rf outputs multirun mlruns mlflow.db optuna.db

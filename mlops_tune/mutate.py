@@ -27,6 +27,9 @@ ATTR_MUTATIONS = "mutations"
 class MutationSampler(BaseSampler):
     """Mutate the best trial so far; fall back to random sampling for anything unplanned.
 
+    Operators that improved on their parent earlier in the study are chosen more often
+    (see :func:`operator_weights`).
+
     Args:
         space: the study's search space (its ``base`` is the starting point).
         seed: seeds operator choice and the fallback sampler.
@@ -57,9 +60,11 @@ class MutationSampler(BaseSampler):
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         parent = max(done, key=lambda t: t.value or 0.0, default=None)
         point = self._space.decode(parent.params) if parent else dict(self._space.base)
-        tried = {json.dumps(t.params, sort_keys=True, default=str) for t in study.get_trials(deepcopy=False)}
+        trials = study.get_trials(deepcopy=False)
+        tried = {json.dumps(t.params, sort_keys=True, default=str) for t in trials}
+        weights = operator_weights(trials)
         for _ in range(self._max_tries):
-            child, ops = self._space.mutate(point, self._rng, n_ops=self._rng.choice((1, 2)))
+            child, ops = self._space.mutate(point, self._rng, n_ops=self._rng.choice((1, 2)), weights=weights)
             params = self._space.encode(child)
             if ops and json.dumps(params, sort_keys=True, default=str) not in tried:
                 break
@@ -84,3 +89,25 @@ class MutationSampler(BaseSampler):
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: Any) -> None:
         self._plans.pop(trial._trial_id, None)
+
+
+def operator_weights(trials: list[FrozenTrial]) -> dict[str, float]:
+    """Weight of each ``key:operator`` from its record in this study (success-based selection).
+
+    A mutation succeeded when its child beat its parent. Weight = (1 + 2 successes) / (1 + tries):
+    an untried operator weighs 1, one that keeps failing fades, one that works is preferred.
+    """
+    values = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
+    tries: dict[str, int] = {}
+    wins: dict[str, int] = {}
+    for t in trials:
+        ops = t.user_attrs.get(ATTR_MUTATIONS)
+        parent = t.user_attrs.get(ATTR_PARENT)
+        if not ops or not isinstance(parent, int) or t.state not in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                                         TrialState.FAIL):
+            continue
+        better = t.number in values and parent in values and values[t.number] > values[parent]
+        for op in ops.split(","):
+            tries[op] = tries.get(op, 0) + 1
+            wins[op] = wins.get(op, 0) + int(better)
+    return {op: (1 + 2 * wins[op]) / (1 + tries[op]) for op in tries}

@@ -98,8 +98,9 @@ def summary(study: optuna.Study, result: StudyResult) -> None:
           f"{result.threshold}{test}; MLflow parent run {result.parent_run_id}", flush=True)
 
 
-def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | None) -> None:
-    """Trials table (CSV), optimization history and parameter importance (PNG), best config (YAML)."""
+def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | None) -> str:
+    """Log the trials table (CSV), optimization history and parameter importance (PNG) and
+    the best config (YAML) to the active run; return the CSV text."""
     import mlflow
 
     from mlops_tune import tracking
@@ -112,6 +113,7 @@ def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | No
     if best_config is not None:
         tracking.log_config(best_config, "best_config.yaml")
     _log_plots(study)
+    return buffer.getvalue()
 
 
 def _log_plots(study: optuna.Study) -> None:

@@ -116,7 +116,8 @@ class Dimension:
             grow = operator == "widen_layer"
             candidates = [i for i, v in enumerate(layers) if (v < self.high if grow else v > self.low)]
             i = rng.choice(candidates)
-            factor = rng.choice([1.5, 2.0])
+            # big steps: a base model is often far too small, and halving is the inverse of x2
+            factor = rng.choice([2.0, 3.0, 4.0]) if grow else 2.0
             new = math.ceil(layers[i] * factor) if grow else math.floor(layers[i] / factor)
             layers[i] = int(min(max(new, self.low), self.high))
         return layers
@@ -124,7 +125,7 @@ class Dimension:
     def _step(self, value: float, sign: int, rng: random.Random) -> float:
         assert self.low is not None and self.high is not None
         if self.log:
-            factor = math.exp(abs(rng.gauss(0.0, 0.6)) + 0.1)
+            factor = math.exp(abs(rng.gauss(0.0, 0.8)) + 0.3)
             new = value * factor if sign > 0 else value / factor
         else:
             span = self.high - self.low
@@ -191,24 +192,22 @@ class SearchSpace:
             node[leaf] = value
         return new
 
-    def mutate(self, point: Mapping[str, Any], rng: random.Random, n_ops: int) -> tuple[dict[str, Any], list[str]]:
+    def mutate(self, point: Mapping[str, Any], rng: random.Random, n_ops: int,
+               weights: Mapping[str, float] | None = None) -> tuple[dict[str, Any], list[str]]:
         """Apply ``n_ops`` operators to distinct dimensions of ``point``.
 
+        ``weights`` (by ``"<key>:<operator>"``, default 1) make some operators likelier.
         Returns the child point and the operators applied as ``"<key>:<operator>"``.
         """
         child = dict(point)
         candidates = [(dim, op) for dim in self.dimensions for op in dim.operators(point[dim.key])]
         applied: list[str] = []
-        used: set[str] = set()
-        rng.shuffle(candidates)
-        for dim, op in candidates:
-            if len(applied) == n_ops:
-                break
-            if dim.key in used:
-                continue
+        while candidates and len(applied) < n_ops:
+            chosen = rng.choices(candidates, [(weights or {}).get(f"{d.key}:{o}", 1.0) for d, o in candidates])[0]
+            dim, op = chosen
             child[dim.key] = dim.mutate(child[dim.key], op, rng)
-            used.add(dim.key)
             applied.append(f"{dim.key}:{op}")
+            candidates = [(d, o) for d, o in candidates if d.key != dim.key]
         return child, applied
 
 

@@ -51,6 +51,8 @@ class StudyResult:
     champion: bool = False
     #: the best trial's config (model, data, seed, tracking), for ``mlops-train``
     best_config: dict[str, Any] | None = None
+    #: every trial of the study as CSV (also logged to the parent run)
+    trials_csv: str = ""
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -230,6 +232,7 @@ class Study:
             raise
         trial.set_user_attr("seconds", round(outcome.seconds, 3))
         trial.set_user_attr("fit_seconds", round(outcome.fit_seconds, 3))
+        trial.set_user_attr("evaluate_seconds", round(outcome.evaluate_seconds, 3))
         if outcome.model_uri:
             trial.set_user_attr(ATTR_MODEL_URI, outcome.model_uri)
         return outcome.val_accuracy
@@ -283,7 +286,7 @@ class Study:
             tracking.TAG_GATE: "passed" if passed else "missed",
             **({"mlops_tune.best_trial": str(best.number)} if best else {}),
         })
-        report.log_study_artifacts(study, best_cfg)
+        result = replace(result, trials_csv=report.log_study_artifacts(study, best_cfg))
         if passed and self.cfg["registry"]["promote"] and best is not None:
             result = self._promote(best, result)
         report.summary(study, result)

@@ -7,11 +7,13 @@ usage/config/data, 3 crash (including a study stopped by ``study.max_consecutive
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+from mlops_tune import junit
 from mlops_tune.cli import hydra_main, record_job
-from mlops_tune.errors import EXIT_GATE_MISSED, EXIT_OK
+from mlops_tune.errors import EXIT_GATE_MISSED, EXIT_OK, StudyAborted, UsageError
 
 PROG = "mlops-tune"
 
@@ -25,15 +27,28 @@ def tune(cfg: Any) -> int:
     quiet_libraries()
     plain = to_plain(cfg)
     validate_tune(plain)
-    result = Study(plain).run()
-    _write_best_config(result)
+    started = time.perf_counter()
+    junit_path = (plain.get("report") or {}).get("junit")
+    try:
+        result = Study(plain).run()
+    except (StudyAborted, UsageError) as exc:
+        if junit_path:
+            junit.record(junit_path, plain["study"]["name"], plain["model"]["name"],
+                         time.perf_counter() - started, error=str(exc))
+        raise
+    _write_outputs(result)
+    if junit_path:
+        best = f"{result.best_value:.4f}" if result.best_value is not None else "none"
+        missed = None if result.gate_passed else (
+            f"best {plain['gate']['metric']} {best} < threshold {result.threshold} after {result.n_trials} trials")
+        junit.record(junit_path, result.study_name, plain["model"]["name"], time.perf_counter() - started,
+                     failure=missed)
     return EXIT_OK if result.gate_passed else EXIT_GATE_MISSED
 
 
-def _write_best_config(result: Any) -> None:
-    """Save the best trial's config in Hydra's output folder, ready for ``mlops-train``."""
-    if result.best_config is None:
-        return
+def _write_outputs(result: Any) -> None:
+    """Save the trials table and the best trial's config (ready for ``mlops-train``) in
+    Hydra's output folder, where CI archives them."""
     import yaml
 
     from mlops_tune.tracking import redact_config
@@ -44,6 +59,9 @@ def _write_best_config(result: Any) -> None:
         out = Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # not under Hydra (called from Python)
         out = Path.cwd()
+    (out / "trials.csv").write_text(result.trials_csv)
+    if result.best_config is None:
+        return
     path = out / "best_config.yaml"
     path.write_text(yaml.safe_dump(redact_config(result.best_config), sort_keys=False))
     print(f"best config: {path} (reproduce: mlops-train --config-path {out.resolve()} "

@@ -16,7 +16,7 @@ import numpy as np
 
 from mlops_tune.data import Splits
 from mlops_tune.errors import UsageError
-from mlops_tune.families._base import EpochCallback, Family, FitResult, pinned_requirements
+from mlops_tune.families._base import EpochCallback, Family, FitResult, pinned_requirements, tensor_signature
 
 ACTIVATIONS = ("relu", "tanh", "elu", "selu", "gelu", "sigmoid", "swish")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam")
@@ -100,6 +100,7 @@ class _KerasFamily(Family):
     def fit(self, model_cfg: Mapping[str, Any], splits: Splits, seed: int,
             on_epoch: EpochCallback) -> FitResult:
         keras = _keras()
+        keras.backend.clear_session()  # drop earlier trials' graphs: a study trains many models
         _seed_keras(seed)
         model = self.build(model_cfg, splits)
         optimizer = keras.optimizers.get(
@@ -132,12 +133,9 @@ class _KerasFamily(Family):
     # ------------------------------------------------------------------ MLflow
     def log_model(self, model: Any, splits: Splits, name: str) -> str:
         import mlflow.keras
-        from mlflow.models import infer_signature
 
-        sample = splits.x_val[:5]
-        signature = infer_signature(sample, model.predict(sample, verbose=0))
         info = mlflow.keras.log_model(
-            model, name=name, signature=signature, metadata={"classes": splits.classes},
+            model, name=name, signature=tensor_signature(splits), metadata={"classes": splits.classes},
             pip_requirements=pinned_requirements("keras", "tensorflow|tensorflow-cpu", "numpy"),
         )
         return str(info.model_uri)
