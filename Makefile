@@ -39,7 +39,8 @@ ui: install
 stop-services:
 	@for pidfile in .services/*.pid; do \
 		[ -f "$$pidfile" ] || continue; \
-		kill "$$(cat "$$pidfile")" 2>/dev/null || true; rm -f "$$pidfile"; \
+		pid="$$(cat "$$pidfile")"; kill -TERM -- "-$$pid" 2>/dev/null || kill "$$pid" 2>/dev/null || true; \
+		rm -f "$$pidfile"; \
 	done
 
 clean:

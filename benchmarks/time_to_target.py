@@ -219,6 +219,28 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def write_report(runs: dict[str, list[dict[str, Any]]], seeds_done: int) -> dict[str, Any]:
+    """Summarize and write the results file (after every seed, so a cut-short run keeps its data)."""
+    methods = list(runs)
+    summary = {m: summarize(r) for m, r in runs.items() if r}
+    ours = [r for m in methods if m.startswith("mlops-tune") for r in runs[m] if r.get("overhead_per_trial_s")]
+    overhead = {
+        "median_ms": 1000 * statistics.median(r["overhead_per_trial_s"] for r in ours) if ours else None,
+        "median_share": statistics.median(r["overhead_share"] for r in ours) if ours else None,
+    }
+    ratio = None
+    if "optuna tpe" in summary:
+        best_ours = min((summary[m]["median_seconds"] for m in summary if m.startswith("mlops-tune")),
+                        default=math.nan)
+        ratio = best_ours / summary["optuna tpe"]["median_seconds"]
+    report = {"target": TARGET, "budget_trials": BUDGET, "seeds": seeds_done, "date": time.strftime("%Y-%m-%d"),
+              "machine": {"cpus": os.cpu_count()}, "summary": summary, "orchestration_overhead": overhead,
+              "median_time_ratio_best_mlops_tune_vs_optuna_tpe": ratio, "runs": runs}
+    out = HERE / "results" / "time_to_target.json"
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -233,24 +255,11 @@ def main() -> None:
             runs[method].append({"seed": seed, **outcome})
             print(f"seed {seed} {method:20s} reached={outcome['reached']!s:5s} trials={outcome['trials']:2d} "
                   f"seconds={outcome['seconds']:7.1f} best={outcome['best']}", flush=True)
-    summary = {m: summarize(r) for m, r in runs.items()}
-    mt = [r for m in methods if m.startswith("mlops-tune") for r in runs[m] if r.get("overhead_per_trial_s")]
-    overhead = {
-        "median_ms": 1000 * statistics.median(r["overhead_per_trial_s"] for r in mt) if mt else None,
-        "median_share": statistics.median(r["overhead_share"] for r in mt) if mt else None,
-    }
-    ratio = None
-    if "optuna tpe" in summary:
-        best_ours = min((summary[m]["median_seconds"] for m in summary if m.startswith("mlops-tune")), default=math.nan)
-        ratio = best_ours / summary["optuna tpe"]["median_seconds"]
-    report = {"target": TARGET, "budget_trials": BUDGET, "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"),
-              "summary": summary, "orchestration_overhead": overhead,
-              "median_time_ratio_best_mlops_tune_vs_optuna_tpe": ratio, "runs": runs}
-    out = HERE / "results" / "time_to_target.json"
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(yaml.safe_dump({"summary": summary, "orchestration_overhead": overhead, "ratio_vs_optuna_tpe": ratio},
+        report = write_report(runs, seed + 1)
+    print(yaml.safe_dump({k: report[k] for k in ("summary", "orchestration_overhead",
+                                                 "median_time_ratio_best_mlops_tune_vs_optuna_tpe")},
                          sort_keys=False))
-    print(f"written to {out}")
+    print(f"written to {HERE / 'results' / 'time_to_target.json'}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 from mlops_tune.errors import UsageError
 
 TRAIN_SECTIONS = frozenset({"model", "data", "tracking", "seed"})
-TUNE_SECTIONS = TRAIN_SECTIONS | {"runner", "search", "gate", "study", "registry", "report"}
+TUNE_SECTIONS = TRAIN_SECTIONS | {"runner", "search", "gate", "study", "registry", "report", "worker"}
 SAMPLERS = ("tpe", "random", "mutation")
 PRUNERS = ("median", "hyperband", "none")
 GATE_METRICS = ("val_accuracy",)
@@ -78,6 +78,9 @@ def validate_tune(cfg: Mapping[str, Any]) -> None:
     if gate.get("metric") not in GATE_METRICS:
         raise UsageError(f"gate.metric: '{gate.get('metric')}' is not one of {', '.join(GATE_METRICS)} "
                          "(the test split is never used to choose)")
+    worker = cfg.get("worker", 0)
+    if not isinstance(worker, int) or isinstance(worker, bool) or worker < 0:
+        raise UsageError(f"worker: must be a worker index >= 0, got {worker!r}")
     study = cfg["study"]
     _positive(study, "n_trials", "study")
     _positive(study, "max_consecutive_failures", "study")

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,7 +23,7 @@ from urllib.parse import urlsplit
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import report, tracking
+from mlops_tune import claims, report, tracking
 from mlops_tune.data import Splits, load_splits
 from mlops_tune.errors import StudyAborted, UsageError
 from mlops_tune.families import get_family
@@ -77,6 +80,8 @@ def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
             engine_kwargs=_engine_kwargs(url),
             heartbeat_interval=int(study_cfg["heartbeat_interval"]),
             grace_period=int(study_cfg["grace_period"]),
+            # a dead worker's trial is failed, then run again once by whoever asks next
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
     except Exception as exc:
         host = urlsplit(url).hostname or url.split("://", 1)[-1].split("?")[0]
@@ -149,6 +154,10 @@ class Study:
         self.splits.as_input(self.family.input_kind)  # rejects e.g. a CNN on tabular data now
         self.consecutive_failures = 0
         self.last_error = ""
+        self.storage_url = str(cfg["study"]["storage"])
+        self.claim_key = self.name
+        #: identifies this process among the workers of a study (claims, logs)
+        self.worker = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     # -------------------------------------------------------------- lifecycle
     def run(self) -> StudyResult:
@@ -159,14 +168,18 @@ class Study:
             sampler=self.sampler, pruner=self.pruner, load_if_exists=True,
         )
         existing = len(study.get_trials(deepcopy=False))
-        if not existing:
-            study.enqueue_trial(self.space.encode(self.space.base), user_attrs={ATTR_PARENT: "none"},
-                                skip_if_exists=True)
-        parent_run_id = study.user_attrs.get(ATTR_PARENT_RUN)
+        # claims are per study instance: a deleted and recreated study starts afresh
+        self.claim_key = f"{self.name}#{study._study_id}"
+        if claims.claim(self.storage_url, self.claim_key, "base_trial", self.worker) == self.worker:
+            study.enqueue_trial(self.space.encode(self.space.base), user_attrs={ATTR_PARENT: "none"})
+        else:
+            # joining a study (another worker, or a resume): a fresh sampler RNG, so that
+            # concurrent workers seeded alike do not propose the same points
+            self.sampler.reseed_rng()
+        parent_run_id, created = self._parent_run(study, experiment_id)
         with tracking.run(experiment_id, self.name, resume_run_id=parent_run_id,
                           tags={tracking.TAG_STUDY: self.name}) as run_id:
-            if parent_run_id is None:
-                study.set_user_attr(ATTR_PARENT_RUN, run_id)
+            if created:
                 tracking.log_batch(params={
                     **tracking.flatten("gate", self.cfg["gate"]),
                     **tracking.flatten("study", {k: v for k, v in self.cfg["study"].items() if k != "storage"}),
@@ -180,11 +193,27 @@ class Study:
             self._reconcile(study, experiment_id, run_id)
             return self._finish(study, run_id)
 
+    def _parent_run(self, study: optuna.Study, experiment_id: str) -> tuple[str, bool]:
+        """The study's one parent run: created by the first worker, found by the others.
+
+        Returns the run id and whether this worker created it.
+        """
+        known = study.user_attrs.get(ATTR_PARENT_RUN)
+        if known:
+            return str(known), False
+        candidate = tracking.create_run(experiment_id, self.name, {tracking.TAG_STUDY: self.name})
+        winner = claims.claim(self.storage_url, self.claim_key, "parent_run", candidate)
+        if winner != candidate:  # another worker was first: use its run, drop ours
+            tracking.delete_run(candidate)
+            return winner, False
+        study.set_user_attr(ATTR_PARENT_RUN, candidate)
+        return candidate, True
+
     def _optimize(self, study: optuna.Study, context: TrialContext) -> None:
+        """Run trials until the gate is met, the budget (tickets) or the time is spent."""
         n_total = int(self.cfg["study"]["n_trials"])
-        remaining = n_total - len(study.get_trials(deepcopy=False, states=_COUNTED))
-        if remaining <= 0 or self._gate_met(study):
-            return
+        timeout = self.cfg["study"]["timeout"]
+        limit = int(self.cfg["study"]["max_consecutive_failures"])
         started = time.perf_counter()
 
         def objective(trial: optuna.Trial) -> float:
@@ -195,22 +224,21 @@ class Study:
             if trial.state == TrialState.FAIL:
                 self.consecutive_failures += 1
                 self.last_error = str(trial.user_attrs.get(ATTR_ERROR, "see the trial's MLflow run"))
-                if self.consecutive_failures >= int(self.cfg["study"]["max_consecutive_failures"]):
-                    study.stop()
             else:
                 self.consecutive_failures = 0
-            if self._gate_met(study):
-                study.stop()
 
-        study.optimize(
-            objective, n_trials=remaining, timeout=self.cfg["study"]["timeout"],
-            callbacks=[after_trial, optuna.study.MaxTrialsCallback(n_total, states=None)],
-            catch=(Exception,), gc_after_trial=False,
-        )
-        limit = int(self.cfg["study"]["max_consecutive_failures"])
-        if self.consecutive_failures >= limit:
-            raise StudyAborted(f"study '{self.name}' stopped after {limit} failed trials in a row "
-                               f"(last error: {self.last_error})")
+        # One trial per optimize() call: the checks below run before every ask, so workers
+        # sharing the study stop at their next trial boundary once any trial meets the gate.
+        while not self._gate_met(study):
+            if self.consecutive_failures >= limit:
+                raise StudyAborted(f"study '{self.name}' stopped after {limit} failed trials in a row "
+                                   f"(last error: {self.last_error})")
+            if timeout is not None and time.perf_counter() - started >= timeout:
+                break
+            if claims.claim_ticket(self.storage_url, self.claim_key, n_total, self.worker) is None:
+                break  # study.n_trials trials have been started, by this worker or others
+            study.optimize(objective, n_trials=1, callbacks=[after_trial], catch=(Exception,),
+                           gc_after_trial=False)
 
     def _run_trial(self, trial: optuna.Trial, context: TrialContext) -> float:
         point = self.space.suggest(trial)
@@ -288,7 +316,12 @@ class Study:
         })
         result = replace(result, trials_csv=report.log_study_artifacts(study, best_cfg))
         if passed and self.cfg["registry"]["promote"] and best is not None:
-            result = self._promote(best, result)
+            # exactly one promotion per study, however many workers finish at once
+            if claims.claim(self.storage_url, self.claim_key, "promotion", self.worker) == self.worker:
+                result = self._promote(best, result)
+            else:
+                print("registry: the study's model was already promoted (by another worker or an earlier run)",
+                      flush=True)
         report.summary(study, result)
         return result
 
@@ -312,7 +345,3 @@ class Study:
             print(f"registry: {name} version {version} registered; '{tracking.CHAMPION_ALIAS}' stays "
                   f"(its test_accuracy {current:.4f} >= {result.test_accuracy:.4f})", flush=True)
         return replace(result, registered_version=version, champion=champion)
-
-
-#: trial states that use up the budget (all but WAITING: an enqueued trial is not spent yet)
-_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)

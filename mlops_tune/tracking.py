@@ -6,6 +6,7 @@ touches MLflow goes through this module, so the layout lives in one place.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -69,8 +70,12 @@ def connect(uri: str, experiment: str) -> str:
 
 def quiet_libraries() -> None:
     """Keep library chatter (INFO logs, experimental-API warnings) out of the progress output."""
+    import os
     import warnings
 
+    # MLflow prints a "View run" link per run for HTTP stores: noise per trial, and the URL
+    # would show a password given in tracking.uri. Our summary prints the redacted URI.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Pickle-format advice on every sklearn model: we log models we just trained ourselves.
@@ -87,8 +92,16 @@ def quiet_libraries() -> None:
 def _check_reachable(uri: str) -> None:
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https"):
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port:
+            netloc += f":{parts.port}"
+        request = urllib.request.Request(f"{urlunsplit(parts._replace(netloc=netloc)).rstrip('/')}/health")
+        if parts.username is not None:  # user:password@ in the URI: send it as basic auth, like MLflow
+            token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+            with urllib.request.urlopen(request, timeout=5):
                 pass
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -150,6 +163,23 @@ def run(
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def create_run(experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
+    """Create a run without making it active (its owner resumes it with :func:`run`)."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    created = mlflow.MlflowClient().create_run(experiment_id, tags={MLFLOW_RUN_NAME: name, **tags}, run_name=name)
+    return str(created.info.run_id)
+
+
+def delete_run(run_id: str) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.set_terminated(run_id, "KILLED")
+    client.delete_run(run_id)
 
 
 def log_batch(

@@ -155,8 +155,8 @@ def test_pipeline_with_a_reachable_threshold_succeeds(workspace: Path) -> None:
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("2", "0", "0")
     assert {c.get("name") for c in suite.findall("testcase")} == {"knn-iris", "logreg-iris"}
     for model in ("knn", "logreg"):  # what the post stage archives
-        assert (workspace / "reports" / "multirun" / f"{model}-iris" / "best_config.yaml").exists()
-        assert (workspace / "reports" / "multirun" / f"{model}-iris" / "trials.csv").exists()
+        job = workspace / "reports" / "multirun" / f"{model}-iris" / "worker-0"
+        assert (job / "best_config.yaml").exists() and (job / "trials.csv").exists()
 
 
 def test_pipeline_with_an_unreachable_threshold_is_unstable(workspace: Path) -> None:
