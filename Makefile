@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= keras,dev,postgres,parallel,docker
 
-.PHONY: install run test test-fast lint bench ui stop-services clean
+.PHONY: install run test test-fast lint bench ui server stop-services clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,10 +30,17 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS),bench]"
 	$(PY) benchmarks/tracking_overhead.py
+	$(PY) benchmarks/workers.py
+	$(PY) benchmarks/time_to_target.py
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+
+## a team setup on this machine: PostgreSQL + an MLflow server on 127.0.0.1 (prints the URIs to use)
+server: install
+	$(PY) -m mlops_tune.devservices up .services --port $${MLFLOW_PORT:-5000}
 
 ## stop the background services that `make server` started (no-op when none runs)
 stop-services:

@@ -88,8 +88,12 @@ def stop_postgres(pg: Postgres) -> None:
 
 
 def start_mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None,
-                        log: Path | None = None, timeout: float = 120) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on 127.0.0.1 serving (proxying) ``artifacts``; returns (process, URL)."""
+                        log: Path | None = None, timeout: float = 120,
+                        cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on 127.0.0.1 serving (proxying) ``artifacts``; returns (process, URL).
+
+    ``cwd`` is where a relative ``sqlite:///`` backend URI is resolved.
+    """
     port = port or free_port()
     artifacts.mkdir(parents=True, exist_ok=True)
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
@@ -97,7 +101,7 @@ def start_mlflow_server(backend_uri: str, artifacts: Path, port: int | None = No
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts.resolve()),
          "--serve-artifacts", "--workers", "2"],
-        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout

@@ -1,10 +1,10 @@
 """The tuning loop: one Optuna study of mutations of the base model, gated by accuracy.
 
-:func:`run_study` validates everything first (nothing is written for a bad config),
-then opens or resumes the study, enqueues the base model as trial 0, runs trials
-through the configured runner until the gate is met or the budget is spent, and
+:class:`Study` validates everything first (nothing is written for a bad config); its
+:meth:`Study.run` opens or resumes the study, enqueues the base model as trial 0, runs
+trials through the configured runner until the gate is met or the budget is spent, and
 finishes with the test-split evaluation of the best model, the study's artifacts and
-the registry promotion.
+the registry promotion. Several workers may run the same study (see ``claims``).
 """
 
 from __future__ import annotations

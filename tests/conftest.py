@@ -102,3 +102,46 @@ def mlflow_client(folder: Path):
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def heavy_imports_after(command: str, args: list[str], cwd: Path) -> tuple[int, list[str], str]:
+    """Run ``mlops_tune.<command>.main`` with ``args`` in a fresh interpreter; return its exit
+    code, the TensorFlow/Keras modules it imported, and its stderr."""
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['mlops-{command}', *{args!r}]\n"
+        f"from mlops_tune.{command} import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=command_env(),
+                          capture_output=True, text=True, timeout=300)
+    heavy = proc.stdout.rsplit("HEAVY=", 1)[-1].strip()
+    return proc.returncode, [m for m in heavy.split(",") if m], proc.stderr
+
+
+def kill_when_a_trial_runs(victim: subprocess.Popen, study: str, storage: str, timeout: float = 180) -> None:
+    """SIGKILL ``victim`` as soon as one of its trials is RUNNING with its MLflow run created."""
+    import signal
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+            except KeyError:  # the study does not exist yet
+                trials = []
+            if any(t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in trials):
+                os.kill(victim.pid, signal.SIGKILL)
+                return
+            time.sleep(0.5)
+        pytest.fail("the worker to kill never started a trial")
+    finally:
+        victim.kill()
+        victim.communicate()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mlops_tune import tracking
-from tests.conftest import BIN, command_env, mlflow_client, mlflow_runs
+from tests.conftest import BIN, command_env, heavy_imports_after, kill_when_a_trial_runs, mlflow_client, mlflow_runs
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -173,19 +170,10 @@ def test_best_config_reproduces_the_best_trial(tune, train, workdir: Path) -> No
 
 
 def test_knn_study_never_imports_tensorflow(workdir: Path) -> None:
-    probe = (
-        "import sys\n"
-        "sys.argv = ['mlops-tune', 'model=knn', 'study.n_trials=3', 'gate.threshold=0.999']\n"
-        "from mlops_tune.tune import main\n"
-        "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
-        "print('HEAVY=' + ','.join(heavy[:5]))\n"
-        "sys.exit(code)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=workdir, env=command_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr
-    assert "HEAVY=\n" in proc.stdout
+    code, heavy, stderr = heavy_imports_after("tune", ["model=knn", "study.n_trials=3", "gate.threshold=0.999"],
+                                              workdir)
+    assert code == 1, stderr
+    assert heavy == [], f"TensorFlow/Keras imported on a KNN study: {heavy[:5]}"
 
 
 def test_sigkilled_run_leaves_nothing_running_after_a_rerun(workdir: Path) -> None:
@@ -195,23 +183,7 @@ def test_sigkilled_run_leaves_nothing_running_after_a_rerun(workdir: Path) -> No
         [str(BIN / "mlops-tune"), *args, "model._target_=tests.helpers.SlowKNN"], cwd=workdir,
         env=command_env(MLOPS_TUNE_TEST_SLEEP="120"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:  # wait until trial 0 is RUNNING with its MLflow run
-            if (workdir / "optuna.db").exists():
-                try:
-                    trials = load_study(workdir, "knn-digits").trials
-                except KeyError:
-                    trials = []
-                if trials and trials[0].state == TrialState.RUNNING and "mlflow_run_id" in trials[0].user_attrs:
-                    break
-            time.sleep(0.5)
-        else:
-            pytest.fail("trial 0 never started")
-        os.kill(victim.pid, signal.SIGKILL)
-    finally:
-        victim.kill()
-        victim.wait()
+    kill_when_a_trial_runs(victim, "knn-digits", f"sqlite:///{workdir / 'optuna.db'}")
     time.sleep(3.5)  # past the grace period: the heartbeat is stale
     rerun = subprocess.run([str(BIN / "mlops-tune"), *args], cwd=workdir, env=command_env(),
                            capture_output=True, text=True, timeout=300)

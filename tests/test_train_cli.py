@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import command_env, mlflow_client, mlflow_runs
+from tests.conftest import heavy_imports_after, mlflow_client, mlflow_runs
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
@@ -52,21 +51,9 @@ def test_knn_on_breast_cancer_logs_one_complete_run(train, workdir: Path) -> Non
 
 
 def test_knn_path_never_imports_tensorflow(workdir: Path) -> None:
-    probe = (
-        "import sys\n"
-        "sys.argv = ['mlops-train', 'model=knn', 'data=wine']\n"
-        "from mlops_tune.train import main\n"
-        "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
-        "print('HEAVY=' + ','.join(heavy[:5]))\n"
-        "sys.exit(code)\n"
-    )
-    import subprocess
-
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=workdir, env=command_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "HEAVY=\n" in proc.stdout, f"TensorFlow/Keras imported on a KNN trial: {proc.stdout}"
+    code, heavy, stderr = heavy_imports_after("train", ["model=knn", "data=wine"], workdir)
+    assert code == 0, stderr
+    assert heavy == [], f"TensorFlow/Keras imported on a KNN trial: {heavy[:5]}"
 
 
 def test_csv_with_string_labels_and_spaced_column(train, workdir: Path) -> None:
@@ -137,3 +124,26 @@ def _download_model(model_id: str, folder: Path) -> Path:
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     return Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", tracking_uri=uri))
+
+
+def test_mlflow_ui_in_that_directory_shows_the_run(train, workdir: Path) -> None:
+    """`mlflow ui` started where mlops-train ran serves the run (real server on 127.0.0.1)."""
+    import json as _json
+    import urllib.request
+
+    from mlops_tune import devservices
+
+    assert train("model=knn", "data=iris").code == 0
+    [run] = mlflow_runs(workdir)
+    server, url = devservices.start_mlflow_server("sqlite:///mlflow.db", workdir / "mlartifacts",
+                                                  log=workdir / "ui.log", cwd=workdir)
+    try:
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/runs/get?run_id={run.info.run_id}", timeout=30) as r:
+            served = _json.load(r)["run"]
+        with urllib.request.urlopen(f"{url}/", timeout=30) as r:
+            page = r.read().decode()
+    finally:
+        devservices.stop_process(server)
+    assert served["info"]["status"] == "FINISHED"
+    assert {p["key"] for p in served["data"]["params"]} >= {"model.n_neighbors", "data.name"}
+    assert "<html" in page.lower()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -23,7 +22,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mlops_tune import claims, devservices, tracking
-from tests.conftest import BIN, command_env
+from tests.conftest import BIN, command_env, kill_when_a_trial_runs
 
 STORAGE_MODES = ["sqlite", "postgres"]
 IN_CI = os.environ.get("CI") == "true"
@@ -146,22 +145,7 @@ def test_killed_worker_trial_is_failed_and_retried(stores: dict[str, str], workd
     base = _args(stores, study, "study.n_trials=3", "gate.threshold=0.999", "study.sampler=random",
                  "study.heartbeat_interval=1", "study.grace_period=2")
     victim = _start([*base, "model._target_=tests.helpers.SlowKNN"], workdir, MLOPS_TUNE_TEST_SLEEP="300")
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                trials = optuna.load_study(study_name=study, storage=stores["storage"]).get_trials()
-            except KeyError:
-                trials = []
-            if any(t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in trials):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the victim never started a trial")
-        os.kill(victim.pid, signal.SIGKILL)
-    finally:
-        victim.kill()
-        victim.communicate()
+    kill_when_a_trial_runs(victim, study, stores["storage"])
     time.sleep(3.5)
     survivor = subprocess.run([str(BIN / "mlops-tune"), *base], cwd=workdir, env=command_env(),
                               capture_output=True, text=True, timeout=600)
