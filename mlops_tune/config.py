@@ -12,7 +12,7 @@ from typing import Any
 
 from mlops_tune.errors import UsageError
 
-TRAIN_SECTIONS = frozenset({"model", "data", "tracking", "seed"})
+TRAIN_SECTIONS = frozenset({"model", "data", "tracking", "seed", "trial"})
 TUNE_SECTIONS = TRAIN_SECTIONS | {"runner", "search", "gate", "study", "registry", "report", "worker"}
 SAMPLERS = ("tpe", "random", "mutation")
 PRUNERS = ("median", "hyperband", "none")
@@ -30,6 +30,8 @@ SECTION_KEYS: Mapping[str, frozenset[str]] = {
     "report": frozenset({"junit"}),
     "runner": frozenset({"name"}),
     "search": frozenset({"space"}),
+    # set by runner=mlflow for a trial that runs as an MLflow Project run
+    "trial": frozenset({"storage", "study", "trial_id", "pruner", "log_model_above"}),
 }
 
 
@@ -46,6 +48,13 @@ def to_plain(cfg: Any) -> dict[str, Any]:
     except InterpolationResolutionError as exc:
         raise UsageError(f"{getattr(exc, 'full_key', 'config')}: {str(exc).splitlines()[0]}") from None
     assert isinstance(plain, dict)
+    from mlops_tune.tracking import absolute_sqlite
+
+    # relative SQLite files mean "in the working folder", for trial processes elsewhere too
+    if isinstance(plain.get("tracking"), dict) and isinstance(plain["tracking"].get("uri"), str):
+        plain["tracking"]["uri"] = absolute_sqlite(plain["tracking"]["uri"])
+    if isinstance(plain.get("study"), dict) and isinstance(plain["study"].get("storage"), str):
+        plain["study"]["storage"] = absolute_sqlite(plain["study"]["storage"])
     return plain
 
 

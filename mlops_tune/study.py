@@ -187,7 +187,8 @@ class Study:
                     "runner": self.cfg["runner"]["name"],
                 })
             self._reconcile(study, experiment_id, run_id)
-            context = TrialContext(experiment_id, run_id, self.splits, self._improves(study))
+            context = TrialContext(experiment_id, run_id, self.splits, lambda: _best_value(study),
+                                   storage_url=self.storage_url, pruner=self.cfg["study"]["pruner"])
             report.study_header(self.name, self.cfg, self.space, existing)
             self._optimize(study, context)
             self._reconcile(study, experiment_id, run_id)
@@ -198,10 +199,13 @@ class Study:
 
         Returns the run id and whether this worker created it.
         """
+        # Under `mlflow run -e tune` the Project run is the study's run. Take the variable out
+        # of the environment: MLflow would otherwise resume that run for the first trial.
+        project_run = os.environ.pop("MLFLOW_RUN_ID", None)
         known = study.user_attrs.get(ATTR_PARENT_RUN)
         if known:
             return str(known), False
-        candidate = tracking.create_run(experiment_id, self.name, {tracking.TAG_STUDY: self.name})
+        candidate = project_run or tracking.create_run(experiment_id, self.name, {tracking.TAG_STUDY: self.name})
         winner = claims.claim(self.storage_url, self.claim_key, "parent_run", candidate)
         if winner != candidate:  # another worker was first: use its run, drop ours
             tracking.delete_run(candidate)
@@ -264,13 +268,6 @@ class Study:
         if outcome.model_uri:
             trial.set_user_attr(ATTR_MODEL_URI, outcome.model_uri)
         return outcome.val_accuracy
-
-    def _improves(self, study: optuna.Study) -> Any:
-        def improves(val_accuracy: float) -> bool:
-            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            return not done or val_accuracy > max(t.value or -math.inf for t in done)
-
-        return improves
 
     def _gate_met(self, study: optuna.Study) -> bool:
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -345,3 +342,8 @@ class Study:
             print(f"registry: {name} version {version} registered; '{tracking.CHAMPION_ALIAS}' stays "
                   f"(its test_accuracy {current:.4f} >= {result.test_accuracy:.4f})", flush=True)
         return replace(result, registered_version=version, champion=champion)
+
+
+def _best_value(study: optuna.Study) -> float:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max((t.value for t in done if t.value is not None), default=-math.inf)

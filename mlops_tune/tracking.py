@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 import traceback
 import urllib.error
@@ -51,6 +52,19 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def absolute_sqlite(uri: str) -> str:
+    """``sqlite:///rel.db`` -> ``sqlite:////abs/cwd/rel.db``; other URIs unchanged.
+
+    Trials run in other processes (and folders) must open the same file.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.startswith(prefix + "/") or uri == prefix + ":memory:":
+        return uri
+    path, _, query = uri[len(prefix):].partition("?")
+    absolute = str(Path(path).expanduser().absolute())
+    return f"{prefix}{absolute}" + (f"?{query}" if query else "")
+
+
 def connect(uri: str, experiment: str) -> str:
     """Point MLflow at ``uri`` and return the id of ``experiment`` (created if needed).
 
@@ -62,6 +76,15 @@ def connect(uri: str, experiment: str) -> str:
     quiet_libraries()
     _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
+    project_run = os.environ.get("MLFLOW_RUN_ID")
+    if project_run:  # started by `mlflow run`: log into the experiment of that Project run
+        try:
+            experiment_id = mlflow.MlflowClient().get_run(project_run).info.experiment_id
+            mlflow.set_experiment(experiment_id=experiment_id)
+            return str(experiment_id)
+        except Exception as exc:
+            raise UsageError(f"MLFLOW_RUN_ID: run {project_run} not found at {redact(uri)} "
+                             f"({_one_line(exc)})") from None
     try:
         return str(mlflow.set_experiment(experiment).experiment_id)
     except Exception as exc:
@@ -70,7 +93,6 @@ def connect(uri: str, experiment: str) -> str:
 
 def quiet_libraries() -> None:
     """Keep library chatter (INFO logs, experimental-API warnings) out of the progress output."""
-    import os
     import warnings
 
     # MLflow prints a "View run" link per run for HTTP stores: noise per trial, and the URL
@@ -144,10 +166,12 @@ def run(
     """
     import mlflow
 
+    # MLFLOW_RUN_ID set: `mlflow run` (or runner=mlflow) created the run; MLflow resumes it
+    given = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
     active = mlflow.start_run(
         run_id=resume_run_id,
-        experiment_id=None if resume_run_id else experiment_id,
-        run_name=None if resume_run_id else name,
+        experiment_id=None if given else experiment_id,
+        run_name=None if given else name,
         nested=mlflow.active_run() is not None,
         parent_run_id=parent_run_id if mlflow.active_run() is None else None,
         tags=dict(tags or {}),

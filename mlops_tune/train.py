@@ -29,8 +29,10 @@ def train(cfg: Any) -> int:
     validate_train(plain)
     splits = load_splits(plain["data"], plain["seed"])
     experiment_id = tracking.connect(plain["tracking"]["uri"], plain["tracking"]["experiment"])
-    outcome = run_trial(plain, experiment_id=experiment_id, splits=splits)
     model, data = plain["model"]["name"], plain["data"]["name"]
+    if plain.get("trial"):  # a study's trial in its own process (runner=mlflow)
+        return _study_trial(plain, experiment_id, splits)
+    outcome = run_trial(plain, experiment_id=experiment_id, splits=splits)
     print(
         f"{PROG}: {model} on {data}: val_accuracy={outcome.val_accuracy:.4f} "
         f"test_accuracy={outcome.test_accuracy:.4f} ({outcome.epochs} epochs, "
@@ -39,6 +41,24 @@ def train(cfg: Any) -> int:
         f"{tracking.redact(plain['tracking']['uri'])}",
         flush=True,
     )
+    return EXIT_OK
+
+
+def _study_trial(plain: dict[str, Any], experiment_id: str, splits: Any) -> int:
+    """One trial of a study: report epochs to its Optuna trial; its MLflow run tells the outcome."""
+    from optuna import TrialPruned
+
+    from mlops_tune.runners.mlflow import trial_process_link
+    from mlops_tune.trial import run_trial
+
+    reporter, should_log_model = trial_process_link(plain["trial"])
+    try:
+        outcome = run_trial(plain, experiment_id=experiment_id, splits=splits, reporter=reporter,
+                            evaluate_test=False, should_log_model=should_log_model)
+    except TrialPruned as exc:
+        print(f"{PROG}: trial pruned: {exc}", flush=True)
+        return EXIT_OK
+    print(f"{PROG}: trial val_accuracy={outcome.val_accuracy:.4f}", flush=True)
     return EXIT_OK
 
 

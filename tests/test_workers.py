@@ -83,8 +83,10 @@ def _runs(stores: dict[str, str]) -> list:
 
 def test_two_workers_share_one_study(stores: dict[str, str], workdir: Path) -> None:
     study = f"two-{uuid.uuid4().hex[:6]}"
-    args = _args(stores, study, "study.n_trials=10", "gate.threshold=0.999", "study.sampler=random")
-    workers = [_start(args, workdir) for _ in range(2)]
+    # trials of ~1 s, so that both workers get trials whatever their start-up times
+    args = _args(stores, study, "study.n_trials=10", "gate.threshold=0.999", "study.sampler=random",
+                 "model._target_=tests.helpers.SlowKNN")
+    workers = [_start(args, workdir, MLOPS_TUNE_TEST_SLEEP="1") for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [1, 1], outputs
     trials = optuna.load_study(study_name=study, storage=stores["storage"]).get_trials()

@@ -1,7 +1,8 @@
 """Runners decide WHERE a trial runs; what a trial does is :func:`mlops_tune.trial.run_trial`.
 
 ``runner.name`` in the config picks one: ``inprocess`` (this Python process, frameworks
-loaded once; the default). A runner gets the trial's resolved config and the Optuna
+loaded once; the default) or ``mlflow`` (every trial an MLflow Project run of the
+``train`` entry point, in a fresh process). A runner gets the trial's resolved config and the Optuna
 trial (for pruning reports) and returns the trial's :class:`~mlops_tune.trial.TrialOutcome`.
 """
 
@@ -18,6 +19,7 @@ __all__ = ["RUNNERS", "Runner", "TrialContext", "get_runner"]
 
 RUNNERS = {
     "inprocess": "mlops_tune.runners.inprocess:InProcessRunner",
+    "mlflow": "mlops_tune.runners.mlflow:MlflowRunner",
 }
 
 

@@ -18,8 +18,12 @@ class TrialContext:
     experiment_id: str
     parent_run_id: str
     splits: Splits
-    #: decides from a trial's validation accuracy whether its model is worth logging
-    should_log_model: Callable[[float], bool]
+    #: the best validation accuracy of the study so far (-inf before any trial completed);
+    #: a trial logs its model only when it beats it
+    best_value: Callable[[], float]
+    #: the Optuna storage URL and pruner spec, for trials that run in another process
+    storage_url: str = ""
+    pruner: Any = "median"
 
 
 class Runner(abc.ABC):

@@ -37,6 +37,6 @@ class InProcessRunner(Runner):
             tags=tags,
             reporter=OptunaReporter(trial),
             evaluate_test=False,
-            should_log_model=context.should_log_model,
+            should_log_model=lambda val_accuracy: val_accuracy > context.best_value(),
             on_run_started=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
         )
