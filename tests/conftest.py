@@ -122,7 +122,7 @@ def heavy_imports_after(command: str, args: list[str], cwd: Path) -> tuple[int, 
     return proc.returncode, [m for m in heavy.split(",") if m], proc.stderr
 
 
-def kill_when_a_trial_runs(victim: subprocess.Popen, study: str, storage: str, timeout: float = 180) -> None:
+def kill_when_a_trial_runs(victim: subprocess.Popen, study: str, storage: str, timeout: float = 300) -> None:
     """SIGKILL ``victim`` as soon as one of its trials is RUNNING with its MLflow run created."""
     import signal
     import time
@@ -133,6 +133,9 @@ def kill_when_a_trial_runs(victim: subprocess.Popen, study: str, storage: str, t
     try:
         deadline = time.time() + timeout
         while time.time() < deadline:
+            if victim.poll() is not None:
+                _, err = victim.communicate()
+                pytest.fail(f"the worker to kill exited by itself ({victim.returncode}): {err[-2000:]}")
             try:
                 trials = optuna.load_study(study_name=study, storage=storage).get_trials()
             except KeyError:  # the study does not exist yet
