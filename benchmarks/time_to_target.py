@@ -55,8 +55,8 @@ TARGET = 0.98
 BUDGET = 20
 
 
-class TargetReached(Exception):
-    """Stops a Keras Tuner search once the target is reached."""
+class StopSearch(Exception):
+    """Stops a Keras Tuner search once the target is reached or the trial budget is spent."""
 
 
 def tune_cfg(seed: int, sampler: str, folder: str) -> dict[str, Any]:
@@ -168,8 +168,9 @@ def run_keras_tuner(seed: int, kind: str) -> dict[str, Any]:
         def on_trial_end(self, tuner: Any, trial: Any) -> None:
             value = trial.metrics.get_best_value("val_accuracy")
             log.append((time.perf_counter() - started, value or 0.0))
-            if value is not None and value >= TARGET:
-                raise TargetReached
+            # Hyperband ignores max_trials (its schedule has many short trials): cap it here
+            if (value is not None and value >= TARGET) or len(log) >= BUDGET:
+                raise StopSearch
 
     def with_stop(cls: type) -> type:
         class Tuner(cls):  # type: ignore[misc, valid-type]
@@ -189,9 +190,9 @@ def run_keras_tuner(seed: int, kind: str) -> dict[str, Any]:
         if kind == "random":
             tuner = with_stop(kt.RandomSearch)(build, max_trials=BUDGET, **common)
         else:
-            tuner = with_stop(kt.Hyperband)(build, max_epochs=30, factor=3, max_trials=BUDGET, **common)
+            tuner = with_stop(kt.Hyperband)(build, max_epochs=30, factor=3, **common)
         stopper = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=5, mode="max")
-        with contextlib.suppress(TargetReached):
+        with contextlib.suppress(StopSearch):
             tuner.search(splits.x_train, splits.y_train, validation_data=(splits.x_val, splits.y_val),
                          epochs=30, callbacks=[stopper], verbose=0)
     total = time.perf_counter() - started

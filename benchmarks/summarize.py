@@ -1,0 +1,46 @@
+"""Print the Markdown table of benchmarks/results/*.json that the README shows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def main() -> None:
+    rows = ["| what | figure | target |", "|---|---|---|"]
+    if overhead := _load("tracking_overhead"):
+        for model, r in overhead["results"].items():
+            rows.append(f"| tracking overhead per trial, {model} (model logged / not logged) | "
+                        f"{r['overhead_with_model_log_median_s'] * 1000:.0f} ms / "
+                        f"{r['overhead_without_model_log_median_s'] * 1000:.0f} ms | <= 300 ms |")
+    if ttt := _load("time_to_target"):
+        for method, s in ttt["summary"].items():
+            rows.append(f"| digits ANN to val_accuracy >= {ttt['target']}, {method} ({ttt['seeds']} seeds) | "
+                        f"reached {s['reached']}, median {s['median_seconds']:.0f} s / {s['median_trials']:g} trials, "
+                        f"median best {s['best_median']:.3f} | 5/5 |")
+        o = ttt["orchestration_overhead"]
+        if o["median_ms"] is not None:
+            rows.append(f"| in-process orchestration overhead per trial | {o['median_ms']:.0f} ms "
+                        f"({100 * o['median_share']:.1f}% of a trial) | <= 150 ms, <= 5% |")
+        ratio = ttt["median_time_ratio_best_mlops_tune_vs_optuna_tpe"]
+        if ratio is not None:
+            rows.append(f"| median time-to-target, best mlops-tune sampler / plain Optuna TPE | {ratio:.2f}x "
+                        "| <= 0.75x |")
+    if workers := _load("workers"):
+        for model, by_storage in workers["results"].items():
+            for storage, r in by_storage.items():
+                rows.append(f"| trials/min {model}, {storage}: 1 worker -> 2 workers | "
+                            f"{r['1_worker_trials_per_min']:.1f} -> {r['2_worker_trials_per_min']:.1f} "
+                            f"({r['speedup']:.2f}x) | {'>= 1.6x' if model == 'ann' else ''} |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
