@@ -25,6 +25,11 @@ from typing import Any
 _TABLE = "mlops_tune_claims"
 
 
+def journal_path(storage_url: str) -> str:
+    """The file of a ``journal:///path/to/file`` storage URL."""
+    return storage_url.split(":", 1)[1].removeprefix("//")
+
+
 def claim_ticket(storage_url: str, study: str, limit: int, owner: str) -> int | None:
     """Claim the next free trial ticket below ``limit``, or None when the budget is spent.
 
@@ -53,7 +58,7 @@ def _count_tickets(storage_url: str, study: str) -> int:
 def claim(storage_url: str, study: str, name: str, value: str) -> str:
     """Claim ``name`` for ``study`` with ``value``; return the value that holds (the first one)."""
     if storage_url.startswith("journal:"):
-        return _claim_file(Path(storage_url.split(":", 1)[1].removeprefix("//") + ".claims"), study, name, value)
+        return _claim_file(Path(journal_path(storage_url) + ".claims"), study, name, value)
     return _claim_sql(storage_url, study, name, value)
 
 

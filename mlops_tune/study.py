@@ -74,29 +74,35 @@ def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-            return JournalStorage(JournalFileBackend(url.split(":", 1)[1].removeprefix("//")))
-        for attempt in range(4):
-            try:
-                return optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs=_engine_kwargs(url),
-                    heartbeat_interval=int(study_cfg["heartbeat_interval"]),
-                    grace_period=int(study_cfg["grace_period"]),
-                    # a dead worker's trial is failed, then run again once by whoever asks next
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-                )
-            except Exception as exc:
-                # Workers starting together on a new database race to create its tables; the
-                # loser sees a unique-key error and finds the tables made on its next try.
-                if "IntegrityError" not in type(exc).__name__ + str(exc) or attempt == 3:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
-        raise AssertionError("unreachable")
+            return JournalStorage(JournalFileBackend(claims.journal_path(url)))
+        return _open_rdb(url, study_cfg)
     except Exception as exc:
         host = urlsplit(url).hostname or url.split("://", 1)[-1].split("?")[0]
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"study.storage: cannot open the Optuna storage at {tracking.redact(host)} "
                          f"({tracking.redact(reason)})") from None
+
+
+def _open_rdb(url: str, study_cfg: Mapping[str, Any], attempts: int = 4) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats; retried when workers race to create a new database.
+
+    The loser of that race sees a unique-key error and finds the tables on its next try.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=_engine_kwargs(url),
+                heartbeat_interval=int(study_cfg["heartbeat_interval"]),
+                grace_period=int(study_cfg["grace_period"]),
+                # a dead worker's trial is failed, then run again once by whoever asks next
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+        except Exception as exc:
+            if attempt == attempts or "IntegrityError" not in type(exc).__name__ + str(exc):
+                raise
+            time.sleep(0.5 * attempt)
+    raise AssertionError("attempts must be >= 1")
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
