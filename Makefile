@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= keras,dev,postgres,parallel,docker
 
-.PHONY: install run test test-fast lint bench ui server stop-services clean
+.PHONY: install run test test-fast lint bench ui server stop-services images base-image clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -49,6 +49,16 @@ stop-services:
 		pid="$$(cat "$$pidfile")"; kill -TERM -- "-$$pid" 2>/dev/null || kill "$$pid" 2>/dev/null || true; \
 		rm -f "$$pidfile"; \
 	done
+
+## the per-family trial images for runner=docker (mlops-tune-sklearn, mlops-tune-keras);
+## BASE_IMAGE defaults to the official Python image (offline: `make base-image images BASE_IMAGE=mlops-tune-base:bookworm`)
+BASE_IMAGE ?= python:3.11-slim-bookworm
+images:
+	BASE_IMAGE=$(BASE_IMAGE) docker/build-images.sh
+
+## a Debian bookworm + Python base image made without any registry (debootstrap; needs root)
+base-image:
+	docker/base-image.sh mlops-tune-base:bookworm
 
 clean:
 	rm -rf outputs multirun mlruns mlflow.db optuna.db

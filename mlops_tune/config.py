@@ -28,7 +28,7 @@ SECTION_KEYS: Mapping[str, frozenset[str]] = {
     }),
     "registry": frozenset({"name", "promote"}),
     "report": frozenset({"junit"}),
-    "runner": frozenset({"name"}),
+    "runner": frozenset({"name", "images", "cpus", "memory"}),
     "search": frozenset({"space"}),
     # set by runner=mlflow for a trial that runs as an MLflow Project run
     "trial": frozenset({"storage", "study", "trial_id", "pruner", "log_model_above"}),

@@ -87,19 +87,23 @@ def stop_postgres(pg: Postgres) -> None:
                        capture_output=True)
 
 
-def start_mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None,
+def start_mlflow_server(backend_uri: str, artifacts: Path | str, port: int | None = None,
                         log: Path | None = None, timeout: float = 120,
                         cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
     """``mlflow server`` on 127.0.0.1 serving (proxying) ``artifacts``; returns (process, URL).
 
+    ``artifacts`` is a folder or an object store URI (``s3://bucket/prefix``; the server
+    reads ``MLFLOW_S3_ENDPOINT_URL`` and the AWS variables from the environment).
     ``cwd`` is where a relative ``sqlite:///`` backend URI is resolved.
     """
     port = port or free_port()
-    artifacts.mkdir(parents=True, exist_ok=True)
+    if isinstance(artifacts, Path):
+        artifacts.mkdir(parents=True, exist_ok=True)
+        artifacts = str(artifacts.resolve())
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts.resolve()),
+         "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts,
          "--serve-artifacts", "--workers", "2"],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
     )

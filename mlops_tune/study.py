@@ -162,7 +162,6 @@ class Study:
         self.threshold = float(cfg["gate"]["threshold"])
         self.space = SearchSpace.from_config((cfg.get("search") or {}).get("space"), cfg)
         self.family = get_family(cfg["model"]["family"])
-        self.runner: Runner = get_runner(cfg["runner"])
         self.sampler = make_sampler(cfg["study"], self.space, int(cfg["seed"]))
         self.pruner = make_pruner(cfg["study"])
         self.splits: Splits = load_splits(cfg["data"], int(cfg["seed"]))
@@ -173,9 +172,21 @@ class Study:
         self.claim_key = self.name
         #: identifies this process among the workers of a study (claims, logs)
         self.worker = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.runner: Runner = get_runner(cfg["runner"])
+        try:
+            self.runner.check(cfg)
+        except BaseException:
+            self.runner.close()
+            raise
 
     # -------------------------------------------------------------- lifecycle
     def run(self) -> StudyResult:
+        try:
+            return self._run()
+        finally:
+            self.runner.close()
+
+    def _run(self) -> StudyResult:
         storage = make_storage(self.cfg["study"])
         experiment_id = tracking.connect(self.cfg["tracking"]["uri"], self.cfg["tracking"]["experiment"])
         study = optuna.create_study(

@@ -74,7 +74,7 @@ def connect(uri: str, experiment: str) -> str:
     import mlflow
 
     quiet_libraries()
-    _check_reachable(uri)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     project_run = os.environ.get("MLFLOW_RUN_ID")
     if project_run:  # started by `mlflow run`: log into the experiment of that Project run
@@ -98,10 +98,14 @@ def quiet_libraries() -> None:
     # MLflow prints a "View run" link per run for HTTP stores: noise per trial, and the URL
     # would show a password given in tracking.uri. Our summary prints the redacted URI.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # a progress bar per model download (registry, test evaluation) from a tracking server
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Pickle-format advice on every sklearn model: we log models we just trained ourselves.
     logging.getLogger("mlflow.sklearn").setLevel(logging.ERROR)
+    # images without git (the trial containers): the run simply has no git tags
+    logging.getLogger("mlflow.utils.git_utils").setLevel(logging.ERROR)
     try:
         import optuna
 
@@ -111,7 +115,8 @@ def quiet_libraries() -> None:
         pass
 
 
-def _check_reachable(uri: str) -> None:
+def check_reachable(uri: str) -> None:
+    """Raise :class:`UsageError` when ``uri`` is an HTTP(S) server that does not answer."""
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https"):
         host = parts.hostname or ""

@@ -10,6 +10,9 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
 from typing import Any
 
 from mlops_tune.cli import hydra_main, record_job
@@ -30,7 +33,7 @@ def train(cfg: Any) -> int:
     splits = load_splits(plain["data"], plain["seed"])
     experiment_id = tracking.connect(plain["tracking"]["uri"], plain["tracking"]["experiment"])
     model, data = plain["model"]["name"], plain["data"]["name"]
-    if plain.get("trial"):  # a study's trial in its own process (runner=mlflow)
+    if plain.get("trial"):  # a study's trial in its own process (runner=mlflow|docker)
         return _study_trial(plain, experiment_id, splits)
     outcome = run_trial(plain, experiment_id=experiment_id, splits=splits)
     print(
@@ -52,14 +55,37 @@ def _study_trial(plain: dict[str, Any], experiment_id: str, splits: Any) -> int:
     from mlops_tune.trial import run_trial
 
     reporter, should_log_model = trial_process_link(plain["trial"])
+    tags = {}
+    if os.environ.get("MLOPS_TUNE_IMAGE_FAMILY"):  # set in the trial images (docker/*.Dockerfile)
+        tags = {"mlops_tune.image": os.environ["MLOPS_TUNE_IMAGE_FAMILY"], "mlops_tune.uid": str(os.getuid()),
+                **_container_limits()}
     try:
         outcome = run_trial(plain, experiment_id=experiment_id, splits=splits, reporter=reporter,
-                            evaluate_test=False, should_log_model=should_log_model)
+                            evaluate_test=False, should_log_model=should_log_model, tags=tags)
     except TrialPruned as exc:
         print(f"{PROG}: trial pruned: {exc}", flush=True)
         return EXIT_OK
     print(f"{PROG}: trial val_accuracy={outcome.val_accuracy:.4f}", flush=True)
     return EXIT_OK
+
+
+def _container_limits() -> dict[str, str]:
+    """The memory and CPU limits this process runs under, as run tags (cgroup v2 format:
+    bytes or ``max``; ``QUOTA PERIOD`` in microseconds)."""
+
+    def read(*paths: str) -> str | None:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                return Path(path).read_text().strip()
+        return None
+
+    memory = read("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+    cpu = read("/sys/fs/cgroup/cpu.max")
+    if cpu is None:  # cgroup v1: quota and period in two files
+        quota, period = read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+        cpu = f"{'max' if quota == '-1' else quota} {period}" if quota and period else None
+    return {tag: value for tag, value in (("mlops_tune.memory_limit", memory), ("mlops_tune.cpu_quota", cpu))
+            if value}
 
 
 def _job(cfg: Any) -> int:

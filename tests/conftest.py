@@ -10,14 +10,19 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from mlops_tune import devservices
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+#: under CI the tests that need PostgreSQL or Docker fail instead of skipping
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @dataclass
@@ -148,3 +153,17 @@ def kill_when_a_trial_runs(victim: subprocess.Popen, study: str, storage: str, t
     finally:
         victim.kill()
         victim.communicate()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory):
+    if devservices.postgres_bin("initdb") is None:
+        if IN_CI:
+            pytest.fail("PostgreSQL server binaries are required in CI")
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    # not under pytest's tmp folder: as root the cluster runs as `postgres`, which may not enter it
+    folder = Path(tempfile.mkdtemp(prefix="mlops-tune-pg-"))
+    pg = devservices.start_postgres(folder)
+    yield pg
+    devservices.stop_postgres(pg)
+    shutil.rmtree(folder, ignore_errors=True)

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, command_env
+from tests.conftest import IN_CI, ROOT, command_env
 
 JENKINSFILE = ROOT / "Jenkinsfile"
-IN_CI = os.environ.get("CI") == "true"
 
 
 def _tool(name: str) -> str:

@@ -8,10 +8,7 @@ in CI both must start (the tests fail otherwise), elsewhere they skip and say wh
 from __future__ import annotations
 
 import multiprocessing
-import os
-import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -25,22 +22,7 @@ from mlops_tune import claims, devservices, tracking
 from tests.conftest import BIN, command_env, kill_when_a_trial_runs
 
 STORAGE_MODES = ["sqlite", "postgres"]
-IN_CI = os.environ.get("CI") == "true"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-@pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory):
-    if devservices.postgres_bin("initdb") is None:
-        if IN_CI:
-            pytest.fail("PostgreSQL server binaries are required in CI")
-        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
-    # not under pytest's tmp folder: as root the cluster runs as `postgres`, which may not enter it
-    folder = Path(tempfile.mkdtemp(prefix="mlops-tune-pg-"))
-    pg = devservices.start_postgres(folder)
-    yield pg
-    devservices.stop_postgres(pg)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

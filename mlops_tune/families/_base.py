@@ -31,6 +31,8 @@ class Family(abc.ABC):
     name: ClassVar[str]
     #: the input shape the family takes (flat vectors or images with a channel axis)
     input_kind: ClassVar[InputKind]
+    #: the trial image that has this family's framework (key of ``runner.images``, runner=docker)
+    image: ClassVar[str] = "sklearn"
 
     @abc.abstractmethod
     def validate(self, model_cfg: Mapping[str, Any]) -> None:

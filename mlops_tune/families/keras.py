@@ -52,6 +52,7 @@ def _seed_keras(seed: int) -> None:
 
 
 class _KerasFamily(Family):
+    image = "keras"
     keys: ClassVar[frozenset[str]] = frozenset({
         "name", "family", "hidden_units", "activation", "dropout", "optimizer",
         "learning_rate", "batch_size", "epochs", "early_stopping_patience",

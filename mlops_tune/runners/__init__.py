@@ -2,7 +2,8 @@
 
 ``runner.name`` in the config picks one: ``inprocess`` (this Python process, frameworks
 loaded once; the default) or ``mlflow`` (every trial an MLflow Project run of the
-``train`` entry point, in a fresh process). A runner gets the trial's resolved config and the Optuna
+``train`` entry point, in a fresh process) or ``docker`` (the same, inside the model
+family's image). A runner gets the trial's resolved config and the Optuna
 trial (for pruning reports) and returns the trial's :class:`~mlops_tune.trial.TrialOutcome`.
 """
 
@@ -20,6 +21,7 @@ __all__ = ["RUNNERS", "Runner", "TrialContext", "get_runner"]
 RUNNERS = {
     "inprocess": "mlops_tune.runners.inprocess:InProcessRunner",
     "mlflow": "mlops_tune.runners.mlflow:MlflowRunner",
+    "docker": "mlops_tune.runners.docker:DockerRunner",
 }
 
 

@@ -32,6 +32,12 @@ class Runner(abc.ABC):
     def __init__(self, runner_cfg: Mapping[str, Any]) -> None:
         self.cfg = dict(runner_cfg)
 
+    def check(self, cfg: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Reject what this runner cannot run (the study's whole config), before anything is written."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the runner started for the study (processes, servers, temp files)."""
+
     @abc.abstractmethod
     def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,
             tags: Mapping[str, str]) -> TrialOutcome:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,10 +41,7 @@ class MlflowRunner(Runner):
     def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,
             tags: Mapping[str, str]) -> TrialOutcome:
         import mlflow
-        import mlflow.projects
         import optuna
-        import yaml
-        from mlflow.exceptions import ExecutionException
 
         started = time.perf_counter()
         name = f"trial-{trial.number}"
@@ -53,14 +51,9 @@ class MlflowRunner(Runner):
             "mlflow.source.name": PROJECT_DIR.as_uri(), "mlflow.project.entryPoint": "train",
         })
         trial.set_user_attr("mlflow_run_id", run_id)
-        link = {"storage": context.storage_url, "study": trial.study.study_name, "trial_id": trial._trial_id,
-                "pruner": context.pruner, "log_model_above": context.best_value()}
-        (self.workdir / f"{name}.yaml").write_text(yaml.safe_dump({**trial_cfg, "trial": link}, sort_keys=False))
-        overrides = f"--config-path {self.workdir} --config-name {name} hydra.run.dir={self.workdir / name}"
-        with contextlib.suppress(ExecutionException):  # the run's tags say what happened
-            mlflow.projects.run(str(PROJECT_DIR), entry_point="train", parameters={"overrides": overrides},
-                                env_manager="local", run_id=run_id, experiment_id=context.experiment_id,
-                                synchronous=True)
+        link = {"storage": self.storage_for_trial(context), "study": trial.study.study_name,
+                "trial_id": trial._trial_id, "pruner": context.pruner, "log_model_above": context.best_value()}
+        self.launch(trial_cfg, name, run_id, link, context)
         run = mlflow.MlflowClient().get_run(run_id)
         state = run.data.tags.get(tracking.TAG_STATE)
         if state == "PRUNED":
@@ -77,6 +70,28 @@ class MlflowRunner(Runner):
             model_uri=run.data.tags.get(tracking.TAG_MODEL_URI),
         )
 
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def storage_for_trial(self, context: TrialContext) -> str:
+        """The Optuna storage URL the trial process reports to."""
+        return context.storage_url
+
+    def launch(self, trial_cfg: Mapping[str, Any], name: str, run_id: str, link: Mapping[str, Any],
+               context: TrialContext) -> None:
+        """Run the ``train`` entry point as the Project run ``run_id`` and wait for it."""
+        import mlflow.projects
+        import yaml
+        from mlflow.exceptions import ExecutionException
+
+        (self.workdir / f"{name}.yaml").write_text(yaml.safe_dump({**trial_cfg, "trial": dict(link)},
+                                                                  sort_keys=False))
+        overrides = f"--config-path {self.workdir} --config-name {name} hydra.run.dir={self.workdir / name}"
+        with contextlib.suppress(ExecutionException):  # the run's tags say what happened
+            mlflow.projects.run(str(PROJECT_DIR), entry_point="train", parameters={"overrides": overrides},
+                                env_manager="local", run_id=run_id, experiment_id=context.experiment_id,
+                                synchronous=True)
+
 
 def trial_process_link(link: Mapping[str, Any]) -> tuple[Any, Callable[[float], bool]]:
     """In the trial process: the Optuna reporter for the study's trial, and when to log the model."""
@@ -85,7 +100,12 @@ def trial_process_link(link: Mapping[str, Any]) -> tuple[Any, Callable[[float], 
     from mlops_tune.runners.inprocess import OptunaReporter
     from mlops_tune.study import make_pruner
 
-    study = optuna.load_study(study_name=str(link["study"]), storage=str(link["storage"]),
+    storage: Any = str(link["storage"])
+    if storage.startswith("grpc://"):  # runner=docker: the study's storage, through its gRPC proxy
+        from mlops_tune.runners.docker import grpc_storage
+
+        storage = grpc_storage(storage)
+    study = optuna.load_study(study_name=str(link["study"]), storage=storage,
                               pruner=make_pruner({"pruner": link.get("pruner", "median")}))
     reporter = OptunaReporter(optuna.trial.Trial(study, int(link["trial_id"])))
     above = float(link.get("log_model_above", -math.inf))

@@ -1,0 +1,42 @@
+# The Keras family's trial image (ann, cnn): mlops-tune with TensorFlow (CPU).
+# Build with `make images` (docker/build-images.sh); the context is the repository root.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+# Optional extra CA certificates (PEM files named *.crt in docker/extra-ca/) for networks
+# whose proxy intercepts TLS: pip in the next steps trusts them. build-images.sh copies the
+# host's /usr/local/share/ca-certificates there; an empty folder changes nothing.
+COPY docker/extra-ca/ /usr/local/share/ca-certificates/
+RUN if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1 && command -v update-ca-certificates >/dev/null; \
+    then update-ca-certificates >/dev/null; fi
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_DEFAULT_TIMEOUT=180 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH \
+    MLOPS_TUNE_CONF=/opt/mlops-tune/conf \
+    GIT_PYTHON_REFRESH=quiet \
+    MLOPS_TUNE_IMAGE_FAMILY=keras
+
+RUN python3 -m venv /opt/venv
+# trials run as an unprivileged user (see USER below); /tmp is the only place they write
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mlops
+# dependencies first, from pyproject.toml alone (a stub package), so that a code change
+# rebuilds only the last layers; [proxy] = grpcio, for the study's Optuna storage proxy
+COPY pyproject.toml /opt/mlops-tune/
+RUN mkdir /opt/mlops-tune/mlops_tune && touch /opt/mlops-tune/mlops_tune/__init__.py /opt/mlops-tune/README.md \
+    && pip install --quiet "/opt/mlops-tune[keras,proxy]" && pip uninstall --quiet --yes mlops-tune \
+    && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('tensorflow') is None)"
+COPY README.md /opt/mlops-tune/
+COPY mlops_tune /opt/mlops-tune/mlops_tune
+COPY conf /opt/mlops-tune/conf
+RUN pip install --quiet --no-deps --no-build-isolation /opt/mlops-tune 2>/dev/null \
+    || pip install --quiet --no-deps /opt/mlops-tune
+
+
+USER 10001:10001
+WORKDIR /tmp
+CMD ["python", "-m", "mlops_tune.project", "train"]

@@ -1,0 +1,263 @@
+"""runner=docker: trials in their family's image, against a real Docker engine.
+
+Needs a running engine and the images (`make images`). Without them these tests skip
+with the reason, except under CI (CI=true), where they fail: CI must not lose them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mlops_tune import devservices, tracking
+from mlops_tune.runners.docker import DEFAULT_IMAGES
+from tests.conftest import BIN, IN_CI, ROOT, mlflow_runs, run_command
+
+pytestmark = pytest.mark.slow
+
+
+def _missing(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason} (CI must run the container tests; .ci/run starts dockerd and builds the images)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def engine() -> None:
+    """A reachable Docker engine with both trial images."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except Exception as exc:
+        _missing(f"no Docker engine reachable ({str(exc).splitlines()[0][:120]})")
+    try:
+        for image in DEFAULT_IMAGES.values():
+            try:
+                client.images.get(image)
+            except docker.errors.ImageNotFound:
+                _missing(f"image {image} not built (make images)")
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An MLflow server on 127.0.0.1 (SQLite backend, proxied artifacts) that containers reach."""
+    folder = tmp_path_factory.mktemp("docker-server")
+    proc, url = devservices.start_mlflow_server(f"sqlite:///{folder / 'mlflow.db'}", folder / "artifacts",
+                                                log=folder / "server.log")
+    yield url
+    devservices.stop_process(proc)
+
+
+def _tune(workdir: Path, server: str, experiment: str, *args: str, **env: str):
+    return run_command("mlops-tune", "runner=docker", f"tracking.uri={server}", f"tracking.experiment={experiment}",
+                       f"study.storage=sqlite:///{workdir / 'optuna.db'}", *args, cwd=workdir, **env)
+
+
+def _runs(server: str, experiment: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=server)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else list(client.search_runs([exp.experiment_id], max_results=500))
+
+
+def _children(runs: list) -> list:
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def _experiment() -> str:
+    return f"docker-{uuid.uuid4().hex[:8]}"
+
+
+def test_knn_study_runs_every_trial_in_the_sklearn_image(engine, server: str, workdir: Path) -> None:
+    experiment = _experiment()
+    result = _tune(workdir, server, experiment, "model=knn", "study.n_trials=3", "gate.threshold=0.9999",
+                   "study.pruner=none", "runner.memory=1g", "runner.cpus=1.5")
+    assert result.code == 1, result.stderr[-3000:]  # unreachable gate: the budget is spent
+    study = optuna.load_study(study_name="knn-digits", storage=f"sqlite:///{workdir / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    runs = _runs(server, experiment)
+    children = _children(runs)
+    assert len(children) == 3
+    for child in children:  # the Project run IS the trial's run, and it ran in the image
+        tags = child.data.tags
+        assert child.info.status == "FINISHED" and tags[tracking.TAG_STATE] == "COMPLETE"
+        assert tags["mlflow.project.env"] == "docker"
+        assert tags["mlflow.docker.image.uri"] == DEFAULT_IMAGES["sklearn"]
+        assert tags["mlops_tune.image"] == "sklearn"
+        assert tags["mlops_tune.uid"] != "0"  # not root inside the container
+        assert tags["mlops_tune.memory_limit"] == str(2**30)
+        quota, period = tags["mlops_tune.cpu_quota"].split()
+        assert int(quota) / int(period) == pytest.approx(1.5)
+        assert child.data.metrics["val_accuracy"] == pytest.approx(
+            study.trials[int(tags[tracking.TAG_TRIAL_NUMBER])].value)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    # no trial container is left behind
+    left = subprocess.run(["docker", "ps", "-aq", "--filter", "name=mlops-tune-"], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
+
+
+def test_gate_met_in_containers_promotes_the_champion(engine, server: str, workdir: Path) -> None:
+    import mlflow
+
+    experiment, registry = _experiment(), f"reg-{uuid.uuid4().hex[:8]}"
+    result = _tune(workdir, server, experiment, "model=knn", "data=wine", "gate.threshold=0.9",
+                   "study.n_trials=4", f"registry.name={registry}")
+    assert result.code == 0, result.stderr[-3000:]
+    version = mlflow.MlflowClient(tracking_uri=server).get_model_version_by_alias(registry, "champion")
+    best = max(c.data.metrics["val_accuracy"] for c in _children(_runs(server, experiment)))
+    assert best >= 0.9 and version.version == "1"
+
+
+def test_trials_in_containers_are_pruned_through_the_storage_proxy(engine, server: str, workdir: Path) -> None:
+    experiment = _experiment()
+    result = _tune(workdir, server, experiment, "model=knn", "study.n_trials=2", "gate.threshold=0.9999",
+                   "study.pruner={_target_:optuna.pruners.ThresholdPruner,lower:0.9999}")
+    assert result.code == 1, result.stderr[-3000:]
+    trials = optuna.load_study(study_name="knn-digits", storage=f"sqlite:///{workdir / 'optuna.db'}").trials
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.PRUNED]
+    # the values the pruner judged came from inside the containers
+    assert all(t.intermediate_values and min(t.intermediate_values.values()) > 0.5 for t in trials)
+    assert {c.data.tags[tracking.TAG_STATE] for c in _children(_runs(server, experiment))} == {"PRUNED"}
+
+
+def test_keras_trial_runs_in_the_keras_image(engine, server: str, workdir: Path) -> None:
+    experiment = _experiment()
+    result = _tune(workdir, server, experiment, "model=ann", "model.epochs=3", "study.n_trials=1",
+                   "gate.threshold=0.9999", "study.pruner=none")
+    assert result.code == 1, result.stderr[-3000:]
+    [child] = _children(_runs(server, experiment))
+    assert child.data.tags["mlflow.docker.image.uri"] == DEFAULT_IMAGES["keras"]
+    assert child.data.tags["mlops_tune.image"] == "keras"
+    assert child.data.tags["mlops_tune.uid"] != "0"
+    import mlflow
+
+    history = mlflow.MlflowClient(tracking_uri=server).get_metric_history(child.info.run_id, "val_accuracy")
+    assert sorted({m.step for m in history}) == [0, 1, 2]  # one value per epoch (and the final one)
+
+
+def test_sklearn_image_has_no_tensorflow_and_runs_as_non_root(engine) -> None:
+    probe = ("import importlib.util, os; print(os.getuid(), importlib.util.find_spec('tensorflow') is None, "
+             "importlib.util.find_spec('sklearn') is not None)")
+    out = subprocess.run(["docker", "run", "--rm", DEFAULT_IMAGES["sklearn"], "python", "-c", probe],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] != "0" and out[1:] == ["True", "True"]
+    out = subprocess.run(["docker", "run", "--rm", DEFAULT_IMAGES["keras"], "python", "-c", probe],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] != "0" and out[1:] == ["False", "True"]
+
+
+# ----------------------------------------------------------------------------- bad set-ups: exit 2, nothing written
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["runner.images.sklearn=mlops-tune-sklearn:no-such-tag"], {}, "make images"),
+    ([], {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}, "Docker engine is not reachable"),
+    (["runner.cpus=0"], {}, "runner.cpus"),
+    (["study.storage=journal:///tmp/x.log"], {}, "study.storage"),
+])
+def test_bad_docker_setup_exits_2_and_writes_nothing(server: str, workdir: Path, args: list[str],
+                                                     env: dict[str, str], message: str) -> None:
+    experiment = _experiment()
+    result = _tune(workdir, server, experiment, "model=knn", *args, **env)
+    assert result.code == 2, result.stderr[-2000:]
+    [line] = result.error_lines
+    assert message in line
+    assert not (workdir / "optuna.db").exists()  # the study storage is untouched
+    assert _runs(server, experiment) == []
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("sqlite:///mlflow.db", "runner=docker needs an MLflow server"),
+    ("http://127.0.0.1:9", "cannot reach the MLflow server"),
+])
+def test_docker_runner_needs_a_reachable_tracking_server(workdir: Path, uri: str, message: str) -> None:
+    result = run_command("mlops-tune", "runner=docker", f"tracking.uri={uri}", "model=knn",
+                         f"study.storage=sqlite:///{workdir / 'optuna.db'}", cwd=workdir)
+    assert result.code == 2, result.stderr[-2000:]
+    [line] = result.error_lines
+    assert message in line
+    assert not (workdir / "optuna.db").exists()
+    assert mlflow_runs(workdir) == []
+
+
+# ----------------------------------------------------------------------------- the team stack
+
+
+def test_compose_stack_publishes_on_loopback_only() -> None:
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    ports = [(name, str(port)) for name, service in spec["services"].items() for port in service.get("ports", [])]
+    assert {name for name, _ in ports} == {"postgres", "minio", "mlflow"}
+    assert all(port.startswith("127.0.0.1:") for _, port in ports), ports
+    command = spec["services"]["mlflow"]["command"]
+    assert "--serve-artifacts" in command
+    assert any(arg.startswith("--backend-store-uri=postgresql") for arg in command)
+    assert any(arg.startswith("--artifacts-destination=s3://") for arg in command)
+
+
+@pytest.fixture
+def s3_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An S3-compatible store on loopback (moto's server), with a bucket ``mlflow``."""
+    import boto3
+
+    port = devservices.free_port()
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in (("AWS_ACCESS_KEY_ID", "team"), ("AWS_SECRET_ACCESS_KEY", "team-secret"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("MLFLOW_S3_ENDPOINT_URL", endpoint)):
+        monkeypatch.setenv(name, value)
+    deadline = time.time() + 30
+    while True:
+        try:
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="mlflow")
+            break
+        except Exception:
+            if time.time() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.3)
+    yield endpoint
+    proc.kill()
+    proc.wait()
+
+
+def test_team_stack_postgres_backend_and_s3_artifacts(engine, postgres, s3_store: str, workdir: Path,
+                                                      tmp_path: Path) -> None:
+    """The topology of docker/compose.yaml, started without Docker Hub: trials in containers
+    track to a server on PostgreSQL whose artifacts land in the S3 store."""
+    import boto3
+    import mlflow
+
+    proc, url = devservices.start_mlflow_server(postgres.url("mlflow"), "s3://mlflow/artifacts",
+                                                log=tmp_path / "server.log")
+    try:
+        suffix = uuid.uuid4().hex[:8]
+        experiment, registry = f"team-{suffix}", f"team-{suffix}"
+        result = run_command(
+            "mlops-tune", "runner=docker", f"tracking.uri={url}", f"tracking.experiment={experiment}",
+            f"study.storage={postgres.url('optuna')}", f"study.name=team-{suffix}", f"registry.name={registry}",
+            "model=knn", "data=wine", "gate.threshold=0.9", "study.n_trials=4", cwd=workdir)
+        assert result.code == 0, result.stderr[-3000:]
+        version = mlflow.MlflowClient(tracking_uri=url).get_model_version_by_alias(registry, "champion")
+        keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_store).list_objects_v2(
+            Bucket="mlflow", Prefix="artifacts/")["Contents"]]
+        assert any(key.endswith("/MLmodel") for key in keys)  # the trial's model, logged from its container
+        assert version.source and any(key.endswith("config.yaml") for key in keys)
+        assert "team-secret" not in result.stdout + result.stderr
+    finally:
+        devservices.stop_process(proc)
