@@ -39,6 +39,19 @@ def main() -> None:
                 rows.append(f"| trials/min {model}, {storage}: 1 worker -> 2 workers | "
                             f"{r['1_worker_trials_per_min']:.1f} -> {r['2_worker_trials_per_min']:.1f} "
                             f"({r['speedup']:.2f}x) | {'>= 1.6x' if model == 'ann' else ''} |")
+    if runners := _load("runner_overhead"):
+        for model, by_runner in runners["results"].items():
+            for runner in ("mlflow", "docker"):
+                r = by_runner[runner]
+                aimed = (model, runner) == ("knn", "docker")
+                target = f"<= {runners['target_sklearn_docker_overhead_s']:g} s" if aimed else ""
+                rows.append(f"| per-trial overhead vs inprocess, {model}, runner={runner} | "
+                            f"{r['overhead_vs_inprocess_s']:.1f} s (trial {r['trial_seconds_median']:.1f} s, "
+                            f"in-process {by_runner['inprocess']['trial_seconds_median']:.1f} s) | {target} |")
+        b = runners["breakdown"]
+        rows.append(f"| what a container trial pays before our code: container start / trial imports | "
+                    f"{b['container_start_s']:.1f} s / {b['trial_imports_in_container_s']:.1f} s "
+                    f"(host {b['trial_imports_on_host_s']:.1f} s) | |")
     print("\n".join(rows))
 
 
