@@ -19,6 +19,7 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PATH=/opt/venv/bin:$PATH \
     MLOPS_TUNE_CONF=/opt/mlops-tune/conf \
     GIT_PYTHON_REFRESH=quiet \
+    MPLCONFIGDIR=/opt/mplconfig \
     MLOPS_TUNE_IMAGE_FAMILY=sklearn
 
 RUN python3 -m venv /opt/venv
@@ -30,12 +31,13 @@ COPY pyproject.toml /opt/mlops-tune/
 RUN mkdir /opt/mlops-tune/mlops_tune && touch /opt/mlops-tune/mlops_tune/__init__.py /opt/mlops-tune/README.md \
     && pip install --quiet "/opt/mlops-tune[proxy]" && pip uninstall --quiet --yes mlops-tune \
     && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('tensorflow') is not None)"
+# matplotlib's font cache, built once here instead of in every trial container
+RUN mkdir -p /opt/mplconfig && python -c "import matplotlib.font_manager" && chown -R 10001:10001 /opt/mplconfig
 COPY README.md /opt/mlops-tune/
 COPY mlops_tune /opt/mlops-tune/mlops_tune
 COPY conf /opt/mlops-tune/conf
 RUN pip install --quiet --no-deps --no-build-isolation /opt/mlops-tune 2>/dev/null \
     || pip install --quiet --no-deps /opt/mlops-tune
-
 
 USER 10001:10001
 WORKDIR /tmp

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from mlops_tune import devservices, tracking
 from mlops_tune.runners.docker import DEFAULT_IMAGES
-from tests.conftest import BIN, IN_CI, ROOT, mlflow_runs, run_command
+from tests.conftest import BIN, IN_CI, ROOT, command_env, mlflow_runs, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -146,6 +146,31 @@ def test_keras_trial_runs_in_the_keras_image(engine, server: str, workdir: Path)
 
     history = mlflow.MlflowClient(tracking_uri=server).get_metric_history(child.info.run_id, "val_accuracy")
     assert sorted({m.step for m in history}) == [0, 1, 2]  # one value per epoch (and the final one)
+
+
+def test_terminated_study_removes_its_trial_container(engine, server: str, workdir: Path) -> None:
+    """SIGTERM (a CI abort) while a trial runs in a container: the container is removed and
+    no run is left RUNNING."""
+    experiment = _experiment()
+    args = ["runner=docker", f"tracking.uri={server}", f"tracking.experiment={experiment}",
+            f"study.storage=sqlite:///{workdir / 'optuna.db'}", "model=ann", "model.epochs=200",
+            "model.early_stopping_patience=0", "study.pruner=none", "study.n_trials=2", "gate.threshold=0.9999"]
+    proc = subprocess.Popen([str(BIN / "mlops-tune"), *args], cwd=workdir, env=command_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    label = ["docker", "ps", "-q", "--filter", "name=mlops-tune-"]
+    deadline = time.time() + 120
+    while not subprocess.run(label, capture_output=True, text=True).stdout.strip():
+        assert proc.poll() is None and time.time() < deadline, "no trial container started"
+        time.sleep(0.5)
+    time.sleep(3)  # the trial is training inside the container
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert subprocess.run(["docker", "ps", "-aq", "--filter", "name=mlops-tune-"],
+                          capture_output=True, text=True).stdout.strip() == "", err[-2000:]
+    runs = _runs(server, experiment)
+    states = {r.info.run_name: r.info.status for r in runs}
+    assert states and "RUNNING" not in states.values(), states
 
 
 def test_sklearn_image_has_no_tensorflow_and_runs_as_non_root(engine) -> None:

@@ -28,9 +28,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -169,7 +171,7 @@ class DockerRunner(MlflowRunner):
             docker_args["env-file"] = env_file
         overrides = f"--config-path {self.workdir} --config-name {name} hydra.run.dir=/tmp/{name}"
         try:
-            with contextlib.suppress(ExecutionException):  # the run's tags say what happened
+            with _terminate_as_interrupt(), contextlib.suppress(ExecutionException):  # the run's tags tell
                 mlflow.projects.run(str(self._project_dir()), entry_point="train",
                                     parameters={"overrides": overrides}, docker_args=docker_args,
                                     run_id=run_id, experiment_id=context.experiment_id,
@@ -223,6 +225,9 @@ class DockerRunner(MlflowRunner):
         self._proxy = make_server(optuna.storages.get_storage(storage_url), "127.0.0.1", port, self._executor)
         self._proxy.start()
         self._proxy_url = f"grpc://127.0.0.1:{port}"
+        limits = ", ".join(f"{key} {self.cfg[key]}" for key in ("cpus", "memory") if self.cfg.get(key) is not None)
+        print(f"runner=docker: trials in {self.image}{f' ({limits})' if limits else ''}; "
+              f"Optuna storage served to them on 127.0.0.1:{port}", flush=True)
 
     def close(self) -> None:
         if self._proxy is not None:
@@ -230,6 +235,24 @@ class DockerRunner(MlflowRunner):
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._proxy = None
         super().close()
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While a trial container runs, SIGTERM (a CI abort, ``kill``) interrupts like Ctrl-C,
+    so that the container is removed and the runs end KILLED instead of running on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def grpc_storage(url: str) -> Any:
