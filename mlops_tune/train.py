@@ -10,9 +10,6 @@ Examples::
 
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
 from typing import Any
 
 from mlops_tune.cli import hydra_main, record_job
@@ -51,14 +48,12 @@ def _study_trial(plain: dict[str, Any], experiment_id: str, splits: Any) -> int:
     """One trial of a study: report epochs to its Optuna trial; its MLflow run tells the outcome."""
     from optuna import TrialPruned
 
+    from mlops_tune.runners.docker import container_tags
     from mlops_tune.runners.mlflow import trial_process_link
     from mlops_tune.trial import run_trial
 
     reporter, should_log_model = trial_process_link(plain["trial"])
-    tags = {}
-    if os.environ.get("MLOPS_TUNE_IMAGE_FAMILY"):  # set in the trial images (docker/*.Dockerfile)
-        tags = {"mlops_tune.image": os.environ["MLOPS_TUNE_IMAGE_FAMILY"], "mlops_tune.uid": str(os.getuid()),
-                **_container_limits()}
+    tags = container_tags()  # in a trial image: which image, user and limits
     try:
         outcome = run_trial(plain, experiment_id=experiment_id, splits=splits, reporter=reporter,
                             evaluate_test=False, should_log_model=should_log_model, tags=tags)
@@ -67,25 +62,6 @@ def _study_trial(plain: dict[str, Any], experiment_id: str, splits: Any) -> int:
         return EXIT_OK
     print(f"{PROG}: trial val_accuracy={outcome.val_accuracy:.4f}", flush=True)
     return EXIT_OK
-
-
-def _container_limits() -> dict[str, str]:
-    """The memory and CPU limits this process runs under, as run tags (cgroup v2 format:
-    bytes or ``max``; ``QUOTA PERIOD`` in microseconds)."""
-
-    def read(*paths: str) -> str | None:
-        for path in paths:
-            with contextlib.suppress(OSError):
-                return Path(path).read_text().strip()
-        return None
-
-    memory = read("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
-    cpu = read("/sys/fs/cgroup/cpu.max")
-    if cpu is None:  # cgroup v1: quota and period in two files
-        quota, period = read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-        cpu = f"{'max' if quota == '-1' else quota} {period}" if quota and period else None
-    return {tag: value for tag, value in (("mlops_tune.memory_limit", memory), ("mlops_tune.cpu_quota", cpu))
-            if value}
 
 
 def _job(cfg: Any) -> int:

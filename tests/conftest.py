@@ -92,11 +92,12 @@ def tune(workdir: Path):
     return run
 
 
-def mlflow_runs(folder: Path, experiment: str = "mlops-tune") -> list:
-    """All runs of ``experiment`` in ``folder``'s mlflow.db (oldest first)."""
+def mlflow_runs(store: Path | str, experiment: str = "mlops-tune") -> list:
+    """All runs of ``experiment`` (oldest first) in ``store``: a folder's mlflow.db, or a tracking URI."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    uri = f"sqlite:///{store / 'mlflow.db'}" if isinstance(store, Path) else store
+    client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []

@@ -64,14 +64,6 @@ def _tune(workdir: Path, server: str, experiment: str, *args: str, **env: str):
                        f"study.storage=sqlite:///{workdir / 'optuna.db'}", *args, cwd=workdir, **env)
 
 
-def _runs(server: str, experiment: str) -> list:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=server)
-    exp = client.get_experiment_by_name(experiment)
-    return [] if exp is None else list(client.search_runs([exp.experiment_id], max_results=500))
-
-
 def _children(runs: list) -> list:
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -88,7 +80,7 @@ def test_knn_study_runs_every_trial_in_the_sklearn_image(engine, server: str, wo
     assert result.code == 1, result.stderr[-3000:]  # unreachable gate: the budget is spent
     study = optuna.load_study(study_name="knn-digits", storage=f"sqlite:///{workdir / 'optuna.db'}")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
-    runs = _runs(server, experiment)
+    runs = mlflow_runs(server, experiment)
     children = _children(runs)
     assert len(children) == 3
     for child in children:  # the Project run IS the trial's run, and it ran in the image
@@ -117,7 +109,7 @@ def test_gate_met_in_containers_promotes_the_champion(engine, server: str, workd
                    "study.n_trials=4", f"registry.name={registry}")
     assert result.code == 0, result.stderr[-3000:]
     version = mlflow.MlflowClient(tracking_uri=server).get_model_version_by_alias(registry, "champion")
-    best = max(c.data.metrics["val_accuracy"] for c in _children(_runs(server, experiment)))
+    best = max(c.data.metrics["val_accuracy"] for c in _children(mlflow_runs(server, experiment)))
     assert best >= 0.9 and version.version == "1"
 
 
@@ -130,7 +122,7 @@ def test_trials_in_containers_are_pruned_through_the_storage_proxy(engine, serve
     assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.PRUNED]
     # the values the pruner judged came from inside the containers
     assert all(t.intermediate_values and min(t.intermediate_values.values()) > 0.5 for t in trials)
-    assert {c.data.tags[tracking.TAG_STATE] for c in _children(_runs(server, experiment))} == {"PRUNED"}
+    assert {c.data.tags[tracking.TAG_STATE] for c in _children(mlflow_runs(server, experiment))} == {"PRUNED"}
 
 
 def test_keras_trial_runs_in_the_keras_image(engine, server: str, workdir: Path) -> None:
@@ -138,7 +130,7 @@ def test_keras_trial_runs_in_the_keras_image(engine, server: str, workdir: Path)
     result = _tune(workdir, server, experiment, "model=ann", "model.epochs=3", "study.n_trials=1",
                    "gate.threshold=0.9999", "study.pruner=none")
     assert result.code == 1, result.stderr[-3000:]
-    [child] = _children(_runs(server, experiment))
+    [child] = _children(mlflow_runs(server, experiment))
     assert child.data.tags["mlflow.docker.image.uri"] == DEFAULT_IMAGES["keras"]
     assert child.data.tags["mlops_tune.image"] == "keras"
     assert child.data.tags["mlops_tune.uid"] != "0"
@@ -168,7 +160,7 @@ def test_terminated_study_removes_its_trial_container(engine, server: str, workd
     assert proc.returncode != 0
     assert subprocess.run(["docker", "ps", "-aq", "--filter", "name=mlops-tune-"],
                           capture_output=True, text=True).stdout.strip() == "", err[-2000:]
-    runs = _runs(server, experiment)
+    runs = mlflow_runs(server, experiment)
     states = {r.info.run_name: r.info.status for r in runs}
     assert states and "RUNNING" not in states.values(), states
 
@@ -201,7 +193,7 @@ def test_bad_docker_setup_exits_2_and_writes_nothing(server: str, workdir: Path,
     [line] = result.error_lines
     assert message in line
     assert not (workdir / "optuna.db").exists()  # the study storage is untouched
-    assert _runs(server, experiment) == []
+    assert mlflow_runs(server, experiment) == []
 
 
 @pytest.mark.parametrize(("uri", "message"), [

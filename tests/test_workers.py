@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mlops_tune import claims, devservices, tracking
-from tests.conftest import BIN, command_env, kill_when_a_trial_runs
+from tests.conftest import BIN, command_env, kill_when_a_trial_runs, mlflow_runs
 
 STORAGE_MODES = ["sqlite", "postgres"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -58,9 +58,7 @@ def _start(args: list[str], workdir: Path, **env: str) -> subprocess.Popen:
 
 
 def _runs(stores: dict[str, str]) -> list:
-    client = mlflow.MlflowClient(tracking_uri=stores["tracking"])
-    exp = client.get_experiment_by_name(stores["experiment"])
-    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    return mlflow_runs(stores["tracking"], stores["experiment"])
 
 
 def test_two_workers_share_one_study(stores: dict[str, str], workdir: Path) -> None:

@@ -143,39 +143,39 @@ class DockerRunner(MlflowRunner):
             self._start_proxy(context.storage_url)
         return self._proxy_url
 
-    def launch(self, trial_cfg: Mapping[str, Any], name: str, run_id: str, link: Mapping[str, Any],
-               context: TrialContext) -> None:
-        import mlflow.projects
-        import yaml
-        from mlflow.exceptions import ExecutionException
-
+    def trial_file_config(self, trial_cfg: Mapping[str, Any], link: Mapping[str, Any]) -> dict[str, Any]:
         config = {
-            **trial_cfg,
+            **super().trial_file_config(trial_cfg, link),
             # the container gets the server's URI from MLflow (MLFLOW_TRACKING_URI); no secret in the file
             "tracking": {**trial_cfg["tracking"], "uri": "${oc.env:MLFLOW_TRACKING_URI}"},
-            "trial": dict(link),
         }
         if self.data_path:
             config["data"] = {**config["data"], "path": self.data_path}
-        config_file = self.workdir / f"{name}.yaml"
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        config_file.chmod(0o644)
+        return config
+
+    def trial_output_dir(self, name: str) -> str:
+        return f"/tmp/{name}"  # inside the container: the trial folder is mounted read-only
+
+    def project_run(self, overrides: str, run_id: str, context: TrialContext) -> None:
+        import mlflow.projects
+        from mlflow.exceptions import ExecutionException
+
         container = f"mlops-tune-{run_id}"
         docker_args: dict[str, Any] = {"network": "host", "name": container}
-        if self.cfg.get("cpus") is not None:
-            docker_args["cpus"] = str(self.cfg["cpus"])
-        if self.cfg.get("memory") is not None:
-            docker_args["memory"] = str(self.cfg["memory"])
+        for key in ("cpus", "memory"):
+            if self.cfg.get(key) is not None:
+                docker_args[key] = str(self.cfg[key])
         env_file = self._env_file()
         if env_file:
             docker_args["env-file"] = env_file
-        overrides = f"--config-path {self.workdir} --config-name {name} hydra.run.dir=/tmp/{name}"
         try:
-            with _terminate_as_interrupt(), contextlib.suppress(ExecutionException):  # the run's tags tell
+            with _terminate_as_interrupt():
                 mlflow.projects.run(str(self._project_dir()), entry_point="train",
                                     parameters={"overrides": overrides}, docker_args=docker_args,
                                     run_id=run_id, experiment_id=context.experiment_id,
                                     synchronous=True, build_image=False)
+        except ExecutionException:  # the trial failed; its container is gone (--rm)
+            raise
         except BaseException:
             # interrupted: MLflow stops its `docker run` client, not the container
             subprocess.run(["docker", "rm", "--force", container], capture_output=True, check=False)
@@ -235,6 +235,31 @@ class DockerRunner(MlflowRunner):
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._proxy = None
         super().close()
+
+
+def container_tags() -> dict[str, str]:
+    """In a trial image (``MLOPS_TUNE_IMAGE_FAMILY`` set by the Dockerfiles): run tags saying
+    which image, which user, and the memory and CPU limits the trial ran under (cgroup v2
+    format: bytes or ``max``; ``QUOTA PERIOD`` in microseconds). Elsewhere: none."""
+    family = os.environ.get("MLOPS_TUNE_IMAGE_FAMILY")
+    if not family:
+        return {}
+
+    def read(*paths: str) -> str | None:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                return Path(path).read_text().strip()
+        return None
+
+    memory = read("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+    cpu = read("/sys/fs/cgroup/cpu.max")
+    if cpu is None:  # cgroup v1: quota and period in two files
+        quota, period = read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+        cpu = f"{'max' if quota == '-1' else quota} {period}" if quota and period else None
+    tags = {"mlops_tune.image": family, "mlops_tune.uid": str(os.getuid())}
+    tags.update({tag: value for tag, value in (("mlops_tune.memory_limit", memory), ("mlops_tune.cpu_quota", cpu))
+                 if value})
+    return tags
 
 
 @contextlib.contextmanager

@@ -80,17 +80,32 @@ class MlflowRunner(Runner):
     def launch(self, trial_cfg: Mapping[str, Any], name: str, run_id: str, link: Mapping[str, Any],
                context: TrialContext) -> None:
         """Run the ``train`` entry point as the Project run ``run_id`` and wait for it."""
-        import mlflow.projects
         import yaml
         from mlflow.exceptions import ExecutionException
 
-        (self.workdir / f"{name}.yaml").write_text(yaml.safe_dump({**trial_cfg, "trial": dict(link)},
-                                                                  sort_keys=False))
-        overrides = f"--config-path {self.workdir} --config-name {name} hydra.run.dir={self.workdir / name}"
+        config_file = self.workdir / f"{name}.yaml"
+        config_file.write_text(yaml.safe_dump(self.trial_file_config(trial_cfg, link), sort_keys=False))
+        config_file.chmod(0o644)
+        overrides = (f"--config-path {self.workdir} --config-name {name} "
+                     f"hydra.run.dir={self.trial_output_dir(name)}")
         with contextlib.suppress(ExecutionException):  # the run's tags say what happened
-            mlflow.projects.run(str(PROJECT_DIR), entry_point="train", parameters={"overrides": overrides},
-                                env_manager="local", run_id=run_id, experiment_id=context.experiment_id,
-                                synchronous=True)
+            self.project_run(overrides, run_id, context)
+
+    def trial_file_config(self, trial_cfg: Mapping[str, Any], link: Mapping[str, Any]) -> dict[str, Any]:
+        """The config the trial process reads: the trial's sections and its link to the study."""
+        return {**trial_cfg, "trial": dict(link)}
+
+    def trial_output_dir(self, name: str) -> str:
+        """Hydra's output folder, as the trial process sees it."""
+        return str(self.workdir / name)
+
+    def project_run(self, overrides: str, run_id: str, context: TrialContext) -> None:
+        """``mlflow.projects.run`` of the ``train`` entry point, synchronously."""
+        import mlflow.projects
+
+        mlflow.projects.run(str(PROJECT_DIR), entry_point="train", parameters={"overrides": overrides},
+                            env_manager="local", run_id=run_id, experiment_id=context.experiment_id,
+                            synchronous=True)
 
 
 def trial_process_link(link: Mapping[str, Any]) -> tuple[Any, Callable[[float], bool]]:
