@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,35 +32,54 @@ def journal_path(storage_url: str) -> str:
     return storage_url.split(":", 1)[1].removeprefix("//")
 
 
-def claim_ticket(storage_url: str, study: str, limit: int, owner: str) -> int | None:
-    """Claim the next free trial ticket below ``limit``, or None when the budget is spent.
+def claim_ticket(storage_url: str, study: str, limit: int, owner: str) -> tuple[str, str] | None:
+    """Claim a free trial ticket below ``limit``; None when all ``limit`` are held.
 
     Every trial a worker starts needs a ticket, so all workers together start at most
-    ``limit`` trials (``study.n_trials``), however their asks interleave.
+    ``limit`` trials (``study.n_trials``), however their asks interleave. Returns the
+    ticket's name and the unique value it holds, which :func:`release` needs: a trial that
+    did not train (the environment failed, the process was stopped) gives its ticket back.
     """
-    start = _count_tickets(storage_url, study)
-    for index in range(start, limit):
-        if claim(storage_url, study, f"ticket-{index}", owner) == owner:
-            return index
+    held = _held_tickets(storage_url, study)
+    for index in range(limit):
+        name = f"ticket-{index}"
+        if name in held:
+            continue
+        token = f"{owner}/{uuid.uuid4().hex[:12]}"
+        if claim(storage_url, study, name, token) == token:
+            return name, token
     return None
 
 
-def _count_tickets(storage_url: str, study: str) -> int:
+def _held_tickets(storage_url: str, study: str) -> set[str]:
     if storage_url.startswith("journal:"):
-        return 0  # the file lock makes claiming from 0 cheap enough
+        return {key.split("\t", 1)[1] for key in _read_file(_claims_file(storage_url))
+                if key.startswith(f"{study}\t") and "\tticket-" in key}
     import sqlalchemy as sa
 
     engine = _engine(storage_url)
     table = _table(engine)
     with engine.connect() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(
-            table.c.study == study, table.c.name.like("ticket-%"))).scalar_one())
+        return {str(row[0]) for row in conn.execute(sa.select(table.c.name).where(
+            table.c.study == study, table.c.name.like("ticket-%")))}
+
+
+def release(storage_url: str, study: str, name: str, value: str) -> bool:
+    """Give back claim ``name`` if it still holds ``value`` (so a later holder keeps theirs)."""
+    if storage_url.startswith("journal:"):
+        return _release_file(_claims_file(storage_url), study, name, value)
+    engine = _engine(storage_url)
+    table = _table(engine)
+    with engine.begin() as conn:
+        deleted = conn.execute(table.delete().where(
+            table.c.study == study, table.c.name == name, table.c.value == value))
+    return bool(deleted.rowcount)
 
 
 def claim(storage_url: str, study: str, name: str, value: str) -> str:
     """Claim ``name`` for ``study`` with ``value``; return the value that holds (the first one)."""
     if storage_url.startswith("journal:"):
-        return _claim_file(Path(journal_path(storage_url) + ".claims"), study, name, value)
+        return _claim_file(_claims_file(storage_url), study, name, value)
     return _claim_sql(storage_url, study, name, value)
 
 
@@ -109,20 +130,51 @@ def _claim_sql(url: str, study: str, name: str, value: str) -> str:
         return str(row[0])
 
 
-def _claim_file(path: Path, study: str, name: str, value: str) -> str:
+def _claims_file(storage_url: str) -> Path:
+    return Path(journal_path(storage_url) + ".claims")
+
+
+def _read_file(path: Path) -> dict[str, str]:
+    try:
+        return dict(json.loads(path.read_text() or "{}"))
+    except FileNotFoundError:
+        return {}
+
+
+@contextlib.contextmanager
+def _locked_claims(path: Path) -> Iterator[tuple[dict[str, str], Any]]:
+    """The claims of a journal study under an exclusive lock; the caller may change them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+", encoding="utf-8") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             handle.seek(0)
-            claims = json.loads(handle.read() or "{}")
-            key = f"{study}\t{name}"
-            if key not in claims:
-                claims[key] = value
-                handle.seek(0)
-                handle.truncate()
-                handle.write(json.dumps(claims))
-                handle.flush()
-            return str(claims[key])
+            yield json.loads(handle.read() or "{}"), handle
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write(handle: Any, claims: dict[str, str]) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps(claims))
+    handle.flush()
+
+
+def _claim_file(path: Path, study: str, name: str, value: str) -> str:
+    with _locked_claims(path) as (claims, handle):
+        key = f"{study}\t{name}"
+        if key not in claims:
+            claims[key] = value
+            _write(handle, claims)
+        return str(claims[key])
+
+
+def _release_file(path: Path, study: str, name: str, value: str) -> bool:
+    with _locked_claims(path) as (claims, handle):
+        key = f"{study}\t{name}"
+        if claims.get(key) != value:
+            return False
+        del claims[key]
+        _write(handle, claims)
+        return True

@@ -4,10 +4,14 @@ Hydra parses the command line (overrides, ``-m`` multirun, ``--config-path`` ...
 runs the task once per job. Hydra itself exits 1 on a config it cannot compose, and
 discards the task's return value; this wrapper restores the contract:
 
-* 0 success (gate met), 1 gate missed, 2 bad usage/config/data, 3 crash;
+* 0 success (gate met), 1 gate missed, 2 bad usage/config/data, 3 a crash or a failure of
+  the environment during the run, 130 / 143 stopped by SIGINT / SIGTERM;
 * a multirun exits with the worst code of its jobs (codes are collected through a
   file, so launchers that run jobs in other processes report too);
-* errors are one line on stderr, no traceback, for everything that is the user's doing.
+* errors are one line on stderr, no traceback, for everything that is the user's doing
+  and for failures of the environment (a store, a server, the disk);
+* a password in a URL on the command line is moved out of it before Hydra records the
+  command line (see ``mlops_tune.secrets``); a stopped job stops the whole multirun.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from mlops_tune.errors import EXIT_CRASH, EXIT_USAGE, StudyAborted, UsageError
+from mlops_tune import faults, secrets
+from mlops_tune.errors import EXIT_CRASH, EXIT_USAGE, EnvironmentFault, StudyAborted, UsageError
 
 CONF_DIR = Path(os.environ.get("MLOPS_TUNE_CONF", Path(__file__).resolve().parent.parent / "conf"))
 _CODES_ENV = "MLOPS_TUNE_EXIT_CODES_FILE"
@@ -75,24 +80,36 @@ def summarize_hydra_error(text: str) -> str:
     return summary
 
 
+class _StopAll(SystemExit):
+    """A job was stopped by a signal: no further job of a multirun starts."""
+
+
 def run_task(task: Task, cfg: Any, prog: str) -> int:
     """Run one job, mapping exceptions onto exit codes."""
     try:
         return task(cfg)
     except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        _say(prog, f"error: {exc}")
         return EXIT_USAGE
     except StudyAborted as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        _say(prog, f"error: {exc}")
         return EXIT_CRASH
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        return 130
+    except EnvironmentFault as exc:
+        _say(prog, f"error: {exc} (the environment failed, not the model: fix it and rerun; "
+                   "the trial in flight is not charged to the budget)")
+        return EXIT_CRASH
+    except KeyboardInterrupt as exc:
+        _say(prog, f"{exc if isinstance(exc, faults.Stopped) else 'interrupted'}: MLflow runs closed as "
+                   "KILLED; a study's trial in flight runs again on the next start")
+        return faults.signal_exit_code(exc)
     except Exception:
         traceback.print_exc()
-        print(f"{prog}: crashed (a bug or an environment problem; the traceback is above)",
-              file=sys.stderr, flush=True)
+        _say(prog, "crashed (a bug or an environment problem; the traceback is above)")
         return EXIT_CRASH
+
+
+def _say(prog: str, text: str) -> None:
+    print(f"{prog}: {secrets.redact_text(text)}", file=sys.stderr, flush=True)
 
 
 _held: _HeldStderr | None = None
@@ -106,17 +123,43 @@ def record_job(task: Task, cfg: Any, prog: str) -> int:
     """
     if _held is not None:
         _held.release()
+    _redact_saved_configs()
     code = run_task(task, cfg, prog)
     codes_path = os.environ.get(_CODES_ENV)
     if codes_path:
         with open(codes_path, "a", encoding="utf-8") as codes:
             codes.write(f"{code}\n")
+    if code in (130, 143):
+        raise _StopAll(code)
     return code
+
+
+def _redact_saved_configs() -> None:
+    """Mask URL passwords that reached Hydra's saved configs from config files or the environment."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except Exception:  # not under Hydra
+        return
+    output = Path(hydra_cfg.runtime.output_dir)
+    secrets.redact_files(output / str(hydra_cfg.output_subdir or ".hydra"),
+                         ("config.yaml", "hydra.yaml", "overrides.yaml"))
+    if str(hydra_cfg.mode) == "RunMode.MULTIRUN":
+        secrets.redact_files(Path(hydra_cfg.sweep.dir), ("multirun.yaml",))
 
 
 def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
     """Run ``job`` under Hydra with ``config_name`` from ``conf/``; exit with the contract's code."""
-    import hydra
+    faults.install_signal_handlers()
+    # before Hydra saves the command line in overrides.yaml / hydra.yaml
+    sys.argv = [secrets.move_credentials(arg) for arg in sys.argv]
+    secrets.guard_streams()
+    try:
+        import hydra
+    except KeyboardInterrupt as exc:
+        _say(prog, str(exc) or "interrupted")
+        sys.exit(faults.signal_exit_code(exc))
 
     global _held
     fd, codes_path = tempfile.mkstemp(prefix="mlops-tune-codes-")
@@ -125,8 +168,15 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
     _held = held = _HeldStderr(sys.stderr)
     sys.stderr = held  # type: ignore[assignment]
     hydra_failed = False
+    stopped: int | None = None
     try:
         hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(job)()
+    except _StopAll as exc:
+        stopped = int(exc.code or 143)
+    except KeyboardInterrupt as exc:  # before or between jobs
+        held.release()
+        _say(prog, str(exc) or "interrupted")
+        stopped = faults.signal_exit_code(exc)
     except SystemExit as exc:
         hydra_failed = exc.code not in (0, None)
     finally:
@@ -135,9 +185,11 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
         os.environ.pop(_CODES_ENV, None)
     codes = [int(line) for line in Path(codes_path).read_text().split()]
     os.unlink(codes_path)
+    if stopped is not None:
+        sys.exit(stopped)
     if hydra_failed:
         if not held.passing:
-            print(f"{prog}: error: {summarize_hydra_error(''.join(held.held))}", file=sys.stderr)
+            _say(prog, f"error: {summarize_hydra_error(''.join(held.held))}")
         codes.append(EXIT_USAGE)
     else:
         held.release()

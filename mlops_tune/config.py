@@ -48,13 +48,14 @@ def to_plain(cfg: Any) -> dict[str, Any]:
     except InterpolationResolutionError as exc:
         raise UsageError(f"{getattr(exc, 'full_key', 'config')}: {str(exc).splitlines()[0]}") from None
     assert isinstance(plain, dict)
+    from mlops_tune.secrets import move_credentials
     from mlops_tune.tracking import absolute_sqlite
 
-    # relative SQLite files mean "in the working folder", for trial processes elsewhere too
-    if isinstance(plain.get("tracking"), dict) and isinstance(plain["tracking"].get("uri"), str):
-        plain["tracking"]["uri"] = absolute_sqlite(plain["tracking"]["uri"])
-    if isinstance(plain.get("study"), dict) and isinstance(plain["study"].get("storage"), str):
-        plain["study"]["storage"] = absolute_sqlite(plain["study"]["storage"])
+    # relative SQLite files mean "in the working folder", for trial processes elsewhere too;
+    # a password (from a config file or an ${oc.env:...}) goes where the libraries read it
+    for section, key in (("tracking", "uri"), ("study", "storage")):
+        if isinstance(plain.get(section), dict) and isinstance(plain[section].get(key), str):
+            plain[section][key] = absolute_sqlite(move_credentials(plain[section][key]))
     return plain
 
 

@@ -1,4 +1,4 @@
-"""Errors that map onto the public exit codes (see DESIGN.md)."""
+"""Errors that map onto the public exit codes (see the README's exit-code table)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,20 @@ class UsageError(Exception):
 
 class StudyAborted(Exception):
     """A study stopped because too many trials failed in a row: exit code 3."""
+
+
+class EnvironmentFault(Exception):
+    """What the study stands on failed while it ran (exit code 3, one line).
+
+    ``component`` is ``tracking`` (MLflow store or server), ``storage`` (Optuna storage),
+    ``disk`` or ``registry``; the message names it and, where known, the file or URL.
+    The trial in flight is not charged to the budget (see ``mlops_tune.faults``).
+    """
+
+    def __init__(self, component: str, message: str) -> None:
+        super().__init__(message)
+        self.component = component
+
+
+class TrialFailed(Exception):
+    """The model of one trial failed (not the environment): the trial is FAIL, the study goes on."""

@@ -14,33 +14,21 @@ verdict for an exit code (``SUCCESS``, ``UNSTABLE: ...`` naming the studies that
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import os
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
+from mlops_tune.locks import exclusive
+
 SUITE = "mlops-tune gate"
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def record(path: str | os.PathLike[str], study: str, model: str, seconds: float, *,
            failure: str | None = None, error: str | None = None) -> None:
     """Add (or replace) the test case of ``study`` in the JUnit file at ``path``."""
     file = Path(path)
-    with _locked(file):
+    with exclusive(f"{file}.lock"):
         suite = _read(file)
         for old in suite.findall(f"testcase[@name='{study}']"):
             suite.remove(old)

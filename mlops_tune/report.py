@@ -69,7 +69,9 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapse
     elif trial.user_attrs.get("parent_trial") == "none":
         origin = "  (base model)"
     error = ""
-    if trial.state == TrialState.FAIL and "error" in trial.user_attrs:
+    if trial.state == TrialState.FAIL and "not_charged" in trial.user_attrs:
+        error = f"  not charged to the budget: {trial.user_attrs['not_charged']}"
+    elif trial.state == TrialState.FAIL and "error" in trial.user_attrs:
         error = f"  error: {trial.user_attrs['error']}"
     mark = " *gate*" if trial.value is not None and trial.value >= threshold else ""
     print(

@@ -17,25 +17,46 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import claims, report, tracking
+from mlops_tune import claims, faults, locks, report, tracking
 from mlops_tune.data import Splits, load_splits
-from mlops_tune.errors import StudyAborted, UsageError
+from mlops_tune.errors import StudyAborted, TrialFailed, UsageError
 from mlops_tune.families import get_family
 from mlops_tune.mutate import ATTR_MUTATIONS, ATTR_PARENT, MutationSampler
 from mlops_tune.runners import Runner, TrialContext, get_runner
 from mlops_tune.search import SearchSpace
+from mlops_tune.secrets import redact_text
 from mlops_tune.trial import trial_config
 
 ATTR_PARENT_RUN = "mlflow_parent_run_id"
 ATTR_RUN = "mlflow_run_id"
 ATTR_MODEL_URI = "model_uri"
 ATTR_ERROR = "error"
+#: the trial ticket (``claims``) a trial holds: ``name value``
+ATTR_TICKET = "ticket"
+#: why a trial did not train (the environment failed, the process was stopped): not charged
+ATTR_NOT_CHARGED = "not_charged"
+#: the number of the trial a retried trial repeats
+ATTR_RETRY_OF = "retry_of"
+
+
+def judged(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` really trained and was judged: it counts against ``study.n_trials``.
+
+    COMPLETE and PRUNED trials were; a FAIL trial was only when its model failed (the error
+    is recorded). A trial failed by a dead worker's stale heartbeat, a failing environment
+    or a signal was not: its ticket goes back to the budget and it runs again.
+    """
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and ATTR_ERROR in trial.user_attrs \
+        and ATTR_NOT_CHARGED not in trial.user_attrs
 
 
 @dataclass(frozen=True)
@@ -70,17 +91,29 @@ def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
         UsageError: the storage cannot be opened (the message names the host, not the password).
     """
     url = str(study_cfg["storage"])
+    _check_writable(url)
     try:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
             return JournalStorage(JournalFileBackend(claims.journal_path(url)))
-        return _open_rdb(url, study_cfg)
+        with locks.sqlite_schema(url):  # processes starting together on a new file
+            return _open_rdb(url, study_cfg)
     except Exception as exc:
         host = urlsplit(url).hostname or url.split("://", 1)[-1].split("?")[0]
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"study.storage: cannot open the Optuna storage at {tracking.redact(host)} "
                          f"({tracking.redact(reason)})") from None
+
+
+def _check_writable(url: str) -> None:
+    """A SQLite or journal file must be writable before the study starts (else exit 2)."""
+    path = locks.sqlite_path(url) or (Path(claims.journal_path(url)).absolute() if url.startswith("journal:") else None)
+    if path is None or not path.parent.is_dir():
+        return
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise UsageError(f"study.storage: {path} is read-only (read-only file system or no write "
+                         "permission); point study.storage at a writable file")
 
 
 def _open_rdb(url: str, study_cfg: Mapping[str, Any], attempts: int = 4) -> optuna.storages.RDBStorage:
@@ -160,6 +193,8 @@ class Study:
         self.cfg = cfg
         self.name = str(cfg["study"]["name"])
         self.threshold = float(cfg["gate"]["threshold"])
+        if cfg["registry"]["promote"]:
+            tracking.check_registry_name(cfg["registry"]["name"])
         self.space = SearchSpace.from_config((cfg.get("search") or {}).get("space"), cfg)
         self.family = get_family(cfg["model"]["family"])
         self.sampler = make_sampler(cfg["study"], self.space, int(cfg["seed"]))
@@ -169,7 +204,13 @@ class Study:
         self.consecutive_failures = 0
         self.last_error = ""
         self.storage_url = str(cfg["study"]["storage"])
+        self.tracking_uri = str(cfg["tracking"]["uri"])
+        # stores that cannot be written are bad set-ups (exit 2), found before anything is created
+        tracking.check_reachable(self.tracking_uri)
+        _check_writable(self.storage_url)
         self.claim_key = self.name
+        #: the ticket held for the trial about to start (name, value), until the trial has it
+        self.ticket: tuple[str, str] | None = None
         #: identifies this process among the workers of a study (claims, logs)
         self.worker = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.runner: Runner = get_runner(cfg["runner"])
@@ -181,14 +222,16 @@ class Study:
 
     # -------------------------------------------------------------- lifecycle
     def run(self) -> StudyResult:
+        """Run the study. Raises :class:`EnvironmentFault` when a store or the disk fails meanwhile."""
         try:
-            return self._run()
+            storage = make_storage(self.cfg["study"])
+            experiment_id = tracking.connect(self.tracking_uri, self.cfg["tracking"]["experiment"])
+            with faults.classified(tracking_uri=self.tracking_uri, storage_url=self.storage_url):
+                return self._run(storage, experiment_id)
         finally:
             self.runner.close()
 
-    def _run(self) -> StudyResult:
-        storage = make_storage(self.cfg["study"])
-        experiment_id = tracking.connect(self.cfg["tracking"]["uri"], self.cfg["tracking"]["experiment"])
+    def _run(self, storage: optuna.storages.BaseStorage, experiment_id: str) -> StudyResult:
         study = optuna.create_study(
             study_name=self.name, storage=storage, direction="maximize",
             sampler=self.sampler, pruner=self.pruner, load_if_exists=True,
@@ -265,12 +308,22 @@ class Study:
                                    f"(last error: {self.last_error})")
             if timeout is not None and time.perf_counter() - started >= timeout:
                 break
-            if claims.claim_ticket(self.storage_url, self.claim_key, n_total, self.worker) is None:
+            self.ticket = claims.claim_ticket(self.storage_url, self.claim_key, n_total, self.worker)
+            if self.ticket is None:
                 break  # study.n_trials trials have been started, by this worker or others
-            study.optimize(objective, n_trials=1, callbacks=[after_trial], catch=(Exception,),
-                           gc_after_trial=False)
+            try:
+                study.optimize(objective, n_trials=1, callbacks=[after_trial], catch=(TrialFailed,),
+                               gc_after_trial=False)
+            finally:
+                if self.ticket is not None:  # no trial took it (stopped or failed before the trial began)
+                    self._release(*self.ticket)
+                    self.ticket = None
 
     def _run_trial(self, trial: optuna.Trial, context: TrialContext) -> float:
+        """The objective: run one trial; judge a failure as the model's or the environment's."""
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            trial.set_user_attr(ATTR_TICKET, " ".join(ticket))
         point = self.space.suggest(trial)
         trial_cfg = trial_config(self.space.apply(self.cfg, point))
         attrs = trial.study._storage.get_trial_user_attrs(trial._trial_id)
@@ -284,10 +337,17 @@ class Study:
             outcome = self.runner.run(trial_cfg, trial, context, {k: v for k, v in tags.items() if v})
         except optuna.TrialPruned:
             raise
-        except Exception as exc:
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            trial.set_user_attr(ATTR_ERROR, f"{type(exc).__name__}: {first_line}"[:500])
+        except KeyboardInterrupt as exc:
+            self._give_back(trial, attrs, str(exc) or "interrupted")
             raise
+        except Exception as exc:
+            fault = faults.classify(exc, tracking_uri=self.tracking_uri, storage_url=self.storage_url)
+            if fault is not None:
+                self._give_back(trial, attrs, str(fault))
+                raise fault from exc
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            trial.set_user_attr(ATTR_ERROR, redact_text(f"{type(exc).__name__}: {first_line}")[:500])
+            raise TrialFailed(first_line) from exc
         trial.set_user_attr("seconds", round(outcome.seconds, 3))
         trial.set_user_attr("fit_seconds", round(outcome.fit_seconds, 3))
         trial.set_user_attr("evaluate_seconds", round(outcome.evaluate_seconds, 3))
@@ -295,32 +355,57 @@ class Study:
             trial.set_user_attr(ATTR_MODEL_URI, outcome.model_uri)
         return outcome.val_accuracy
 
+    def _give_back(self, trial: optuna.Trial, attrs: Mapping[str, Any], reason: str) -> None:
+        """A trial that did not train: not charged, and queued to run again (best effort: the
+        storage may be what failed; then the next start does it from the stale heartbeat)."""
+        with contextlib.suppress(Exception):
+            trial.set_user_attr(ATTR_NOT_CHARGED, redact_text(reason)[:500])
+            self._release_trial_ticket(str(attrs.get(ATTR_TICKET, "")))
+            retry_attrs = {k: v for k, v in attrs.items() if k in (ATTR_PARENT, ATTR_MUTATIONS)}
+            trial.study.enqueue_trial(dict(trial.params), user_attrs={**retry_attrs, ATTR_RETRY_OF: trial.number},
+                                      skip_if_exists=False)
+
+    def _release_trial_ticket(self, ticket: str) -> None:
+        name, _, value = ticket.partition(" ")
+        if name and value:
+            self._release(name, value)
+
+    def _release(self, name: str, value: str) -> None:
+        with contextlib.suppress(Exception):
+            claims.release(self.storage_url, self.claim_key, name, value)
+
     def _gate_met(self, study: optuna.Study) -> bool:
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         return any(t.value is not None and t.value >= self.threshold for t in done)
 
     def _reconcile(self, study: optuna.Study, experiment_id: str, parent_run_id: str) -> None:
-        """Fail trials of dead workers (stale heartbeat) and close their MLflow runs."""
+        """Fail trials of dead workers (stale heartbeat), give their tickets back, close their runs."""
         with contextlib.suppress(Exception):
             optuna.storages.fail_stale_trials(study)
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        trials = study.get_trials(deepcopy=False)
+        for trial in trials:
+            if trial.state == TrialState.FAIL and not judged(trial) and ATTR_TICKET in trial.user_attrs:
+                self._release_trial_ticket(str(trial.user_attrs[ATTR_TICKET]))
+        running = [t for t in trials if t.state == TrialState.RUNNING]
         live = {str(t.user_attrs[ATTR_RUN]) for t in running if ATTR_RUN in t.user_attrs}
         closed = tracking.close_orphan_runs(experiment_id, parent_run_id, live)
         if closed:
-            print(f"closed {len(closed)} MLflow run(s) left RUNNING by a dead worker", flush=True)
+            print(f"closed {len(closed)} MLflow run(s) left RUNNING by a dead worker or a failed store",
+                  flush=True)
 
     # -------------------------------------------------------------- the end of a study
     def _finish(self, study: optuna.Study, parent_run_id: str) -> StudyResult:
         trials = study.get_trials(deepcopy=False)
+        n_judged = sum(judged(t) for t in trials)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         best = max(done, key=lambda t: t.value or 0.0, default=None)
         passed = best is not None and best.value is not None and best.value >= self.threshold
         result = StudyResult(
             study_name=self.name, gate_passed=passed, best_value=best.value if best else None,
-            best_trial=best.number if best else None, test_accuracy=None, n_trials=len(trials),
+            best_trial=best.number if best else None, test_accuracy=None, n_trials=n_judged,
             threshold=self.threshold, parent_run_id=parent_run_id,
         )
-        metrics: dict[str, float] = {"n_trials": float(len(trials))}
+        metrics: dict[str, float] = {"n_trials": float(n_judged)}
         best_cfg = None
         if best is not None:
             best_cfg = trial_config(self.space.apply(self.cfg, self.space.decode(best.params)))
@@ -341,7 +426,11 @@ class Study:
         if passed and self.cfg["registry"]["promote"] and best is not None:
             # exactly one promotion per study, however many workers finish at once
             if claims.claim(self.storage_url, self.claim_key, "promotion", self.worker) == self.worker:
-                result = self._promote(best, result)
+                try:
+                    result = self._promote(best, result)
+                except BaseException:  # a failed promotion must not use up the study's claim
+                    self._release("promotion", self.worker)
+                    raise
             else:
                 print("registry: the study's model was already promoted (by another worker or an earlier run)",
                       flush=True)
@@ -358,7 +447,7 @@ class Study:
             "study": self.name, "trial": str(best.number), "val_accuracy": f"{best.value:.6f}",
         })
         current = tracking.champion_test_accuracy(name)
-        champion = current is None or result.test_accuracy > current
+        champion = tracking.beats(result.test_accuracy, current)
         if champion:
             tracking.set_champion(name, version)
             print(f"registry: {name} version {version} is now '{tracking.CHAMPION_ALIAS}' "

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from mlops_tune import locks
 from mlops_tune.errors import UsageError
+from mlops_tune.faults import classify
+from mlops_tune.secrets import redact, redact_config, redact_text
+
+__all__ = ["redact", "redact_config"]  # re-exported: callers print and log through tracking
 
 TAG_STUDY = "mlops_tune.study"
 TAG_GATE = "mlops_tune.gate"
@@ -32,24 +37,13 @@ TAG_FAMILY = "mlops_tune.family"
 TAG_PARENT_TRIAL = "mlops_tune.parent_trial"
 TAG_MUTATIONS = "mlops_tune.mutations"
 TAG_MODEL_URI = "mlops_tune.model_uri"
+#: ``environment`` on a run that ended because the environment failed, not the model
+TAG_FAULT = "mlops_tune.fault"
+#: test accuracies are stored and compared at this many decimals
+ACCURACY_DECIMALS = 6
 CHAMPION_ALIAS = "champion"
 
 _log = logging.getLogger(__name__)
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to print or log)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def absolute_sqlite(uri: str) -> str:
@@ -69,11 +63,12 @@ def connect(uri: str, experiment: str) -> str:
     """Point MLflow at ``uri`` and return the id of ``experiment`` (created if needed).
 
     Raises:
-        UsageError: the store cannot be opened or the server does not answer.
+        UsageError: the store cannot be opened, written or reached.
     """
     import mlflow
 
     quiet_libraries()
+    configure_http()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     project_run = os.environ.get("MLFLOW_RUN_ID")
@@ -86,13 +81,51 @@ def connect(uri: str, experiment: str) -> str:
             raise UsageError(f"MLFLOW_RUN_ID: run {project_run} not found at {redact(uri)} "
                              f"({_one_line(exc)})") from None
     try:
-        return str(mlflow.set_experiment(experiment).experiment_id)
+        # processes starting together on a new SQLite file would race to create its schema
+        with locks.sqlite_schema(uri):
+            experiment_id = _set_experiment(experiment)
     except Exception as exc:
         raise UsageError(f"tracking.uri: cannot open {redact(uri)} ({_one_line(exc)})") from None
+    _check_artifact_folder(experiment_id)
+    return experiment_id
+
+
+def _set_experiment(name: str, attempts: int = 3) -> str:
+    """``mlflow.set_experiment``; a concurrent creator of the same experiment is not an error."""
+    import mlflow
+
+    for attempt in range(attempts):
+        try:
+            return str(mlflow.set_experiment(name).experiment_id)
+        except Exception as exc:
+            raced = "RESOURCE_ALREADY_EXISTS" in str(exc) or "already exists" in str(exc)
+            if not raced or attempt == attempts - 1:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("attempts must be >= 1")
+
+
+def _check_artifact_folder(experiment_id: str) -> None:
+    """A local artifact folder must be writable before the first run exists."""
+    import mlflow
+
+    location = mlflow.MlflowClient().get_experiment(experiment_id).artifact_location
+    parts = urlsplit(location)
+    if parts.scheme not in ("", "file"):
+        return
+    folder = Path(parts.path if parts.scheme else location)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise UsageError(f"tracking.uri: the artifact folder {folder} is not writable "
+                         f"({'read-only file system or ' if existing.is_dir() else ''}no permission)")
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter (INFO logs, experimental-API warnings) out of the progress output."""
+    """Keep library chatter (INFO logs, experimental-API warnings, retry noise) out of the output.
+
+    Failures are reported by mlops-tune itself, in one line; the libraries' own error logs
+    would add a traceback per failed call (and may quote a URL).
+    """
     import warnings
 
     # MLflow prints a "View run" link per run for HTTP stores: noise per trial, and the URL
@@ -106,39 +139,61 @@ def quiet_libraries() -> None:
     logging.getLogger("mlflow.sklearn").setLevel(logging.ERROR)
     # images without git (the trial containers): the run simply has no git tags
     logging.getLogger("mlflow.utils.git_utils").setLevel(logging.ERROR)
+    # a traceback per failed store call, and urllib3's retry lines: we report the fault once
+    for name in ("mlflow.store.db.utils", "mlflow.utils.rest_utils", "mlflow.tracking.fluent",
+                 "urllib3.connectionpool", "sqlalchemy.pool"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Optuna logs every failed trial with its traceback; our trial line says it in one line
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     except ImportError:  # pragma: no cover - optuna is a core dependency
         pass
 
 
 def check_reachable(uri: str) -> None:
-    """Raise :class:`UsageError` when ``uri`` is an HTTP(S) server that does not answer."""
+    """Raise :class:`UsageError` when ``uri`` is a server that does not answer or a store that
+    cannot be written (a read-only SQLite file or folder)."""
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https"):
-        host = parts.hostname or ""
-        netloc = f"[{host}]" if ":" in host else host
-        if parts.port:
-            netloc += f":{parts.port}"
-        request = urllib.request.Request(f"{urlunsplit(parts._replace(netloc=netloc)).rstrip('/')}/health")
-        if parts.username is not None:  # user:password@ in the URI: send it as basic auth, like MLflow
-            token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=5):
-                pass
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise UsageError(f"tracking.uri: cannot reach the MLflow server at {redact(uri)} ({reason})") from None
+        _check_server(uri)
     elif parts.scheme == "sqlite":
-        path = uri.split(":///", 1)[-1]
-        if path and path != ":memory:" and not Path(path).expanduser().absolute().parent.is_dir():
+        path = locks.sqlite_path(uri)
+        if path is None:
+            return
+        if not path.parent.is_dir():
             raise UsageError(f"tracking.uri: folder of the SQLite file does not exist: {redact(uri)}")
+        writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK)
+        if not writable:
+            raise UsageError(f"tracking.uri: the SQLite file {path} is read-only (read-only file system "
+                             "or no write permission); point tracking.uri at a writable file")
     elif parts.scheme not in ("", "file", "postgresql", "mysql", "mssql", "databricks") and "+" not in parts.scheme:
         raise UsageError(f"tracking.uri: unsupported scheme '{parts.scheme}' in {redact(uri)}")
+
+
+def _check_server(uri: str) -> None:
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    request = urllib.request.Request(f"{urlunsplit(parts._replace(netloc=netloc)).rstrip('/')}/health")
+    # basic auth as MLflow sends it: from the environment (where a password in the URI is moved)
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if parts.username is not None:
+        user, password = parts.username, parts.password or ""
+    if user is not None and password is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UsageError(f"tracking.uri: cannot reach the MLflow server at {redact(uri)} "
+                         f"({redact_text(str(reason))})") from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -185,13 +240,36 @@ def run(
         yield active.info.run_id
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        fault = classify(exc) if isinstance(exc, Exception) else None
+        if fault is not None and fault.component == "tracking":
+            fail_fast()  # the store is gone: one try per closing call, not minutes of retries
+        tags = {TAG_ERROR: redact_text(_one_line(exc) if str(exc) else type(exc).__name__)}
+        if fault is not None:
+            tags[TAG_FAULT] = "environment"
         with contextlib.suppress(Exception):
-            mlflow.set_tag(TAG_ERROR, _one_line(exc) if str(exc) else type(exc).__name__)
-            mlflow.log_text("".join(traceback.format_exception(exc)), "error.txt")
-        mlflow.end_run(status)
+            mlflow.set_tags(tags)
+            if fault is None:  # a full disk or a dead server would fail this too
+                mlflow.log_text(redact_text("".join(traceback.format_exception(exc))), "error.txt")
+        with contextlib.suppress(Exception):  # MLflow pops the run first: nothing stays active
+            mlflow.end_run(status)
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def configure_http() -> None:
+    """MLflow's HTTP retries: ride out a server restart of ~15 s, give up after about half a minute.
+
+    MLflow's own default (7 retries, backoff up to 2 minutes) keeps a study waiting for
+    minutes on a dead server. Both variables keep the user's value when set.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def fail_fast() -> None:
+    """No more HTTP retries in this process: the tracking server is known to be gone."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
 
 
 def create_run(experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
@@ -253,15 +331,6 @@ def log_config(cfg: Mapping[str, Any], artifact: str = "config.yaml") -> None:
     mlflow.log_text(yaml.safe_dump(redact_config(cfg), sort_keys=False), artifact)
 
 
-def redact_config(value: Any) -> Any:
-    """A copy of a plain config with every URL password replaced by ``***``."""
-    if isinstance(value, Mapping):
-        return {key: redact_config(sub) for key, sub in value.items()}
-    if isinstance(value, list):
-        return [redact_config(sub) for sub in value]
-    return redact(value) if isinstance(value, str) and "://" in value else value
-
-
 def close_orphan_runs(experiment_id: str, parent_run_id: str, live_run_ids: set[str]) -> list[str]:
     """Mark KILLED every RUNNING child run of ``parent_run_id`` not in ``live_run_ids``.
 
@@ -293,10 +362,27 @@ def champion_test_accuracy(registry_name: str) -> float | None:
     client = mlflow.MlflowClient()
     try:
         version = client.get_model_version_by_alias(registry_name, CHAMPION_ALIAS)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            return None
+        raise
     value = version.tags.get("test_accuracy")
     return float(value) if value is not None else -math.inf
+
+
+def beats(candidate: float, current: float | None) -> bool:
+    """Whether ``candidate`` strictly beats ``current``, both at the stored precision (a tie does not)."""
+    return current is None or round(candidate, ACCURACY_DECIMALS) > round(current, ACCURACY_DECIMALS)
+
+
+def check_registry_name(name: str) -> None:
+    """MLflow's rules for a registered model name, checked before anything runs."""
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError("registry.name: must be a non-empty name")
+    bad = [c for c in ("/", ":") if c in name]
+    if bad or name in (".", "..") or name != name.strip():
+        raise UsageError(f"registry.name: '{name}' is not a valid MLflow model name "
+                         "(no '/', ':' or surrounding spaces; not '.' or '..')")
 
 
 def register(model_uri: str, registry_name: str, test_accuracy: float, tags: Mapping[str, str]) -> str:
@@ -304,7 +390,7 @@ def register(model_uri: str, registry_name: str, test_accuracy: float, tags: Map
     import mlflow
 
     version = mlflow.register_model(
-        model_uri, registry_name, tags={"test_accuracy": f"{test_accuracy:.6f}", **tags},
+        model_uri, registry_name, tags={"test_accuracy": f"{test_accuracy:.{ACCURACY_DECIMALS}f}", **tags},
     )
     return str(version.version)
 

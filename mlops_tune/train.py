@@ -20,7 +20,7 @@ PROG = "mlops-train"
 
 def train(cfg: Any) -> int:
     """The ``mlops-train`` task: validate, load the data, run one tracked trial, print a summary."""
-    from mlops_tune import tracking
+    from mlops_tune import faults, tracking
     from mlops_tune.config import to_plain, validate_train
     from mlops_tune.data import load_splits
     from mlops_tune.trial import run_trial
@@ -28,11 +28,14 @@ def train(cfg: Any) -> int:
     plain = to_plain(cfg)
     validate_train(plain)
     splits = load_splits(plain["data"], plain["seed"])
-    experiment_id = tracking.connect(plain["tracking"]["uri"], plain["tracking"]["experiment"])
+    uri = plain["tracking"]["uri"]
+    experiment_id = tracking.connect(uri, plain["tracking"]["experiment"])
     model, data = plain["model"]["name"], plain["data"]["name"]
-    if plain.get("trial"):  # a study's trial in its own process (runner=mlflow|docker)
-        return _study_trial(plain, experiment_id, splits)
-    outcome = run_trial(plain, experiment_id=experiment_id, splits=splits)
+    storage = str((plain.get("trial") or {}).get("storage", ""))
+    with faults.classified(tracking_uri=uri, storage_url=storage):
+        if plain.get("trial"):  # a study's trial in its own process (runner=mlflow|docker)
+            return _study_trial(plain, experiment_id, splits)
+        outcome = run_trial(plain, experiment_id=experiment_id, splits=splits)
     print(
         f"{PROG}: {model} on {data}: val_accuracy={outcome.val_accuracy:.4f} "
         f"test_accuracy={outcome.test_accuracy:.4f} ({outcome.epochs} epochs, "

@@ -1,7 +1,9 @@
 """``mlops-tune``: run ONE study of mutations of the base model until the gate is met.
 
-Exit codes: 0 gate met, 1 budget spent without reaching ``gate.threshold``, 2 bad
-usage/config/data, 3 crash (including a study stopped by ``study.max_consecutive_failures``).
+Exit codes: 0 gate met, 1 budget spent on trials that trained without reaching
+``gate.threshold``, 2 bad usage/config/data or an environment unusable from the start,
+3 a crash or a failure of the environment during the study (including a study stopped by
+``study.max_consecutive_failures``), 130 / 143 stopped by SIGINT / SIGTERM.
 ``mlops-tune -m model=ann,cnn,knn`` runs one study per model; it exits with the worst code.
 """
 
@@ -13,7 +15,7 @@ from typing import Any
 
 from mlops_tune import junit
 from mlops_tune.cli import hydra_main, record_job
-from mlops_tune.errors import EXIT_GATE_MISSED, EXIT_OK, StudyAborted, UsageError
+from mlops_tune.errors import EXIT_GATE_MISSED, EXIT_OK, EnvironmentFault, StudyAborted, UsageError
 
 PROG = "mlops-tune"
 
@@ -21,6 +23,7 @@ PROG = "mlops-tune"
 def tune(cfg: Any) -> int:
     """The ``mlops-tune`` task: validate, run the study, write the best config next to the logs."""
     from mlops_tune.config import to_plain, validate_tune
+    from mlops_tune.secrets import redact_text
     from mlops_tune.study import Study
     from mlops_tune.tracking import quiet_libraries
 
@@ -31,10 +34,10 @@ def tune(cfg: Any) -> int:
     junit_path = (plain.get("report") or {}).get("junit")
     try:
         result = Study(plain).run()
-    except (StudyAborted, UsageError) as exc:
+    except (StudyAborted, UsageError, EnvironmentFault, KeyboardInterrupt) as exc:
         if junit_path:
             junit.record(junit_path, plain["study"]["name"], plain["model"]["name"],
-                         time.perf_counter() - started, error=str(exc))
+                         time.perf_counter() - started, error=redact_text(str(exc) or "interrupted"))
         raise
     _write_outputs(result)
     if junit_path:
@@ -51,7 +54,7 @@ def _write_outputs(result: Any) -> None:
     Hydra's output folder, where CI archives them."""
     import yaml
 
-    from mlops_tune.tracking import redact_config
+    from mlops_tune.secrets import redact_config
 
     try:
         from hydra.core.hydra_config import HydraConfig

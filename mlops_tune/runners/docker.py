@@ -28,11 +28,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import subprocess
-import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -169,15 +167,15 @@ class DockerRunner(MlflowRunner):
         if env_file:
             docker_args["env-file"] = env_file
         try:
-            with _terminate_as_interrupt():
-                mlflow.projects.run(str(self._project_dir()), entry_point="train",
-                                    parameters={"overrides": overrides}, docker_args=docker_args,
-                                    run_id=run_id, experiment_id=context.experiment_id,
-                                    synchronous=True, build_image=False)
+            mlflow.projects.run(str(self._project_dir()), entry_point="train",
+                                parameters={"overrides": overrides}, docker_args=docker_args,
+                                run_id=run_id, experiment_id=context.experiment_id,
+                                synchronous=True, build_image=False)
         except ExecutionException:  # the trial failed; its container is gone (--rm)
             raise
         except BaseException:
-            # interrupted: MLflow stops its `docker run` client, not the container
+            # interrupted (Ctrl-C, or SIGTERM: mlops_tune.faults turns it into the same):
+            # MLflow stops its `docker run` client, not the container
             subprocess.run(["docker", "rm", "--force", container], capture_output=True, check=False)
             raise
 
@@ -260,24 +258,6 @@ def container_tags() -> dict[str, str]:
     tags.update({tag: value for tag, value in (("mlops_tune.memory_limit", memory), ("mlops_tune.cpu_quota", cpu))
                  if value})
     return tags
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """While a trial container runs, SIGTERM (a CI abort, ``kill``) interrupts like Ctrl-C,
-    so that the container is removed and the runs end KILLED instead of running on."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def grpc_storage(url: str) -> Any:

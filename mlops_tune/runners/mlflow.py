@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops_tune import tracking
+from mlops_tune.errors import EnvironmentFault
 from mlops_tune.runners._base import Runner, TrialContext
 from mlops_tune.trial import TrialOutcome
 
@@ -53,13 +54,20 @@ class MlflowRunner(Runner):
         trial.set_user_attr("mlflow_run_id", run_id)
         link = {"storage": self.storage_for_trial(context), "study": trial.study.study_name,
                 "trial_id": trial._trial_id, "pruner": context.pruner, "log_model_above": context.best_value()}
-        self.launch(trial_cfg, name, run_id, link, context)
+        try:
+            self.launch(trial_cfg, name, run_id, link, context)
+        except KeyboardInterrupt:  # MLflow cancels the process and marks the run FAILED: it was stopped
+            with contextlib.suppress(Exception):
+                mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+            raise
         run = mlflow.MlflowClient().get_run(run_id)
         state = run.data.tags.get(tracking.TAG_STATE)
         if state == "PRUNED":
             raise optuna.TrialPruned(f"pruned in its trial process (run {run_id})")
         if state != "COMPLETE" or run.info.status != "FINISHED":
             error = run.data.tags.get(tracking.TAG_ERROR, "the trial process failed; see its MLflow run")
+            if run.data.tags.get(tracking.TAG_FAULT) == "environment":
+                raise EnvironmentFault("trial process", f"in the trial process: {error}")
             raise RuntimeError(error)
         metrics = run.data.metrics
         return TrialOutcome(

@@ -1,0 +1,158 @@
+"""Telling a failure of the environment from a failure of the model.
+
+A trial whose model fails (bad hyperparameters, divergence, an exception in ``fit``)
+fails that trial and the study goes on. A failure of what the study stands on (the
+MLflow tracking store or server, the Optuna storage, the disk, permissions) stops the
+study at once with exit code 3 and ONE line naming the component; the trial in flight
+is given back to the budget and runs again on the next start. This module decides which
+is which, from the exception's type (each library wraps its own store's errors: MLflow
+in ``MlflowException``, Optuna in ``StorageInternalError``) and, for the disk, its errno.
+
+Example::
+
+    fault = classify(exc, tracking_uri="sqlite:////w/mlflow.db", storage_url="sqlite:////w/optuna.db")
+    if fault is not None:
+        raise fault from exc       # exit 3, one line
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import signal
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from mlops_tune.errors import EnvironmentFault
+from mlops_tune.secrets import redact, redact_text
+
+#: errnos that say the disk or its permissions failed, not the model
+DISK_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file size limit",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "I/O error",
+}
+#: what SQLite says, and the same in the words of :data:`DISK_ERRNOS`
+_SQLITE_TEXTS = {
+    "database or disk is full": "no space left on device",
+    "attempt to write a readonly database": "the database file is read-only",
+    "unable to open database file":
+        "the database cannot be written (read-only file system, no permission, or its folder is gone)",
+    "disk i/o error": "I/O error",
+    "readonly database": "the database file is read-only",
+}
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _is_type(exc: BaseException, module_prefix: str, *names: str) -> bool:
+    return any(cls.__module__.startswith(module_prefix) and (not names or cls.__name__ in names)
+               for cls in type(exc).__mro__)
+
+
+def _sqlite_words(text: str) -> str | None:
+    lowered = text.lower()
+    return next((words for key, words in _SQLITE_TEXTS.items() if key in lowered), None)
+
+
+def _store_label(url: str, kind: str) -> str:
+    if url.startswith("sqlite:"):
+        return f"{kind} {url.split(':///', 1)[-1]}"
+    if url.startswith("journal:"):
+        return f"{kind} {url.split(':', 1)[1].removeprefix('//')}"
+    if urlsplit(url).scheme in ("http", "https"):
+        return f"MLflow server at {redact(url)}"
+    return f"{kind} at {redact(url)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return redact_text(text[0] if text else type(exc).__name__)[:240]
+
+
+def classify(exc: BaseException, *, tracking_uri: str = "", storage_url: str = "") -> EnvironmentFault | None:
+    """The :class:`EnvironmentFault` that ``exc`` stands for, or None when it is not one."""
+    if isinstance(exc, EnvironmentFault):
+        return exc
+    chain = list(_chain(exc))
+    # the disk, whoever was writing
+    for link in chain:
+        if isinstance(link, OSError) and link.errno in DISK_ERRNOS:
+            where = f" writing {link.filename}" if link.filename else ""
+            return EnvironmentFault("disk", f"{DISK_ERRNOS[link.errno]}{where}")
+    tracking = _store_label(tracking_uri, "MLflow tracking store")
+    storage = _store_label(storage_url, "Optuna storage")
+    for link in chain:
+        if _is_type(link, "requests", "ConnectionError", "Timeout", "RetryError", "ChunkedEncodingError") \
+                or _is_type(link, "urllib3", "MaxRetryError", "NewConnectionError", "ProtocolError"):
+            return EnvironmentFault("tracking", f"{tracking} stopped answering ({_first_line(link)})")
+    if any(_is_type(link, "mlflow", "MlflowException") for link in chain):
+        text = " ".join(str(link) for link in chain)
+        words = _sqlite_words(text)
+        if "API request to" in text or "Max retries exceeded" in text or "Connection refused" in text:
+            return EnvironmentFault("tracking", f"{tracking} stopped answering")
+        if words:
+            return EnvironmentFault("tracking", f"{tracking}: {words}")
+        return EnvironmentFault("tracking", f"{tracking} failed: {_first_line(chain[0])}")
+    if any(_is_type(link, "optuna.exceptions", "StorageInternalError") or _is_type(link, "sqlalchemy.exc")
+           or _is_type(link, "sqlite3") or _is_type(link, "psycopg2") or _is_type(link, "grpc")
+           for link in chain):
+        words = _sqlite_words(" ".join(str(link) for link in chain))
+        detail = words or _first_line(next(
+            (link for link in reversed(chain) if not _is_type(link, "optuna.exceptions")), chain[0]))
+        return EnvironmentFault("storage", f"{storage}: {detail}")
+    return None
+
+
+@contextlib.contextmanager
+def classified(*, tracking_uri: str = "", storage_url: str = "") -> Iterator[None]:
+    """Re-raise failures of the environment inside the block as :class:`EnvironmentFault`."""
+    try:
+        yield
+    except Exception as exc:
+        fault = classify(exc, tracking_uri=tracking_uri, storage_url=storage_url)
+        if fault is None or fault is exc:
+            raise
+        raise fault from exc
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds like Ctrl-C so that runs are closed as KILLED."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def signal_exit_code(exc: BaseException) -> int:
+    """130 for Ctrl-C / SIGINT, 143 for SIGTERM."""
+    return exc.exit_code if isinstance(exc, Stopped) else 128 + signal.SIGINT
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM (Jenkins' abort, ``kill``) and SIGINT raise :class:`Stopped` in the main thread."""
+
+    def stop(signum: int, frame: Any) -> None:
+        # a second signal while we close runs must not cut the closing short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
