@@ -62,4 +62,4 @@ base-image:
 	docker/base-image.sh mlops-tune-base:bookworm
 
 clean:
-	rm -rf outputs multirun mlruns mlflow.db optuna.db
+	rm -rf outputs multirun mlruns mlflow.db optuna.db mlflow.db.lock optuna.db.lock

@@ -152,6 +152,7 @@ def _redact_saved_configs() -> None:
 def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
     """Run ``job`` under Hydra with ``config_name`` from ``conf/``; exit with the contract's code."""
     faults.install_signal_handlers()
+    faults.quiet_background_faults()
     # before Hydra saves the command line in overrides.yaml / hydra.yaml
     sys.argv = [secrets.move_credentials(arg) for arg in sys.argv]
     secrets.guard_streams()

@@ -69,15 +69,22 @@ def start_postgres(folder: Path, databases: tuple[str, ...] = ("optuna", "mlflow
     port = free_port()
     subprocess.run(_as_postgres([initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"]),
                    check=True, capture_output=True)
-    subprocess.run(_as_postgres([
-        pg_ctl, "-D", str(data), "-l", str(folder / "postgres.log"), "-w", "start",
-        "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off",
-    ]), check=True, capture_output=True)
+    pg = restart_postgres(Postgres(folder, port, 0))
     for database in databases:
         subprocess.run(_as_postgres([createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database]),
                        check=True, capture_output=True)
+    return pg
+
+
+def restart_postgres(pg: Postgres) -> Postgres:
+    """Start the cluster of ``pg`` (again) on its port; returns it with the new server pid."""
+    data = pg.folder / "pgdata"
+    subprocess.run(_as_postgres([
+        str(postgres_bin("pg_ctl")), "-D", str(data), "-l", str(pg.folder / "postgres.log"), "-w", "start",
+        "-o", f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {pg.folder} -c fsync=off",
+    ]), check=True, capture_output=True)
     pid = int((data / "postmaster.pid").read_text().split()[0])
-    return Postgres(folder, port, pid)
+    return Postgres(pg.folder, pg.port, pid)
 
 
 def stop_postgres(pg: Postgres) -> None:

@@ -156,3 +156,18 @@ def install_signal_handlers() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+
+
+def quiet_background_faults() -> None:
+    """A store failing under a background thread (Optuna's heartbeat) prints no traceback:
+    the main thread meets the same fault at its next write and reports it in one line."""
+    import threading
+
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, Exception) and classify(args.exc_value) is not None:
+            return
+        default(args)
+
+    threading.excepthook = hook

@@ -75,7 +75,9 @@ def verdict(path: str | os.PathLike[str], exit_code: int) -> str:
     if exit_code == 1:
         return "UNSTABLE: gate missed by " + ("; ".join(missed) or "a study (no JUnit report found)")
     detail = "; ".join(broken) or "see the log"
-    return f"FAILURE: mlops-tune exited {exit_code} (2 = bad config or data, other = crash): {detail}"
+    meaning = {2: "bad config, data or set-up", 3: "the environment failed or a crash, not the model",
+               130: "stopped by SIGINT", 143: "stopped by SIGTERM (e.g. the build was aborted)"}
+    return f"FAILURE: mlops-tune exited {exit_code} ({meaning.get(exit_code, 'a crash')}): {detail}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,6 +183,35 @@ def test_a_server_restarted_within_the_retries_does_not_stop_the_study(server: S
     assert _judged_count(storage, study) == 3
     assert not [t for t in _trials(storage, study) if ATTR_NOT_CHARGED in t.user_attrs]
     _no_running(server.url)
+
+
+def test_optuna_storage_lost_mid_study_is_exit_3_and_the_rerun_completes_the_budget(workdir: Path) -> None:
+    """A PostgreSQL storage of its own, stopped while a trial runs, then started again."""
+    if devservices.postgres_bin("initdb") is None:
+        assert not IN_CI, "PostgreSQL server binaries are required in CI"
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    pg = devservices.start_postgres(Path(tempfile.mkdtemp(prefix="mlops-tune-pg-")), databases=("optuna",))
+    try:
+        storage, study = pg.url("optuna"), "lost-storage"
+        args = [f"study.storage={storage}", f"study.name={study}", "study.n_trials=3",
+                "study.heartbeat_interval=1", "study.grace_period=2", *SLOW]
+        proc = _start(args, workdir, MLOPS_TUNE_TEST_SLEEP="3")
+        _wait_for(proc, lambda: any(t.state == TrialState.COMPLETE for t in _trials(storage, study)))
+        _wait_for(proc, lambda: any(t.state == TrialState.RUNNING for t in _trials(storage, study)))
+        devservices.stop_postgres(pg)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 3, err[-3000:]
+        _one_error_line(err, f"Optuna storage at postgresql+psycopg2://postgres@127.0.0.1:{pg.port}/optuna")
+        pg = devservices.restart_postgres(pg)
+        time.sleep(3)  # the lost trial's heartbeat goes stale: the rerun fails it and runs it again
+        rerun = _run(args, workdir, MLOPS_TUNE_TEST_SLEEP="0")
+        assert rerun.returncode == 1, rerun.stderr[-3000:]
+        assert _judged_count(storage, study) == 3
+        assert not [t for t in _trials(storage, study) if t.state == TrialState.RUNNING]
+        _no_running(f"sqlite:///{workdir / 'mlflow.db'}")
+    finally:
+        devservices.stop_postgres(pg)
+        shutil.rmtree(pg.folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the disk
