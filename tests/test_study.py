@@ -12,6 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mlops_tune import tracking
+from mlops_tune.study import judged
 from tests.conftest import BIN, command_env, heavy_imports_after, kill_when_a_trial_runs, mlflow_client, mlflow_runs
 
 pytestmark = pytest.mark.usefixtures("workdir")
@@ -189,8 +190,11 @@ def test_sigkilled_run_leaves_nothing_running_after_a_rerun(workdir: Path) -> No
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 1, rerun.stderr
     trials = load_study(workdir, "knn-digits").trials
-    assert [t.number for t in trials] == [0, 1, 2]
-    assert trials[0].state == TrialState.FAIL
+    # the killed trial never trained: it is not charged, its copy runs, the budget still gets 3
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert trials[0].state == TrialState.FAIL and not judged(trials[0])
+    assert sum(judged(t) for t in trials) == 3
+    assert trials[1].system_attrs.get("failed_trial") == 0 and trials[1].params == trials[0].params
     assert all(t.state != TrialState.RUNNING for t in trials)
     runs = mlflow_runs(workdir)
     assert [r for r in runs if r.info.status == "RUNNING"] == []
