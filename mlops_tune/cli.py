@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -62,22 +63,67 @@ class _HeldStderr(io.TextIOBase):
             self.held.clear()
 
 
-def summarize_hydra_error(text: str) -> str:
-    """One line from Hydra's (or argparse's) multi-line error report."""
+def summarize_hydra_error(text: str, config_name: str | None = None, argv: list[str] | None = None) -> str:
+    """One line from Hydra's (or argparse's) multi-line error report, with the fix where it is clear."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(("Set the environment variable", "Traceback"))]
+    lines = [line for line in lines if not line.startswith(("Set the environment variable", "Traceback", "See https"))]
     if not lines:
         return "invalid command line or config"
     for line in lines:
         if "error:" in line:  # argparse: "prog: error: unrecognized arguments: ..."
             return line.split("error:", 1)[1].strip()
     summary = lines[0]
-    if any(line.startswith("Available options") for line in lines):
+    unknown = re.match(r"Could not override '([^']+)'", summary)
+    if unknown:
+        key = unknown.group(1)
+        hint = _did_you_mean(key, config_name, argv or [])
+        return f"unknown key {key}" + (f"; did you mean {hint}?" if hint else " (add a new key with +" + key + "=...)")
+    if "Available options" in text:
         start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
-        summary += f" (available: {', '.join(lines[start + 1:])})"
-    elif len(lines) > 1 and lines[1].startswith("To append"):
-        summary += f" {lines[1]}"
+        options = []
+        for line in lines[start + 1:]:
+            if line.startswith("Config search path"):
+                break
+            options.append(line)
+        return f"{summary.split(': ', 1)[-1]} (available: {', '.join(options)})"
+    if re.search(r"mismatched input|no viable alternative|extraneous input|LexerNoViableAlt|token recognition", text):
+        return (f"cannot parse the command line ({summary}); quote a value with spaces or special "
+                """characters, e.g. 'data.path="/my dir/x.csv"'""")
+    for line in lines:
+        if "Permission denied" in line or "Read-only file system" in line:
+            return (f"cannot write the output folder ({line.split(': ', 1)[-1]}); "
+                    "set hydra.run.dir=... to a writable one")
     return summary
+
+
+def _did_you_mean(key: str, config_name: str | None, argv: list[str]) -> str | None:
+    """The closest existing key of the composed config (composed without the unknown key)."""
+    import difflib
+
+    if config_name is None:
+        return None
+    try:
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
+
+        # the config groups chosen on the command line (model=knn ...), not the failing key
+        groups = [a for a in argv if "=" in a and not a.startswith(("-", "+", "~")) and "." not in a.split("=")[0]]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = OmegaConf.to_container(compose(config_name, overrides=groups), resolve=False)
+    except Exception:
+        return None
+
+    def keys(node: Any, prefix: str) -> list[str]:
+        found = []
+        for name, value in node.items():
+            found.append(f"{prefix}{name}")
+            if isinstance(value, dict):
+                found += keys(value, f"{prefix}{name}.")
+        return found
+
+    candidates = [k for k in keys(cfg, "") if not k.startswith("hydra")]
+    matches = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return matches[0] if matches else None
 
 
 class _StopAll(SystemExit):
@@ -190,7 +236,7 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
         sys.exit(stopped)
     if hydra_failed:
         if not held.passing:
-            _say(prog, f"error: {summarize_hydra_error(''.join(held.held))}")
+            _say(prog, f"error: {summarize_hydra_error(''.join(held.held), config_name, sys.argv[1:])}")
         codes.append(EXIT_USAGE)
     else:
         held.release()

@@ -48,6 +48,7 @@ def to_plain(cfg: Any) -> dict[str, Any]:
     except InterpolationResolutionError as exc:
         raise UsageError(f"{getattr(exc, 'full_key', 'config')}: {str(exc).splitlines()[0]}") from None
     assert isinstance(plain, dict)
+    _mask_environment_values(cfg, plain)
     from mlops_tune.secrets import move_credentials
     from mlops_tune.tracking import absolute_sqlite
 
@@ -57,6 +58,32 @@ def to_plain(cfg: Any) -> dict[str, Any]:
         if isinstance(plain.get(section), dict) and isinstance(plain[section].get(key), str):
             plain[section][key] = absolute_sqlite(move_credentials(plain[section][key]))
     return plain
+
+
+#: keys whose values may come from the environment and are printed as they are
+_SHOWN_ENV_KEYS = frozenset({"tracking.uri", "tracking.experiment"})
+
+
+def _mask_environment_values(cfg: Any, plain: Mapping[str, Any]) -> None:
+    """Values read from the environment (``${oc.env:NAME}``) are never echoed in messages:
+    they may be secrets. (Passwords in URLs are handled by ``secrets.move_credentials``.)"""
+    from omegaconf import DictConfig, OmegaConf
+
+    from mlops_tune.secrets import remember
+
+    def walk(node: Any, resolved: Any, prefix: str) -> None:
+        if not isinstance(node, DictConfig) or not isinstance(resolved, Mapping):
+            return
+        raw = OmegaConf.to_container(node, resolve=False)
+        assert isinstance(raw, dict)
+        for key, value in raw.items():
+            full = f"{prefix}{key}"
+            if isinstance(value, str) and "oc.env" in value and full not in _SHOWN_ENV_KEYS:
+                remember(str(resolved.get(key)))
+            elif isinstance(value, dict):
+                walk(node[key], resolved.get(key), f"{full}.")
+
+    walk(cfg, plain, "")
 
 
 def validate_train(cfg: Mapping[str, Any], sections: frozenset[str] = TRAIN_SECTIONS) -> None:
@@ -70,12 +97,21 @@ def validate_train(cfg: Mapping[str, Any], sections: frozenset[str] = TRAIN_SECT
             raise UsageError(f"{section}: missing config section")
     _check_sections(cfg)
     seed = cfg.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise UsageError(f"seed: must be a non-negative integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise UsageError(f"seed: must be an integer in [0, 2**32), got {seed!r}")
+    _check_tracking(cfg["tracking"])
     if not isinstance(cfg["model"].get("family"), str):
         raise UsageError("model.family: missing (every model YAML names its family)")
     get_family(cfg["model"]["family"]).validate(cfg["model"])
     loader_arguments(cfg["data"])
+
+
+def _check_tracking(tracking: Mapping[str, Any]) -> None:
+    uri, experiment = tracking.get("uri"), tracking.get("experiment")
+    if not isinstance(uri, str) or not uri.strip():
+        raise UsageError("tracking.uri: must not be empty (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000)")
+    if not isinstance(experiment, str) or not experiment.strip():
+        raise UsageError("tracking.experiment: must be a non-empty experiment name (e.g. mlops-tune)")
 
 
 def validate_tune(cfg: Mapping[str, Any]) -> None:
@@ -96,6 +132,10 @@ def validate_tune(cfg: Mapping[str, Any]) -> None:
     _positive(study, "max_consecutive_failures", "study")
     _positive(study, "heartbeat_interval", "study")
     _positive(study, "grace_period", "study")
+    if study["heartbeat_interval"] >= study["grace_period"]:
+        raise UsageError(f"study.heartbeat_interval: must be shorter than study.grace_period "
+                         f"({study['heartbeat_interval']} >= {study['grace_period']}): live trials would "
+                         "be failed as dead")
     timeout = study.get("timeout")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise UsageError(f"study.timeout: must be null or a positive number of seconds, got {timeout!r}")
@@ -103,14 +143,44 @@ def validate_tune(cfg: Mapping[str, Any]) -> None:
     if not (sampler in SAMPLERS or (isinstance(sampler, Mapping) and "_target_" in sampler)):
         raise UsageError(f"study.sampler: '{sampler}' is not one of {', '.join(SAMPLERS)} "
                          "or {_target_: optuna.samplers.X}")
+    if isinstance(sampler, Mapping):
+        check_code_targets(sampler, "study.sampler", CODE_NAMESPACES["study.sampler"])
     pruner = study.get("pruner")
     if not (pruner in PRUNERS or (isinstance(pruner, Mapping) and "_target_" in pruner)):
         raise UsageError(f"study.pruner: '{pruner}' is not one of {', '.join(PRUNERS)} "
                          "or {_target_: optuna.pruners.X}")
+    if isinstance(pruner, Mapping):
+        check_code_targets(pruner, "study.pruner", CODE_NAMESPACES["study.pruner"])
+    registry = cfg["registry"]
+    if not isinstance(registry.get("promote"), bool):
+        raise UsageError(f"registry.promote: must be true or false, got {registry.get('promote')!r}")
     if not isinstance(study.get("name"), str) or not study["name"]:
         raise UsageError("study.name: must be a non-empty string")
     if not isinstance(study.get("storage"), str):
         raise UsageError("study.storage: must be an Optuna storage URL such as sqlite:///optuna.db")
+
+
+#: the only modules a config may name code from, per key (see docs/reliability.md, "trust")
+CODE_NAMESPACES: Mapping[str, tuple[str, ...]] = {
+    "study.sampler": ("optuna.samplers.",),
+    "study.pruner": ("optuna.pruners.",),
+}
+
+
+def check_code_targets(spec: Any, key: str, namespaces: tuple[str, ...]) -> None:
+    """Refuse any ``_target_`` in ``spec`` (nested ones too) outside ``namespaces``, before
+    anything is imported or instantiated."""
+    if isinstance(spec, Mapping):
+        target = spec.get("_target_")
+        if target is not None and not (isinstance(target, str) and target.startswith(namespaces)):
+            allowed = " or ".join(f"{n}X" for n in namespaces)
+            raise UsageError(f"{key}: _target_ {target!r} is not allowed (only {allowed} may be named)")
+        for name, sub in spec.items():
+            if name != "_target_":
+                check_code_targets(sub, key, namespaces)
+    elif isinstance(spec, list):
+        for sub in spec:
+            check_code_targets(sub, key, namespaces)
 
 
 def _check_sections(cfg: Mapping[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -120,13 +121,20 @@ def load_csv(
     import pandas as pd
 
     file = _existing_file(path, "data.path")
+    if features is not None and (isinstance(features, str) or not all(isinstance(f, str) for f in features)):
+        raise UsageError(f"data.features: must be a list of column names such as [a, b], got {features!r}")
     try:
         frame = pd.read_csv(file)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"data.path: cannot read {file} as CSV ({exc})") from None
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise UsageError(f"data.path: cannot read {file} as CSV ({_first_line(exc)})") from None
     columns = [str(c) for c in frame.columns]
     if target not in frame.columns:
         raise UsageError(f"data.target: column '{target}' not in {file} (columns: {', '.join(columns)})")
+    if frame.empty:
+        raise UsageError(f"data.path: {file} has a header but no data rows")
+    if features and target in features:
+        raise UsageError(f"data.features: lists the target column '{target}' (the label would leak into "
+                         "the features); leave it out")
     wanted = list(features) if features else [c for c in frame.columns if c != target]
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
@@ -160,15 +168,29 @@ def load_csv(
 def load_npz(path: str) -> Dataset:
     """A ``.npz`` archive with arrays ``x`` (samples first) and ``y``."""
     file = _existing_file(path, "data.path")
+    with open(file, "rb") as handle:
+        magic = handle.read(6)
+    if not magic.startswith((b"PK", b"\x93NUMPY")):
+        kind = "a text file (use data=csv for a CSV)" if _is_text(magic) else "neither a zip nor a NumPy file"
+        raise UsageError(f"data.path: {file} is not a .npz archive: it is {kind}")
     try:
         with np.load(file, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise UsageError(f"data.path: {file} is a single .npy array, not a .npz archive with 'x' and 'y'")
             if "x" not in archive or "y" not in archive:
-                raise UsageError(f"data.path: {file} must hold arrays 'x' and 'y' (has {', '.join(archive.files)})")
+                held = ", ".join(archive.files) or "no arrays at all"
+                raise UsageError(f"data.path: {file} must hold arrays 'x' and 'y' (it holds {held})")
             x, y = archive["x"], archive["y"]
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"data.path: cannot read {file} as .npz ({exc})") from None
-    if not np.issubdtype(x.dtype, np.number):
-        raise UsageError(f"data.path: array 'x' in {file} is not numeric ({x.dtype})")
+    except UsageError:
+        raise
+    except Exception as exc:  # a text file ("pickled data"), a broken zip, a truncated array ...
+        raise UsageError(f"data.path: {file} is not a readable .npz archive ({_first_line(exc)}); "
+                         "write one with numpy.savez(path, x=..., y=...)") from None
+    if x.ndim < 2 or y.ndim < 1:
+        raise UsageError(f"data.path: array 'x' in {file} must have samples first, shape (n, features...) "
+                         f"(x has shape {x.shape}, y has shape {y.shape})")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise UsageError(f"data.path: array 'x' in {file} is not real-valued ({x.dtype})")
     if x.ndim == 3:
         x = x[..., np.newaxis]
     image_shape = tuple(int(d) for d in x.shape[1:]) if x.ndim == 4 else None
@@ -182,6 +204,8 @@ def load_images(path: str, image_size: Sequence[int] = (32, 32), color_mode: str
         raise UsageError(f"data.path: folder not found: {folder}")
     if color_mode not in ("grayscale", "rgb"):
         raise UsageError(f"data.color_mode: '{color_mode}' is not grayscale or rgb")
+    _check_images(folder)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no TensorFlow log lines before our messages
     from keras.utils import image_dataset_from_directory
 
     try:
@@ -210,6 +234,22 @@ def load_images(path: str, image_size: Sequence[int] = (32, 32), color_mode: str
         classes=list(ds.class_names),
         image_shape=tuple(int(d) for d in x.shape[1:]),  # type: ignore[arg-type]
     )
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+def _check_images(folder: Path) -> None:
+    """Name the first image file that cannot be decoded (TensorFlow would fail mid-read)."""
+    from PIL import Image
+
+    for file in sorted(folder.rglob("*")):
+        if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
+            try:
+                with Image.open(file) as image:
+                    image.load()
+            except Exception as exc:
+                raise UsageError(f"data.path: {file} is not a readable image ({_first_line(exc)})") from None
 
 
 KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
@@ -277,6 +317,7 @@ def load_splits(data_cfg: Mapping[str, Any], seed: int) -> Splits:
     """Load the dataset a ``data`` config describes and split it (stratified, seeded)."""
     loader, kwargs = loader_arguments(data_cfg)
     dataset = loader(**kwargs)
+    check_finite(dataset, str(data_cfg.get("path") or data_cfg.get("name")))
     return split(dataset, float(data_cfg["val_size"]), float(data_cfg["test_size"]), seed,
                  name=str(data_cfg.get("name")))
 
@@ -314,6 +355,31 @@ def split(dataset: Dataset, val_size: float, test_size: float, seed: int, name: 
         classes=dataset.classes, feature_names=dataset.feature_names,
         image_shape=dataset.image_shape, dataset_name=name,
     )
+
+
+def check_finite(dataset: Dataset, source: str) -> None:
+    """Refuse NaN or infinite features, naming the columns of tabular data."""
+    finite = np.isfinite(dataset.x)
+    if finite.all():
+        return
+    if dataset.feature_names is not None and dataset.x.ndim == 2:
+        bad = [name for name, ok in zip(dataset.feature_names, finite.all(axis=0), strict=True) if not ok]
+        raise UsageError(f"data.features: NaN or infinite values in column(s) {', '.join(map(repr, bad[:5]))} "
+                         f"of {source}")
+    raise UsageError(f"data.path: {int((~finite).sum())} NaN or infinite value(s) in the features of {source}")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return bool(head) and all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def _existing_file(path: str, key: str) -> Path:

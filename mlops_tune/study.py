@@ -200,7 +200,8 @@ class Study:
         self.sampler = make_sampler(cfg["study"], self.space, int(cfg["seed"]))
         self.pruner = make_pruner(cfg["study"])
         self.splits: Splits = load_splits(cfg["data"], int(cfg["seed"]))
-        self.splits.as_input(self.family.input_kind)  # rejects e.g. a CNN on tabular data now
+        # rejects e.g. a CNN on tabular data, or a base model too large for model.max_params, now
+        self.family.check_data(cfg["model"], self.splits.as_input(self.family.input_kind))
         self.consecutive_failures = 0
         self.last_error = ""
         self.storage_url = str(cfg["study"]["storage"])

@@ -169,8 +169,20 @@ def check_reachable(uri: str) -> None:
         if not writable:
             raise UsageError(f"tracking.uri: the SQLite file {path} is read-only (read-only file system "
                              "or no write permission); point tracking.uri at a writable file")
-    elif parts.scheme not in ("", "file", "postgresql", "mysql", "mssql", "databricks") and "+" not in parts.scheme:
+    elif parts.scheme in ("", "file"):
+        _check_file_store(Path(parts.path if parts.scheme else uri).expanduser().absolute(), uri)
+    elif parts.scheme not in ("postgresql", "mysql", "mssql", "databricks") and "+" not in parts.scheme:
         raise UsageError(f"tracking.uri: unsupported scheme '{parts.scheme}' in {redact(uri)}")
+
+
+def _check_file_store(folder: Path, uri: str) -> None:
+    """A file store (``file:///path`` or a plain folder) must be a folder we can create and write."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise UsageError(f"tracking.uri: {folder} is not a folder an MLflow file store can live in")
+    if not os.access(existing, os.W_OK) or str(existing).startswith(("/proc", "/sys")):
+        raise UsageError(f"tracking.uri: cannot create or write the MLflow file store {folder} "
+                         f"({existing} is not writable); use e.g. sqlite:///mlflow.db")
 
 
 def _check_server(uri: str) -> None:

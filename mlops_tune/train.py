@@ -36,9 +36,10 @@ def train(cfg: Any) -> int:
         if plain.get("trial"):  # a study's trial in its own process (runner=mlflow|docker)
             return _study_trial(plain, experiment_id, splits)
         outcome = run_trial(plain, experiment_id=experiment_id, splits=splits)
+    epochs = f"{outcome.epochs} epoch{'s' if outcome.epochs != 1 else ''}, " if "epochs" in plain["model"] else ""
     print(
         f"{PROG}: {model} on {data}: val_accuracy={outcome.val_accuracy:.4f} "
-        f"test_accuracy={outcome.test_accuracy:.4f} ({outcome.epochs} epochs, "
+        f"test_accuracy={outcome.test_accuracy:.4f} ({epochs}"
         f"fit {outcome.fit_seconds:.1f} s, {outcome.n_params:,} params)\n"
         f"  MLflow run {outcome.run_id} in experiment '{plain['tracking']['experiment']}' at "
         f"{tracking.redact(plain['tracking']['uri'])}",

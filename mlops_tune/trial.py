@@ -91,6 +91,7 @@ def run_trial(
     if splits is None:
         splits = load_splits(cfg["data"], seed)
     inputs = splits.as_input(family.input_kind)  # may reject the data before any run exists
+    family.check_data(model_cfg, inputs)  # e.g. a model too large to build: before any run exists
     history: list[dict[str, float]] = []
 
     def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:

@@ -6,6 +6,7 @@ per test session and copied into each test's folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 #: under CI the tests that need PostgreSQL or Docker fail instead of skipping
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+#: CI runs as root: read-only mounts and tmpfs file systems are real there
+IS_ROOT = os.geteuid() == 0
 
 
 @dataclass
@@ -168,3 +171,24 @@ def postgres(tmp_path_factory: pytest.TempPathFactory):
     yield pg
     devservices.stop_postgres(pg)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """``folder`` read-only: a read-only bind mount as root (even root cannot write it), modes elsewhere."""
+    if IS_ROOT:
+        subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["umount", str(folder)], check=False)
+    else:
+        files = [folder, *folder.iterdir()]
+        for path in files:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        try:
+            yield
+        finally:
+            for path in files:
+                path.chmod(0o755 if path.is_dir() else 0o644)

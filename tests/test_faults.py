@@ -31,10 +31,9 @@ from optuna.trial import TrialState
 
 from mlops_tune import devservices
 from mlops_tune.study import ATTR_NOT_CHARGED, ATTR_RETRY_OF, judged
-from tests.conftest import BIN, IN_CI, command_env, mlflow_runs
+from tests.conftest import BIN, IN_CI, IS_ROOT, command_env, mlflow_runs, read_only
 
 SECRET = "S3cretPW"
-IS_ROOT = os.geteuid() == 0
 #: a trial slow enough to break something while it runs
 SLOW = ("model=knn", "model._target_=tests.helpers.SlowKNN", "study.sampler=random", "gate.threshold=0.999")
 #: MLflow gives up on a dead server after one quick retry (the default rides out ~30 s)
@@ -272,33 +271,12 @@ def test_read_only_tracking_store_before_the_start_is_exit_2(mlflow_template: Pa
     shutil.copy(mlflow_template, store / "mlflow.db")
     storage = tmp_path / "optuna.db"
     args = ["model=knn", f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"study.storage=sqlite:///{storage}"]
-    with _read_only(store):
+    with read_only(store):
         result = _run(args, tmp_path)
     assert result.returncode == 2, result.stderr
     _one_error_line(result.stderr, "tracking.uri", "read-only")
     assert not storage.exists()  # nothing created before the error
     assert mlflow_runs(store) == []
-
-
-@contextlib.contextmanager
-def _read_only(folder: Path) -> Iterator[None]:
-    """``folder`` read-only for the study: a read-only bind mount as root, modes elsewhere."""
-    if IS_ROOT:
-        subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
-        try:
-            yield
-        finally:
-            subprocess.run(["umount", str(folder)], check=False)
-    else:
-        files = [folder, *folder.iterdir()]
-        for path in files:
-            path.chmod(0o555 if path.is_dir() else 0o444)
-        try:
-            yield
-        finally:
-            for path in files:
-                path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def test_store_turning_read_only_mid_study_is_exit_3(mlflow_template: Path, tmp_path: Path) -> None:
@@ -313,7 +291,7 @@ def test_store_turning_read_only_mid_study_is_exit_3(mlflow_template: Path, tmp_
         pytest.skip("turning a store read-only under a running process needs a remount (root)")
     proc = _start(args, store, MLOPS_TUNE_TEST_SLEEP="2")
     _wait_for(proc, lambda: any(t.state == TrialState.COMPLETE for t in _trials(storage, study)))
-    with _read_only(store):
+    with read_only(store):
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err[-3000:]
     _one_error_line(err, "read-only")

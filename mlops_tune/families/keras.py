@@ -20,6 +20,9 @@ from mlops_tune.families._base import EpochCallback, Family, FitResult, pinned_r
 
 ACTIVATIONS = ("relu", "tanh", "elu", "selu", "gelu", "sigmoid", "swish")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam")
+#: ``model.max_params`` when not set: 5 million parameters (about 20 MB of float32 weights,
+#: some 60 MB while Adam trains); far above the study's search spaces, far below a blow-up
+DEFAULT_MAX_PARAMS = 5_000_000
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,14 +60,17 @@ class _KerasFamily(Family):
         "name", "family", "hidden_units", "activation", "dropout", "optimizer",
         "learning_rate", "batch_size", "epochs", "early_stopping_patience",
     })
+    #: keys a config may leave out
+    optional_keys: ClassVar[frozenset[str]] = frozenset({"max_params"})
     min_hidden_layers: ClassVar[int] = 1
 
     # ------------------------------------------------------------------ validation
     def validate(self, model_cfg: Mapping[str, Any]) -> None:
+        known = self.keys | self.optional_keys
         for key in model_cfg:
-            if key not in self.keys:
+            if key not in known:
                 raise UsageError(f"model.{key}: unknown key for model family {self.name} "
-                                 f"(known: {', '.join(sorted(self.keys))})")
+                                 f"(known: {', '.join(sorted(known))})")
         missing = sorted(self.keys - set(model_cfg))
         if missing:
             raise UsageError(f"model.{missing[0]}: missing for model family {self.name}")
@@ -82,6 +88,28 @@ class _KerasFamily(Family):
         patience = model_cfg["early_stopping_patience"]
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
             raise UsageError(f"model.early_stopping_patience: must be an integer >= 0, got {patience!r}")
+        _positive_int(model_cfg.get("max_params", DEFAULT_MAX_PARAMS), "model.max_params")
+
+    def check_data(self, model_cfg: Mapping[str, Any], splits: Splits) -> None:
+        """Refuse a model larger than ``model.max_params`` before it is built (memory)."""
+        limit = int(model_cfg.get("max_params", DEFAULT_MAX_PARAMS))
+        size = self.estimate_params(model_cfg, splits)
+        if size > limit:
+            raise UsageError(f"model.hidden_units: this architecture has {size:,} parameters on this data, "
+                             f"more than model.max_params={limit:,} (raise model.max_params to allow it)")
+
+    def estimate_params(self, model_cfg: Mapping[str, Any], splits: Splits) -> int:
+        """The parameter count of the model :meth:`build` makes, from its config and the data's shape."""
+        shape = splits.as_input(self.input_kind).x_train.shape[1:]
+        width, total = self.feature_params(model_cfg, tuple(int(d) for d in shape))
+        for units in [*model_cfg["hidden_units"], splits.n_classes]:
+            total += width * int(units) + int(units)
+            width = int(units)
+        return total
+
+    def feature_params(self, model_cfg: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, int]:
+        """(features entering the Dense stack, parameters of the feature layers)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ training
     def build(self, model_cfg: Mapping[str, Any], splits: Splits) -> Any:
@@ -154,6 +182,10 @@ class DenseFamily(_KerasFamily):
     name = "keras_dense"
     input_kind = "flat"
 
+    def feature_params(self, model_cfg: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, int]:
+        features = math.prod(shape)
+        return features, 2 * features + 1  # the Normalization layer's mean, variance and count
+
     def feature_layers(self, keras: Any, model_cfg: Mapping[str, Any], splits: Splits, inputs: Any) -> Any:
         # Standardize inside the model so the logged model takes raw features.
         mean = splits.x_train.mean(axis=0)
@@ -173,6 +205,16 @@ class ConvFamily(_KerasFamily):
         super().validate(model_cfg)
         _positive_ints(model_cfg["conv_filters"], "model.conv_filters", 1)
         _positive_int(model_cfg["kernel_size"], "model.kernel_size")
+
+    def feature_params(self, model_cfg: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, int]:
+        height, width, channels = shape
+        kernel, total = int(model_cfg["kernel_size"]), 0
+        for filters in model_cfg["conv_filters"]:
+            total += kernel * kernel * channels * int(filters) + int(filters)
+            channels = int(filters)
+            if min(height, width) >= 2:  # as feature_layers: pool while larger than 1x1
+                height, width = height // 2, width // 2
+        return height * width * channels, total
 
     def feature_layers(self, keras: Any, model_cfg: Mapping[str, Any], splits: Splits, inputs: Any) -> Any:
         scale = float(np.abs(splits.x_train).max()) or 1.0

@@ -35,6 +35,7 @@ class SklearnFamily(Family):
 
     def validate(self, model_cfg: Mapping[str, Any]) -> None:
         estimator_cls = _import_class(model_cfg.get("_target_"))
+        _check_classifier_class(estimator_cls, model_cfg["_target_"])  # before anything is instantiated
         params = inspect.signature(estimator_cls).parameters
         for key in model_cfg:
             if key not in RESERVED_KEYS and key not in params:
@@ -44,10 +45,6 @@ class SklearnFamily(Family):
         if scaler is not None and scaler not in SCALERS:
             raise UsageError(f"model.scaler: '{scaler}' is not null, {' or '.join(SCALERS)}")
         estimator = estimator_cls(**_estimator_kwargs(model_cfg))
-        from sklearn.base import is_classifier
-
-        if not is_classifier(estimator):
-            raise UsageError(f"model._target_: {model_cfg['_target_']} is not a classifier")
         validate_params = getattr(estimator, "_validate_params", None)
         if validate_params is not None:
             try:
@@ -56,6 +53,12 @@ class SklearnFamily(Family):
                 key = next((k for k in model_cfg if f"'{k}'" in str(exc)), None)
                 prefix = f"model.{key}" if key else "model"
                 raise UsageError(f"{prefix}: {exc}") from None
+
+    def check_data(self, model_cfg: Mapping[str, Any], splits: Splits) -> None:
+        neighbours = model_cfg.get("n_neighbors")
+        if isinstance(neighbours, int) and neighbours > len(splits.y_train):
+            raise UsageError(f"model.n_neighbors: {neighbours} is more than the {len(splits.y_train)} "
+                             "training samples of the split")
 
     def build(self, model_cfg: Mapping[str, Any], seed: int) -> Any:
         from sklearn.pipeline import Pipeline
@@ -122,6 +125,18 @@ def _import_class(target: Any) -> type:
         raise UsageError(f"model._target_: '{target}' is not a class")
     return cls
 
+
+def _check_classifier_class(cls: type, target: str) -> None:
+    """``model._target_`` may only name a scikit-learn compatible classifier class: a subclass
+    of ``sklearn.base.ClassifierMixin`` and ``BaseEstimator`` with ``fit`` and ``predict``.
+    Anything else (``subprocess.Popen``, ``os.system`` ...) is refused before it is called."""
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
+    if not (issubclass(cls, ClassifierMixin) and issubclass(cls, BaseEstimator)
+            and callable(getattr(cls, "fit", None)) and callable(getattr(cls, "predict", None))):
+        raise UsageError(f"model._target_: '{target}' is not a scikit-learn classifier class (a subclass of "
+                         "sklearn.base.ClassifierMixin with fit/predict, e.g. sklearn.svm.SVC); nothing else "
+                         "may be named")
 
 def _stored_numbers(obj: Any, depth: int = 0) -> int:
     """Numbers a fitted estimator stores: its arrays, sub-estimators and tree nodes."""
