@@ -83,3 +83,19 @@ def test_failing_estimator_marks_the_run_failed_with_the_error(experiment: str, 
     assert "always fails" in run.data.tags[tracking.TAG_ERROR]
     client = __import__("mlflow").MlflowClient()
     assert "error.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.parametrize("overrides", [
+    ("model=ann",), ("model=ann", "model.hidden_units=[16,32]", "model.dropout=0.2"),
+    ("model=cnn",), ("model=cnn", "model.conv_filters=[8,16,4]", "model.hidden_units=[]"),
+], ids=["ann", "ann-2-layers", "cnn", "cnn-3-blocks"])
+def test_the_size_check_counts_what_keras_builds(overrides: tuple[str, ...]) -> None:
+    """model.max_params is judged on an estimate from the config: it must equal Keras' count."""
+    from mlops_tune.data import load_splits
+    from mlops_tune.families import get_family
+
+    cfg = compose_plain("train", *overrides)
+    family = get_family(cfg["model"]["family"])
+    splits = load_splits(cfg["data"], cfg["seed"]).as_input(family.input_kind)
+    built = family.build(cfg["model"], splits)
+    assert family.estimate_params(cfg["model"], splits) == built.count_params()

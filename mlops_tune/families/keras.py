@@ -183,8 +183,7 @@ class DenseFamily(_KerasFamily):
     input_kind = "flat"
 
     def feature_params(self, model_cfg: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, int]:
-        features = math.prod(shape)
-        return features, 2 * features + 1  # the Normalization layer's mean, variance and count
+        return math.prod(shape), 0  # Normalization with a given mean and variance holds no weights
 
     def feature_layers(self, keras: Any, model_cfg: Mapping[str, Any], splits: Splits, inputs: Any) -> Any:
         # Standardize inside the model so the logged model takes raw features.
