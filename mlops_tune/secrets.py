@@ -17,7 +17,6 @@ this process's stdout and stderr (:func:`guard_streams`).
 from __future__ import annotations
 
 import atexit
-import io
 import os
 import re
 import tempfile
@@ -122,20 +121,21 @@ def _add_pgpass(tail: str, user: str, password: str) -> None:
     _pgpass.write_text(f"{line}\n{_pgpass.read_text()}")
 
 
-class _RedactingStream(io.TextIOBase):
-    """Writes through to ``inner`` with known secrets masked."""
+class _RedactingStream:
+    """Writes through to ``inner`` with known secrets masked; everything else (``fileno``,
+    ``isatty``, ``encoding`` ...) is the inner stream's."""
 
     def __init__(self, inner: TextIO) -> None:
         self.inner = inner
 
-    def write(self, text: str) -> int:  # type: ignore[override]
+    def write(self, text: str) -> int:
         self.inner.write(redact_text(text) if _known else text)
         return len(text)
 
     def flush(self) -> None:
         self.inner.flush()
 
-    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding ...
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
