@@ -1,22 +1,25 @@
 """Bad input: exit code 2, one line naming the problem, no traceback, nothing written.
 
 Every case here is a row of the bad-input table in docs/reliability.md (the last test
-keeps the two in step). Each runs the real console script in a fresh folder and asserts:
-exit 2, exactly one stderr line (``mlops-<cmd>: error: ...``) containing the expected
-words, no traceback, no MLflow run and no registry version; for ``mlops-tune`` also no
-Optuna storage created.
+keeps the two in step). Each runs the real console script in a fresh folder (two cases
+at a time: each is a fresh process that mostly imports) and asserts: exit 2, exactly one
+stderr line (``mlops-<cmd>: error: ...``) containing the expected words, no traceback, no
+MLflow run (so no registry version either); for ``mlops-tune`` also no Optuna storage.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, mlflow_runs, read_only
+from tests.conftest import ROOT, Result, mlflow_runs, read_only, run_command
 
 SECRET = "hunter2-very-secret"
 
@@ -183,27 +186,46 @@ CASES: dict[str, tuple[str, list[str], str]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_bad_input_is_exit_2_with_one_line(case: str, train, tune, workdir: Path) -> None:
-    command, args, expected = CASES[case]
-    files = _write_inputs(workdir)
-    readonly = workdir / "readonly"
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+             mlflow_template: Path) -> Iterator[dict[str, tuple[Result, Path]]]:
+    """The selected cases run two at a time (each is a fresh process, mostly imports):
+    case -> (its result, its working folder). Inputs are shared and only read."""
+    inputs = tmp_path_factory.mktemp("inputs")
+    files = _write_inputs(inputs)
+    readonly = inputs / "readonly"
     readonly.mkdir()
     (readonly / "optuna.db").touch()
-    files |= {"folder": str(workdir), "readonly": str(readonly)}
-    run = train if command == "train" else tune
-    with read_only(readonly):
-        result = run(*[a.format(**files) for a in args], MLOPS_TUNE_TEST_SECRET=SECRET)
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if item.originalname == "test_bad_input_is_exit_2_with_one_line"]
+
+    def run(case: str) -> tuple[str, tuple[Result, Path]]:
+        command, args, _ = CASES[case]
+        folder = tmp_path_factory.mktemp("case")
+        shutil.copy(mlflow_template, folder / "mlflow.db")
+        values = {**files, "folder": str(folder), "readonly": str(readonly)}
+        result = run_command(f"mlops-{command}", *[a.format(**values) for a in args], cwd=folder,
+                             MLOPS_TUNE_TEST_SECRET=SECRET)
+        return case, (result, folder)
+
+    with read_only(readonly), ThreadPoolExecutor(max_workers=2) as pool:
+        yield dict(pool.map(run, selected))
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_bad_input_is_exit_2_with_one_line(case: str, outcomes: dict[str, tuple[Result, Path]]) -> None:
+    command = CASES[case][0]
+    result, folder = outcomes[case]
     assert result.code == 2, (result.stdout[-2000:], result.stderr[-2000:])
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"mlops-{command}: error: "), result.stderr[-2000:]
-    assert expected in lines[0], lines[0]
+    assert CASES[case][2] in lines[0], lines[0]
     assert SECRET not in result.stdout + result.stderr and "secret@" not in result.stderr
-    assert mlflow_runs(workdir) == []  # rejected before any run exists
-    assert not (workdir / "pwned").exists()
+    assert mlflow_runs(folder) == []  # rejected before any run exists
+    assert not (folder / "pwned").exists()
     if command == "tune" and "storage" not in case:
-        assert not (workdir / "optuna.db").exists()
+        assert not (folder / "optuna.db").exists()
 
 
 def test_the_bad_input_table_in_the_docs_lists_every_case() -> None:
