@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mlops_tune.errors import UsageError
+from mlops_tune.errors import UsageError, first_line
 
 InputKind = Literal["flat", "image"]
 
@@ -126,7 +126,7 @@ def load_csv(
     try:
         frame = pd.read_csv(file)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise UsageError(f"data.path: cannot read {file} as CSV ({_first_line(exc)})") from None
+        raise UsageError(f"data.path: cannot read {file} as CSV ({first_line(exc, 200)})") from None
     columns = [str(c) for c in frame.columns]
     if target not in frame.columns:
         raise UsageError(f"data.target: column '{target}' not in {file} (columns: {', '.join(columns)})")
@@ -184,7 +184,7 @@ def load_npz(path: str) -> Dataset:
     except UsageError:
         raise
     except Exception as exc:  # a text file ("pickled data"), a broken zip, a truncated array ...
-        raise UsageError(f"data.path: {file} is not a readable .npz archive ({_first_line(exc)}); "
+        raise UsageError(f"data.path: {file} is not a readable .npz archive ({first_line(exc, 200)}); "
                          "write one with numpy.savez(path, x=..., y=...)") from None
     if x.ndim < 2 or y.ndim < 1:
         raise UsageError(f"data.path: array 'x' in {file} must have samples first, shape (n, features...) "
@@ -249,7 +249,7 @@ def _check_images(folder: Path) -> None:
                 with Image.open(file) as image:
                     image.load()
             except Exception as exc:
-                raise UsageError(f"data.path: {file} is not a readable image ({_first_line(exc)})") from None
+                raise UsageError(f"data.path: {file} is not a readable image ({first_line(exc, 200)})") from None
 
 
 KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
@@ -375,11 +375,6 @@ def _is_text(head: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return bool(head) and all(32 <= b < 127 or b in (9, 10, 13) for b in head)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def _existing_file(path: str, key: str) -> Path:

@@ -8,6 +8,12 @@ EXIT_USAGE = 2
 EXIT_CRASH = 3
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text (its type name when it has none), at most ``limit`` long."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
 class UsageError(Exception):
     """Bad usage, config or data: reported as one line, exit code 2.
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from mlops_tune.errors import EnvironmentFault
+from mlops_tune.errors import EnvironmentFault, first_line
 from mlops_tune.secrets import redact, redact_text
 
 #: errnos that say the disk or its permissions failed, not the model
@@ -78,8 +78,7 @@ def _store_label(url: str, kind: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return redact_text(text[0] if text else type(exc).__name__)[:240]
+    return redact_text(first_line(exc, 240))
 
 
 def classify(exc: BaseException, *, tracking_uri: str = "", storage_url: str = "") -> EnvironmentFault | None:

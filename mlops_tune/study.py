@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlops_tune import claims, faults, locks, report, tracking
 from mlops_tune.data import Splits, load_splits
-from mlops_tune.errors import StudyAborted, TrialFailed, UsageError
+from mlops_tune.errors import StudyAborted, TrialFailed, UsageError, first_line
 from mlops_tune.families import get_family
 from mlops_tune.mutate import ATTR_MUTATIONS, ATTR_PARENT, MutationSampler
 from mlops_tune.runners import Runner, TrialContext, get_runner
@@ -91,7 +91,6 @@ def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
         UsageError: the storage cannot be opened (the message names the host, not the password).
     """
     url = str(study_cfg["storage"])
-    _check_writable(url)
     try:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -101,7 +100,7 @@ def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
             return _open_rdb(url, study_cfg)
     except Exception as exc:
         host = urlsplit(url).hostname or url.split("://", 1)[-1].split("?")[0]
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 200)
         raise UsageError(f"study.storage: cannot open the Optuna storage at {tracking.redact(host)} "
                          f"({tracking.redact(reason)})") from None
 
@@ -346,9 +345,9 @@ class Study:
             if fault is not None:
                 self._give_back(trial, attrs, str(fault))
                 raise fault from exc
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            trial.set_user_attr(ATTR_ERROR, redact_text(f"{type(exc).__name__}: {first_line}")[:500])
-            raise TrialFailed(first_line) from exc
+            message = first_line(exc, 480) if str(exc).strip() else ""
+            trial.set_user_attr(ATTR_ERROR, redact_text(f"{type(exc).__name__}: {message}")[:500])
+            raise TrialFailed(message) from exc
         trial.set_user_attr("seconds", round(outcome.seconds, 3))
         trial.set_user_attr("fit_seconds", round(outcome.fit_seconds, 3))
         trial.set_user_attr("evaluate_seconds", round(outcome.evaluate_seconds, 3))

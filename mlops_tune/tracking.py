@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mlops_tune import locks
-from mlops_tune.errors import UsageError
+from mlops_tune.errors import UsageError, first_line
 from mlops_tune.faults import classify
 from mlops_tune.secrets import redact, redact_config, redact_text
 
@@ -79,13 +79,13 @@ def connect(uri: str, experiment: str) -> str:
             return str(experiment_id)
         except Exception as exc:
             raise UsageError(f"MLFLOW_RUN_ID: run {project_run} not found at {redact(uri)} "
-                             f"({_one_line(exc)})") from None
+                             f"({first_line(exc)})") from None
     try:
         # processes starting together on a new SQLite file would race to create its schema
         with locks.sqlite_schema(uri):
             experiment_id = _set_experiment(experiment)
     except Exception as exc:
-        raise UsageError(f"tracking.uri: cannot open {redact(uri)} ({_one_line(exc)})") from None
+        raise UsageError(f"tracking.uri: cannot open {redact(uri)} ({first_line(exc)})") from None
     _check_artifact_folder(experiment_id)
     return experiment_id
 
@@ -208,10 +208,6 @@ def _check_server(uri: str) -> None:
                          f"({redact_text(str(reason))})") from None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
     """Flatten nested config into MLflow params: ``{"model.hidden_units": "[8, 16]", ...}``."""
@@ -255,7 +251,7 @@ def run(
         fault = classify(exc) if isinstance(exc, Exception) else None
         if fault is not None and fault.component == "tracking":
             fail_fast()  # the store is gone: one try per closing call, not minutes of retries
-        tags = {TAG_ERROR: redact_text(_one_line(exc) if str(exc) else type(exc).__name__)}
+        tags = {TAG_ERROR: redact_text(first_line(exc))}
         if fault is not None:
             tags[TAG_FAULT] = "environment"
         with contextlib.suppress(Exception):
