@@ -26,8 +26,6 @@ from mlops_tune.errors import UsageError, first_line
 from mlops_tune.faults import classify
 from mlops_tune.secrets import redact, redact_config, redact_text
 
-__all__ = ["redact", "redact_config"]  # re-exported: callers print and log through tracking
-
 TAG_STUDY = "mlops_tune.study"
 TAG_GATE = "mlops_tune.gate"
 TAG_TRIAL_NUMBER = "mlops_tune.trial_number"
