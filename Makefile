@@ -41,7 +41,7 @@ ui: install
 
 ## a team setup on this machine: PostgreSQL + an MLflow server on 127.0.0.1 (prints the URIs to use)
 server: install
-	$(PY) -m mlops_tune.devservices up .services --port $${MLFLOW_PORT:-5000}
+	$(PY) -m devtools.devservices up .services --port $${MLFLOW_PORT:-5000}
 
 ## stop the background services that `make server` started (no-op when none runs)
 stop-services:

@@ -32,12 +32,15 @@ import uuid
 from pathlib import Path
 
 import optuna
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from mlops_tune import devservices  # noqa: E402
-from mlops_tune.runners.docker import DEFAULT_IMAGES  # noqa: E402
+from devtools import devservices  # noqa: E402
+from mlops_tune.cli import CONF_DIR  # noqa: E402
+
+DEFAULT_IMAGES = yaml.safe_load((CONF_DIR / "runner" / "docker.yaml").read_text())["images"]
 
 BIN = Path(sys.executable).parent
 RUNNERS = ("inprocess", "mlflow", "docker")
@@ -46,7 +49,8 @@ CASES = {
     "ann": (["model=ann", "model.epochs=5", "model.early_stopping_patience=0"], 4),
 }
 TARGET_SKLEARN_DOCKER_S = 3.0
-TRIAL_IMPORTS = "import mlops_tune.train, mlops_tune.runners.mlflow, mlflow, sklearn.neighbors, optuna, hydra, grpc"
+TRIAL_IMPORTS = ("import mlops_tune.worker, mlops_tune.trial, mlops_tune.optuna_setup, mlflow, sklearn.neighbors, "
+                 "optuna, hydra, grpc")
 
 
 def study_overheads(server: str, work: Path, overrides: list[str], n_trials: int, runner: str) -> dict:

@@ -48,8 +48,8 @@ from mlops_tune.cli import CONF_DIR  # noqa: E402
 from mlops_tune.config import to_plain, validate_tune  # noqa: E402
 from mlops_tune.data import Splits, load_splits  # noqa: E402
 from mlops_tune.families.keras import DenseFamily  # noqa: E402
+from mlops_tune.logs import quiet_libraries  # noqa: E402
 from mlops_tune.search import SearchSpace  # noqa: E402
-from mlops_tune.tracking import quiet_libraries  # noqa: E402
 
 TARGET = 0.98
 BUDGET = 20
@@ -119,7 +119,8 @@ def train_point(model_cfg: dict[str, Any], splits: Splits, seed: int, point: dic
 
 def run_plain_optuna(seed: int) -> dict[str, Any]:
     space, model_cfg = space_and_base()
-    splits = load_splits({"name": "digits", "loader": "sklearn", "val_size": 0.2, "test_size": 0.2}, seed)
+    splits = load_splits({"name": "digits", "loader": "sklearn", "dataset": "digits", "val_size": 0.2,
+                          "test_size": 0.2}, seed)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     started = time.perf_counter()
     reached_at: list[float] = []
@@ -142,7 +143,8 @@ def run_keras_tuner(seed: int, kind: str) -> dict[str, Any]:
     import keras
     import keras_tuner as kt
 
-    splits = load_splits({"name": "digits", "loader": "sklearn", "val_size": 0.2, "test_size": 0.2}, seed)
+    splits = load_splits({"name": "digits", "loader": "sklearn", "dataset": "digits", "val_size": 0.2,
+                          "test_size": 0.2}, seed)
     mean, variance = splits.x_train.mean(axis=0), splits.x_train.var(axis=0)
 
     def build(hp: kt.HyperParameters) -> keras.Model:

@@ -27,7 +27,7 @@ import optuna
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from mlops_tune import devservices  # noqa: E402
+from devtools import devservices  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CASES = {

@@ -24,12 +24,17 @@ fi
 echo "extra CA certificates: $(find docker/extra-ca -name '*.crt' | wc -l)"
 
 for family in "${families[@]}"; do
-  [ -f "docker/$family.Dockerfile" ] || { echo "build-images.sh: no docker/$family.Dockerfile" >&2; exit 2; }
+  case "$family" in
+    sklearn) extras=proxy ;;
+    keras) extras=keras,proxy ;;
+    *) echo "build-images.sh: unknown family '$family' (sklearn, keras)" >&2; exit 2 ;;
+  esac
   start=$(date +%s)
   echo "building mlops-tune-$family:$tag from $base ..."
   # host network: pip reaches the package index the way the host does
   docker build --network host --build-arg "BASE_IMAGE=$base" \
-    -f "docker/$family.Dockerfile" -t "mlops-tune-$family:$tag" .
+    --build-arg "FAMILY=$family" --build-arg "EXTRAS=$extras" \
+    -f docker/trial.Dockerfile -t "mlops-tune-$family:$tag" .
   echo "built mlops-tune-$family:$tag in $(( $(date +%s) - start )) s" \
        "($(docker image inspect -f '{{.Size}}' "mlops-tune-$family:$tag" | awk '{printf "%.0f MB", $1/1e6}'))"
 done

@@ -178,3 +178,52 @@ def _release_file(path: Path, study: str, name: str, value: str) -> bool:
         del claims[key]
         _write(handle, claims)
         return True
+
+
+class Budget:
+    """A worker's view of its study's claims: the trial tickets (``study.n_trials``) and the
+    one-time claims (base trial, parent run, promotion).
+
+    ``key`` names the study instance (name and storage id: a recreated study starts afresh).
+    A ticket is taken before each trial, handed to the trial that starts, and given back when
+    no trial took it or the trial did not train.
+    """
+
+    def __init__(self, storage_url: str, key: str) -> None:
+        self.storage_url = storage_url
+        self.key = key
+        self._ticket: tuple[str, str] | None = None
+
+    def claim(self, name: str, value: str) -> str:
+        return claim(self.storage_url, self.key, name, value)
+
+    def take(self, limit: int, owner: str) -> bool:
+        """Take a free ticket below ``limit``; False when all are held (the budget is spent)."""
+        self._ticket = claim_ticket(self.storage_url, self.key, limit, owner)
+        return self._ticket is not None
+
+    def hand_over(self) -> str:
+        """The held ticket as ``"name value"`` for the trial that starts now ("" when none)."""
+        ticket, self._ticket = self._ticket, None
+        return " ".join(ticket) if ticket else ""
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Give the ticket back on leaving when no trial took it."""
+        try:
+            yield
+        finally:
+            if self._ticket is not None:
+                self.release(*self._ticket)
+                self._ticket = None
+
+    def release(self, name: str, value: str) -> None:
+        """Give a claim back (best effort: the storage may be what failed)."""
+        with contextlib.suppress(Exception):
+            release(self.storage_url, self.key, name, value)
+
+    def release_text(self, ticket: str) -> None:
+        """Give back a ticket recorded as ``"name value"`` on a trial."""
+        name, _, value = ticket.partition(" ")
+        if name and value:
+            self.release(name, value)

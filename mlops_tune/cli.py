@@ -29,7 +29,7 @@ from typing import Any, NoReturn, TextIO
 from mlops_tune import faults, secrets
 from mlops_tune.errors import EXIT_CRASH, EXIT_USAGE, EnvironmentFault, StudyAborted, UsageError
 
-CONF_DIR = Path(os.environ.get("MLOPS_TUNE_CONF", Path(__file__).resolve().parent.parent / "conf"))
+CONF_DIR = Path(os.environ.get("MLOPS_TUNE_CONF", Path(__file__).resolve().parent / "conf"))
 _CODES_ENV = "MLOPS_TUNE_EXIT_CODES_FILE"
 
 Task = Callable[[Any], int]

@@ -12,7 +12,7 @@ from typing import Any
 
 from mlops_tune.errors import UsageError
 
-TRAIN_SECTIONS = frozenset({"model", "data", "tracking", "seed", "trial"})
+TRAIN_SECTIONS = frozenset({"model", "data", "tracking", "seed"})
 TUNE_SECTIONS = TRAIN_SECTIONS | {"runner", "search", "gate", "study", "registry", "report", "worker"}
 SAMPLERS = ("tpe", "random", "mutation")
 PRUNERS = ("median", "hyperband", "none")
@@ -30,8 +30,6 @@ SECTION_KEYS: Mapping[str, frozenset[str]] = {
     "report": frozenset({"junit"}),
     "runner": frozenset({"name", "images", "cpus", "memory"}),
     "search": frozenset({"space"}),
-    # set by runner=mlflow for a trial that runs as an MLflow Project run
-    "trial": frozenset({"storage", "study", "trial_id", "pruner", "log_model_above"}),
 }
 
 
@@ -50,7 +48,7 @@ def to_plain(cfg: Any) -> dict[str, Any]:
     assert isinstance(plain, dict)
     _mask_environment_values(cfg, plain)
     from mlops_tune.secrets import move_credentials
-    from mlops_tune.tracking import absolute_sqlite
+    from mlops_tune.stores import absolute_sqlite
 
     # relative SQLite files mean "in the working folder", for trial processes elsewhere too;
     # a password (from a config file or an ${oc.env:...}) goes where the libraries read it

@@ -92,15 +92,17 @@ class Splits:
 # --------------------------------------------------------------------------- loaders
 
 
-def load_sklearn(name: str) -> Dataset:
-    """A dataset bundled with scikit-learn (digits, breast_cancer, wine, iris)."""
+def load_sklearn(dataset: str, image_shape: Sequence[int] | None = None) -> Dataset:
+    """A dataset bundled with scikit-learn (``dataset``: digits, breast_cancer, wine, iris ...);
+    ``image_shape`` ``[h, w, c]`` when its samples are images (digits: ``[8, 8, 1]``)."""
     from sklearn import datasets
 
-    loader = getattr(datasets, f"load_{name}", None)
-    if loader is None:
-        raise UsageError(f"data.name: '{name}' is not a scikit-learn bundled dataset")
+    loader = getattr(datasets, f"load_{dataset}", None) if isinstance(dataset, str) else None
+    if loader is None or dataset in ("files", "sample_image", "sample_images", "svmlight_file", "svmlight_files"):
+        raise UsageError(f"data.dataset: '{dataset}' is not a scikit-learn bundled dataset")
     bunch = loader()
-    image_shape = (8, 8, 1) if name == "digits" else None
+    if image_shape is not None:
+        image_shape = _image_shape(image_shape, int(np.prod(np.shape(bunch.data)[1:])))
     names = [str(c) for c in bunch.target_names]
     return Dataset(
         x=np.asarray(bunch.data, dtype=np.float32),
@@ -281,6 +283,17 @@ LOADERS: Mapping[str, Callable[..., Dataset]] = {
 }
 
 
+def _image_shape(shape: Sequence[int], n_features: int) -> tuple[int, int, int]:
+    """``data.image_shape`` checked against the number of features per sample."""
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise UsageError(f"data.image_shape: must be [height, width, channels], got {shape!r}")
+    if int(np.prod(shape)) != n_features:
+        raise UsageError(f"data.image_shape: {list(shape)} holds {int(np.prod(shape))} values, "
+                         f"but each sample has {n_features} features")
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -296,8 +309,6 @@ def loader_arguments(data_cfg: Mapping[str, Any]) -> tuple[Callable[..., Dataset
     loader = LOADERS[loader_name]
     params = inspect.signature(loader).parameters
     kwargs = {k: v for k, v in data_cfg.items() if k not in COMMON_KEYS}
-    if loader is load_sklearn:
-        kwargs["name"] = data_cfg.get("name")
     for key in kwargs:
         if key not in params:
             raise UsageError(f"data.{key}: unknown key for the {loader_name} loader (known: {', '.join(params)})")

@@ -2,9 +2,10 @@
 
 Each new trial starts from the best completed trial so far (the base model until one
 completes) and applies one or two mutation operators of the search space (widen or
-narrow a layer, add or remove a layer, change k, switch the scaler, ...). The parent
-trial and the operators are stored as trial user attributes (``parent_trial``,
-``mutations``), so every child run can say where it came from.
+narrow a layer, add or remove a layer, change k, switch the scaler, ...). The child is
+proposed with Optuna's public ``study.enqueue_trial`` (as the base model is), its parent
+trial and operators as user attributes (``parent_trial``, ``mutations``), so every child
+run can say where it came from. Anything not proposed is sampled at random.
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from mlops_tune import attrs
 from mlops_tune.search import SearchSpace
-
-ATTR_PARENT = "parent_trial"
-ATTR_MUTATIONS = "mutations"
 
 
 class MutationSampler(BaseSampler):
     """Mutate the best trial so far; fall back to random sampling for anything unplanned.
 
     Operators that improved on their parent earlier in the study are chosen more often
-    (see :func:`operator_weights`).
+    (see :func:`operator_weights`). The study calls :meth:`propose` before each trial.
 
     Args:
         space: the study's search space (its ``base`` is the starting point).
@@ -41,11 +40,32 @@ class MutationSampler(BaseSampler):
         self._rng = random.Random(seed)
         self._fallback = RandomSampler(seed=seed)
         self._max_tries = max_tries
-        self._plans: dict[int, dict[str, Any]] = {}
 
     def reseed_rng(self) -> None:
         self._rng = random.Random()
         self._fallback.reseed_rng()
+
+    def propose(self, study: optuna.Study) -> None:
+        """Enqueue the next child (unless a trial is already waiting to run)."""
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        parent = max(done, key=lambda t: t.value or 0.0, default=None)
+        point = self._space.decode(parent.params) if parent else dict(self._space.base)
+        tried = {_key(t.params) for t in trials}
+        weights = operator_weights(trials)
+        params: dict[str, Any] = {}
+        ops: list[str] = []
+        for _ in range(self._max_tries):
+            child, ops = self._space.mutate(point, self._rng, n_ops=self._rng.choice((1, 2)), weights=weights)
+            params = self._space.encode(child)
+            if ops and _key(params) not in tried:
+                break
+        if not ops:  # nothing to mutate: the fallback samples the trial
+            return
+        study.enqueue_trial(params, user_attrs={attrs.PARENT: parent.number if parent else attrs.BASE,
+                                                attrs.MUTATIONS: ",".join(ops)}, skip_if_exists=False)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return {}
@@ -54,41 +74,13 @@ class MutationSampler(BaseSampler):
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         return {}
 
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if "fixed_params" in trial.system_attrs:  # an enqueued trial (the base model)
-            return
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        parent = max(done, key=lambda t: t.value or 0.0, default=None)
-        point = self._space.decode(parent.params) if parent else dict(self._space.base)
-        trials = study.get_trials(deepcopy=False)
-        tried = {json.dumps(t.params, sort_keys=True, default=str) for t in trials}
-        weights = operator_weights(trials)
-        for _ in range(self._max_tries):
-            child, ops = self._space.mutate(point, self._rng, n_ops=self._rng.choice((1, 2)), weights=weights)
-            params = self._space.encode(child)
-            if ops and json.dumps(params, sort_keys=True, default=str) not in tried:
-                break
-        self._plans[trial._trial_id] = params
-        storage = study._storage
-        storage.set_trial_user_attr(trial._trial_id, ATTR_PARENT, parent.number if parent else "base")
-        storage.set_trial_user_attr(trial._trial_id, ATTR_MUTATIONS, ",".join(ops))
-
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
-        plan = self._plans.get(trial._trial_id, {})
-        if param_name in plan:
-            value = plan[param_name]
-            try:
-                inside = param_distribution._contains(param_distribution.to_internal_repr(value))
-            except ValueError:  # a categorical value that is not a choice
-                inside = False
-            if inside:
-                return value
         return self._fallback.sample_independent(study, trial, param_name, param_distribution)
 
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Any) -> None:
-        self._plans.pop(trial._trial_id, None)
+
+def _key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
 
 
 def operator_weights(trials: list[FrozenTrial]) -> dict[str, float]:
@@ -101,8 +93,8 @@ def operator_weights(trials: list[FrozenTrial]) -> dict[str, float]:
     tries: dict[str, int] = {}
     wins: dict[str, int] = {}
     for t in trials:
-        ops = t.user_attrs.get(ATTR_MUTATIONS)
-        parent = t.user_attrs.get(ATTR_PARENT)
+        ops = t.user_attrs.get(attrs.MUTATIONS)
+        parent = t.user_attrs.get(attrs.PARENT)
         if not ops or not isinstance(parent, int) or t.state not in (TrialState.COMPLETE, TrialState.PRUNED,
                                                                          TrialState.FAIL):
             continue

@@ -5,15 +5,37 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
+
+from mlops_tune import attrs
 
 if TYPE_CHECKING:
     import optuna
 
     from mlops_tune.search import SearchSpace
-    from mlops_tune.study import StudyResult
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """How a study ended."""
+
+    study_name: str
+    gate_passed: bool
+    best_value: float | None
+    best_trial: int | None
+    test_accuracy: float | None
+    n_trials: int
+    threshold: float
+    parent_run_id: str
+    registered_version: str | None = None
+    champion: bool = False
+    #: the best trial's config (model, data, seed, tracking), for ``mlops-train``
+    best_config: dict[str, Any] | None = None
+    #: every trial of the study as CSV (also logged to the parent run)
+    trials_csv: str = ""
 
 
 def _fmt(value: Any) -> str:
@@ -60,19 +82,19 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapse
         step = max(trial.intermediate_values)
         value = f"{trial.intermediate_values[step]:.4f}@{step}"
     best = _best(study)
-    seconds = trial.user_attrs.get("seconds")
+    seconds = trial.user_attrs.get(attrs.SECONDS)
     if seconds is None and trial.datetime_complete and trial.datetime_start:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     origin = ""
-    if "mutations" in trial.user_attrs:
-        origin = f"  <- #{trial.user_attrs.get('parent_trial')} {trial.user_attrs['mutations']}"
-    elif trial.user_attrs.get("parent_trial") == "none":
+    if attrs.MUTATIONS in trial.user_attrs:
+        origin = f"  <- #{trial.user_attrs.get(attrs.PARENT)} {trial.user_attrs[attrs.MUTATIONS]}"
+    elif trial.user_attrs.get(attrs.PARENT) == attrs.ROOT:
         origin = "  (base model)"
     error = ""
-    if trial.state == TrialState.FAIL and "not_charged" in trial.user_attrs:
-        error = f"  not charged to the budget: {trial.user_attrs['not_charged']}"
-    elif trial.state == TrialState.FAIL and "error" in trial.user_attrs:
-        error = f"  error: {trial.user_attrs['error']}"
+    if trial.state == TrialState.FAIL and attrs.NOT_CHARGED in trial.user_attrs:
+        error = f"  not charged to the budget: {trial.user_attrs[attrs.NOT_CHARGED]}"
+    elif trial.state == TrialState.FAIL and attrs.ERROR in trial.user_attrs:
+        error = f"  error: {trial.user_attrs[attrs.ERROR]}"
     mark = " *gate*" if trial.value is not None and trial.value >= threshold else ""
     print(
         f"[trial {trial.number:3d}] {trial.state.name:8s} val_accuracy={value:<8s} "

@@ -1,12 +1,11 @@
-"""MLflow: connecting, run lifecycle, batched logging, the registry and its aliases.
+"""MLflow runs: connecting to the store, run lifecycle, batched logging, closing orphans.
 
-Layout (DESIGN.md): one parent run per study, one child run per trial. Everything that
-touches MLflow goes through this module, so the layout lives in one place.
+Layout (docs/architecture.md): one parent run per study, one child run per trial. Runs are
+made here; the registry and its champion alias are ``mlops_tune.registry``.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
@@ -14,17 +13,17 @@ import math
 import os
 import time
 import traceback
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from mlops_tune import locks
 from mlops_tune.errors import UsageError, first_line
 from mlops_tune.faults import classify
+from mlops_tune.logs import quiet_libraries
 from mlops_tune.secrets import redact, redact_config, redact_text
+from mlops_tune.stores import check_reachable, configure_http, fail_fast
 
 TAG_STUDY = "mlops_tune.study"
 TAG_GATE = "mlops_tune.gate"
@@ -37,24 +36,8 @@ TAG_MUTATIONS = "mlops_tune.mutations"
 TAG_MODEL_URI = "mlops_tune.model_uri"
 #: ``environment`` on a run that ended because the environment failed, not the model
 TAG_FAULT = "mlops_tune.fault"
-#: test accuracies are stored and compared at this many decimals
-ACCURACY_DECIMALS = 6
-CHAMPION_ALIAS = "champion"
 
 _log = logging.getLogger(__name__)
-
-
-def absolute_sqlite(uri: str) -> str:
-    """``sqlite:///rel.db`` -> ``sqlite:////abs/cwd/rel.db``; other URIs unchanged.
-
-    Trials run in other processes (and folders) must open the same file.
-    """
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri.startswith(prefix + "/") or uri == prefix + ":memory:":
-        return uri
-    path, _, query = uri[len(prefix):].partition("?")
-    absolute = str(Path(path).expanduser().absolute())
-    return f"{prefix}{absolute}" + (f"?{query}" if query else "")
 
 
 def connect(uri: str, experiment: str) -> str:
@@ -118,95 +101,6 @@ def _check_artifact_folder(experiment_id: str) -> None:
                          f"({'read-only file system or ' if existing.is_dir() else ''}no permission)")
 
 
-def quiet_libraries() -> None:
-    """Keep library chatter (INFO logs, experimental-API warnings, retry noise) out of the output.
-
-    Failures are reported by mlops-tune itself, in one line; the libraries' own error logs
-    would add a traceback per failed call (and may quote a URL).
-    """
-    import warnings
-
-    # MLflow prints a "View run" link per run for HTTP stores: noise per trial, and the URL
-    # would show a password given in tracking.uri. Our summary prints the redacted URI.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    # a progress bar per model download (registry, test evaluation) from a tracking server
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # Pickle-format advice on every sklearn model: we log models we just trained ourselves.
-    logging.getLogger("mlflow.sklearn").setLevel(logging.ERROR)
-    # images without git (the trial containers): the run simply has no git tags
-    logging.getLogger("mlflow.utils.git_utils").setLevel(logging.ERROR)
-    # a traceback per failed store call, and urllib3's retry lines: we report the fault once
-    for name in ("mlflow.store.db.utils", "mlflow.utils.rest_utils", "mlflow.tracking.fluent",
-                 "urllib3.connectionpool", "sqlalchemy.pool"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        import optuna
-
-        # Optuna logs every failed trial with its traceback; our trial line says it in one line
-        optuna.logging.set_verbosity(optuna.logging.ERROR)
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    except ImportError:  # pragma: no cover - optuna is a core dependency
-        pass
-
-
-def check_reachable(uri: str) -> None:
-    """Raise :class:`UsageError` when ``uri`` is a server that does not answer or a store that
-    cannot be written (a read-only SQLite file or folder)."""
-    parts = urlsplit(uri)
-    if parts.scheme in ("http", "https"):
-        _check_server(uri)
-    elif parts.scheme == "sqlite":
-        path = locks.sqlite_path(uri)
-        if path is None:
-            return
-        if not path.parent.is_dir():
-            raise UsageError(f"tracking.uri: folder of the SQLite file does not exist: {redact(uri)}")
-        writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK)
-        if not writable:
-            raise UsageError(f"tracking.uri: the SQLite file {path} is read-only (read-only file system "
-                             "or no write permission); point tracking.uri at a writable file")
-    elif parts.scheme in ("", "file"):
-        _check_file_store(Path(parts.path if parts.scheme else uri).expanduser().absolute(), uri)
-    elif parts.scheme not in ("postgresql", "mysql", "mssql", "databricks") and "+" not in parts.scheme:
-        raise UsageError(f"tracking.uri: unsupported scheme '{parts.scheme}' in {redact(uri)}")
-
-
-def _check_file_store(folder: Path, uri: str) -> None:
-    """A file store (``file:///path`` or a plain folder) must be a folder we can create and write."""
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir():
-        raise UsageError(f"tracking.uri: {folder} is not a folder an MLflow file store can live in")
-    if not os.access(existing, os.W_OK) or str(existing).startswith(("/proc", "/sys")):
-        raise UsageError(f"tracking.uri: cannot create or write the MLflow file store {folder} "
-                         f"({existing} is not writable); use e.g. sqlite:///mlflow.db")
-
-
-def _check_server(uri: str) -> None:
-    parts = urlsplit(uri)
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port:
-        netloc += f":{parts.port}"
-    request = urllib.request.Request(f"{urlunsplit(parts._replace(netloc=netloc)).rstrip('/')}/health")
-    # basic auth as MLflow sends it: from the environment (where a password in the URI is moved)
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if parts.username is not None:
-        user, password = parts.username, parts.password or ""
-    if user is not None and password is not None:
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5):
-            pass
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UsageError(f"tracking.uri: cannot reach the MLflow server at {redact(uri)} "
-                         f"({redact_text(str(reason))})") from None
-
-
-
 def flatten(prefix: str, value: Any) -> dict[str, str]:
     """Flatten nested config into MLflow params: ``{"model.hidden_units": "[8, 16]", ...}``."""
     if isinstance(value, Mapping):
@@ -261,21 +155,6 @@ def run(
         raise
     else:
         mlflow.end_run("FINISHED")
-
-
-def configure_http() -> None:
-    """MLflow's HTTP retries: ride out a server restart of ~15 s, give up after about half a minute.
-
-    MLflow's own default (7 retries, backoff up to 2 minutes) keeps a study waiting for
-    minutes on a dead server. Both variables keep the user's value when set.
-    """
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-
-
-def fail_fast() -> None:
-    """No more HTTP retries in this process: the tracking server is known to be gone."""
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
 
 
 def create_run(experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
@@ -358,50 +237,3 @@ def close_orphan_runs(experiment_id: str, parent_run_id: str, live_run_ids: set[
             client.set_terminated(child.info.run_id, "KILLED")
             closed.append(child.info.run_id)
     return closed
-
-
-def champion_test_accuracy(registry_name: str) -> float | None:
-    """Test accuracy recorded on the current ``champion`` version, or None if there is none."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(registry_name, CHAMPION_ALIAS)
-    except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
-            return None
-        raise
-    value = version.tags.get("test_accuracy")
-    return float(value) if value is not None else -math.inf
-
-
-def beats(candidate: float, current: float | None) -> bool:
-    """Whether ``candidate`` strictly beats ``current``, both at the stored precision (a tie does not)."""
-    return current is None or round(candidate, ACCURACY_DECIMALS) > round(current, ACCURACY_DECIMALS)
-
-
-def check_registry_name(name: str) -> None:
-    """MLflow's rules for a registered model name, checked before anything runs."""
-    if not isinstance(name, str) or not name.strip():
-        raise UsageError("registry.name: must be a non-empty name")
-    bad = [c for c in ("/", ":") if c in name]
-    if bad or name in (".", "..") or name != name.strip():
-        raise UsageError(f"registry.name: '{name}' is not a valid MLflow model name "
-                         "(no '/', ':' or surrounding spaces; not '.' or '..')")
-
-
-def register(model_uri: str, registry_name: str, test_accuracy: float, tags: Mapping[str, str]) -> str:
-    """Register ``model_uri`` under ``registry_name``; return the new version."""
-    import mlflow
-
-    version = mlflow.register_model(
-        model_uri, registry_name, tags={"test_accuracy": f"{test_accuracy:.{ACCURACY_DECIMALS}f}", **tags},
-    )
-    return str(version.version)
-
-
-def set_champion(registry_name: str, version: str) -> None:
-    import mlflow
-
-    mlflow.MlflowClient().set_registered_model_alias(registry_name, CHAMPION_ALIAS, version)

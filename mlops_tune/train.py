@@ -23,6 +23,7 @@ def train(cfg: Any) -> int:
     from mlops_tune import faults, tracking
     from mlops_tune.config import to_plain, validate_train
     from mlops_tune.data import load_splits
+    from mlops_tune.secrets import redact
     from mlops_tune.trial import run_trial
 
     plain = to_plain(cfg)
@@ -31,10 +32,7 @@ def train(cfg: Any) -> int:
     uri = plain["tracking"]["uri"]
     experiment_id = tracking.connect(uri, plain["tracking"]["experiment"])
     model, data = plain["model"]["name"], plain["data"]["name"]
-    storage = str((plain.get("trial") or {}).get("storage", ""))
-    with faults.classified(tracking_uri=uri, storage_url=storage):
-        if plain.get("trial"):  # a study's trial in its own process (runner=mlflow|docker)
-            return _study_trial(plain, experiment_id, splits)
+    with faults.classified(tracking_uri=uri):
         outcome = run_trial(plain, experiment_id=experiment_id, splits=splits)
     epochs = f"{outcome.epochs} epoch{'s' if outcome.epochs != 1 else ''}, " if "epochs" in plain["model"] else ""
     print(
@@ -42,29 +40,9 @@ def train(cfg: Any) -> int:
         f"test_accuracy={outcome.test_accuracy:.4f} ({epochs}"
         f"fit {outcome.fit_seconds:.1f} s, {outcome.n_params:,} params)\n"
         f"  MLflow run {outcome.run_id} in experiment '{plain['tracking']['experiment']}' at "
-        f"{tracking.redact(plain['tracking']['uri'])}",
+        f"{redact(plain['tracking']['uri'])}",
         flush=True,
     )
-    return EXIT_OK
-
-
-def _study_trial(plain: dict[str, Any], experiment_id: str, splits: Any) -> int:
-    """One trial of a study: report epochs to its Optuna trial; its MLflow run tells the outcome."""
-    from optuna import TrialPruned
-
-    from mlops_tune.runners.docker import container_tags
-    from mlops_tune.runners.mlflow import trial_process_link
-    from mlops_tune.trial import run_trial
-
-    reporter, should_log_model = trial_process_link(plain["trial"])
-    tags = container_tags()  # in a trial image: which image, user and limits
-    try:
-        outcome = run_trial(plain, experiment_id=experiment_id, splits=splits, reporter=reporter,
-                            evaluate_test=False, should_log_model=should_log_model, tags=tags)
-    except TrialPruned as exc:
-        print(f"{PROG}: trial pruned: {exc}", flush=True)
-        return EXIT_OK
-    print(f"{PROG}: trial val_accuracy={outcome.val_accuracy:.4f}", flush=True)
     return EXIT_OK
 
 

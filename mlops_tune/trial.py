@@ -1,8 +1,9 @@
 """ONE trial: train one model from a resolved config, evaluate it, track it in MLflow.
 
-This is the seam every runner shares (DESIGN.md): ``mlops-train`` calls it once, the
-study calls it per trial in this process, and the MLflow/Docker runners call it inside
-another process. A runner only decides where :func:`run_trial` runs.
+This is the seam every runner shares (docs/architecture.md): ``mlops-train`` calls it
+once, the study calls it per trial in this process, and the trial's own process
+(``mlops_tune.worker``) calls it for runner=mlflow|docker. A runner only decides where
+:func:`run_trial` runs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ class Reporter(Protocol):
     """Receives the validation accuracy after every epoch; may raise ``optuna.TrialPruned``."""
 
     def report(self, value: float, step: int) -> None: ...
+
+
+class OptunaReporter:
+    """Reports per-epoch validation accuracy to an Optuna trial and prunes on its word."""
+
+    def __init__(self, trial: Any) -> None:
+        self.trial = trial
+
+    def report(self, value: float, step: int) -> None:
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise TrialPruned(f"pruned at epoch {step} with val_accuracy={value:.4f}")
 
 
 @dataclass(frozen=True)

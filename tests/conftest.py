@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mlops_tune import devservices
+from devtools import devservices
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

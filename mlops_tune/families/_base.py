@@ -32,7 +32,7 @@ class Family(abc.ABC):
     #: the input shape the family takes (flat vectors or images with a channel axis)
     input_kind: ClassVar[InputKind]
     #: the trial image that has this family's framework (key of ``runner.images``, runner=docker)
-    image: ClassVar[str] = "sklearn"
+    image: ClassVar[str]
 
     @abc.abstractmethod
     def validate(self, model_cfg: Mapping[str, Any]) -> None:

@@ -32,6 +32,7 @@ class SklearnFamily(Family):
 
     name = "sklearn"
     input_kind = "flat"
+    image = "sklearn"
 
     def validate(self, model_cfg: Mapping[str, Any]) -> None:
         estimator_cls = _import_class(model_cfg.get("_target_"))

@@ -1,10 +1,12 @@
 """Runners decide WHERE a trial runs; what a trial does is :func:`mlops_tune.trial.run_trial`.
 
 ``runner.name`` in the config picks one: ``inprocess`` (this Python process, frameworks
-loaded once; the default) or ``mlflow`` (every trial an MLflow Project run of the
-``train`` entry point, in a fresh process) or ``docker`` (the same, inside the model
-family's image). A runner gets the trial's resolved config and the Optuna
-trial (for pruning reports) and returns the trial's :class:`~mlops_tune.trial.TrialOutcome`.
+loaded once; the default), ``mlflow`` (every trial an MLflow Project run in a fresh
+process, ``mlops_tune.worker``) or ``docker`` (the same Project runner, with the model
+family's image as the project's ``docker_env``). A runner gets the trial's resolved
+config and the Optuna trial (for pruning reports) and returns the trial's
+:class:`~mlops_tune.trial.TrialOutcome`. Runners are the study's side: nothing here runs
+in a trial's own process.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ __all__ = ["RUNNERS", "Runner", "TrialContext", "get_runner"]
 
 RUNNERS = {
     "inprocess": "mlops_tune.runners.inprocess:InProcessRunner",
-    "mlflow": "mlops_tune.runners.mlflow:MlflowRunner",
-    "docker": "mlops_tune.runners.docker:DockerRunner",
+    "mlflow": "mlops_tune.runners.project:ProjectRunner",
+    "docker": "mlops_tune.runners.project:ProjectRunner",
 }
 
 

@@ -5,22 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mlops_tune import attrs
 from mlops_tune.runners._base import Runner, TrialContext
-from mlops_tune.trial import TrialOutcome, run_trial
-
-
-class OptunaReporter:
-    """Reports per-epoch validation accuracy to an Optuna trial and prunes on its word."""
-
-    def __init__(self, trial: Any) -> None:
-        self.trial = trial
-
-    def report(self, value: float, step: int) -> None:
-        import optuna
-
-        self.trial.report(value, step)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {step} with val_accuracy={value:.4f}")
+from mlops_tune.trial import OptunaReporter, TrialOutcome, run_trial
 
 
 class InProcessRunner(Runner):
@@ -38,5 +25,5 @@ class InProcessRunner(Runner):
             reporter=OptunaReporter(trial),
             evaluate_test=False,
             should_log_model=lambda val_accuracy: val_accuracy > context.best_value(),
-            on_run_started=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+            on_run_started=lambda run_id: trial.set_user_attr(attrs.RUN, run_id),
         )

@@ -131,7 +131,7 @@ def test_mlflow_ui_in_that_directory_shows_the_run(train, workdir: Path) -> None
     import json as _json
     import urllib.request
 
-    from mlops_tune import devservices
+    from devtools import devservices
 
     assert train("model=knn", "data=iris").code == 0
     [run] = mlflow_runs(workdir)

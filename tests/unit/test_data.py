@@ -16,14 +16,14 @@ from mlops_tune.errors import UsageError
     ("digits", 10, (8, 8, 1)), ("breast_cancer", 2, None), ("wine", 3, None), ("iris", 3, None),
 ])
 def test_bundled_datasets(name: str, n_classes: int, image: tuple | None) -> None:
-    data = load_sklearn(name)
+    data = load_sklearn(name, image_shape=image and list(image))
     assert len(data.classes) == n_classes
     assert data.x.dtype == np.float32 and data.x.ndim == 2
     assert data.image_shape == image
 
 
 def test_split_is_stratified_disjoint_and_seeded() -> None:
-    cfg = {"name": "digits", "loader": "sklearn", "val_size": 0.2, "test_size": 0.2}
+    cfg = {"name": "digits", "loader": "sklearn", "dataset": "digits", "val_size": 0.2, "test_size": 0.2}
     a, b, c = load_splits(cfg, 1), load_splits(cfg, 1), load_splits(cfg, 2)
     assert len(a.y_train) + len(a.y_val) + len(a.y_test) == 1797
     assert len(a.y_test) == 360 and len(a.y_val) == 360
@@ -39,10 +39,12 @@ def test_split_is_stratified_disjoint_and_seeded() -> None:
 
 
 def test_each_family_gets_its_shape() -> None:
-    splits = load_splits({"name": "digits", "loader": "sklearn", "val_size": 0.2, "test_size": 0.2}, 0)
+    splits = load_splits({"name": "digits", "loader": "sklearn", "dataset": "digits", "image_shape": [8, 8, 1],
+                          "val_size": 0.2, "test_size": 0.2}, 0)
     assert splits.as_input("image").x_train.shape[1:] == (8, 8, 1)
     assert splits.as_input("image").as_input("flat").x_val.shape[1:] == (64,)
-    tabular = load_splits({"name": "wine", "loader": "sklearn", "val_size": 0.2, "test_size": 0.2}, 0)
+    tabular = load_splits({"name": "wine", "loader": "sklearn", "dataset": "wine",
+                           "val_size": 0.2, "test_size": 0.2}, 0)
     with pytest.raises(UsageError, match="needs images"):
         tabular.as_input("image")
 

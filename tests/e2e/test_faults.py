@@ -29,8 +29,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mlops_tune import devservices
-from mlops_tune.study import ATTR_NOT_CHARGED, ATTR_RETRY_OF, judged
+from devtools import devservices
+from mlops_tune.attrs import NOT_CHARGED as ATTR_NOT_CHARGED
+from mlops_tune.attrs import RETRY_OF as ATTR_RETRY_OF
+from mlops_tune.study import judged
 from tests.conftest import BIN, IN_CI, IS_ROOT, command_env, mlflow_runs, read_only
 
 SECRET = "S3cretPW"

@@ -5,7 +5,7 @@
 * ``server``: ``mlflow server`` on 127.0.0.1 with a PostgreSQL backend store and a
   proxied artifact store (``--serve-artifacts``), so clients need no artifact credentials.
 
-``make server`` runs ``python -m mlops_tune.devservices up .services``: it prints the
+``make server`` runs ``python -m devtools.devservices up .services``: it prints the
 ``tracking.uri`` and ``study.storage`` to use and leaves pid files that
 ``make stop-services`` reads. As root, PostgreSQL runs as the ``postgres`` user.
 """
@@ -138,7 +138,7 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlops_tune.devservices", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.devservices", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up"])
     parser.add_argument("folder", type=Path, help="where data, logs and pid files go (e.g. .services)")
     parser.add_argument("--port", type=int, default=5000, help="port of the MLflow server on 127.0.0.1")

@@ -1,7 +1,12 @@
-# The scikit-learn family's trial image: mlops-tune without TensorFlow.
+# A model family's trial image (runner=docker); one Dockerfile for every family:
+#   FAMILY=sklearn EXTRAS=proxy        -> mlops-tune-sklearn: scikit-learn, no TensorFlow
+#   FAMILY=keras   EXTRAS=keras,proxy  -> mlops-tune-keras: TensorFlow (CPU) for ann, cnn
 # Build with `make images` (docker/build-images.sh); the context is the repository root.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
+ARG FAMILY=sklearn
+# pyproject.toml extras installed besides the core; [proxy] = grpcio, for the study's Optuna storage proxy
+ARG EXTRAS=proxy
 
 # Optional extra CA certificates (PEM files named *.crt in docker/extra-ca/) for networks
 # whose proxy intercepts TLS: pip in the next steps trusts them. build-images.sh copies the
@@ -17,28 +22,28 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
-    MLOPS_TUNE_CONF=/opt/mlops-tune/conf \
     GIT_PYTHON_REFRESH=quiet \
     MPLCONFIGDIR=/opt/mplconfig \
-    MLOPS_TUNE_IMAGE_FAMILY=sklearn
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    MLOPS_TUNE_IMAGE_FAMILY=${FAMILY}
 
 RUN python3 -m venv /opt/venv
 # trials run as an unprivileged user (see USER below); /tmp is the only place they write
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mlops
 # dependencies first, from pyproject.toml alone (a stub package), so that a code change
-# rebuilds only the last layers; [proxy] = grpcio, for the study's Optuna storage proxy
+# rebuilds only the last layers; TensorFlow is in the image exactly when EXTRAS asks for keras
 COPY pyproject.toml /opt/mlops-tune/
 RUN mkdir /opt/mlops-tune/mlops_tune && touch /opt/mlops-tune/mlops_tune/__init__.py /opt/mlops-tune/README.md \
-    && pip install --quiet "/opt/mlops-tune[proxy]" && pip uninstall --quiet --yes mlops-tune \
-    && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('tensorflow') is not None)"
+    && pip install --quiet "/opt/mlops-tune[${EXTRAS}]" && pip uninstall --quiet --yes mlops-tune \
+    && python -c "import importlib.util as u, sys; \
+sys.exit((u.find_spec('tensorflow') is not None) != ('keras' in '${EXTRAS}'.split(',')))"
 # matplotlib's font cache, built once here instead of in every trial container
 RUN mkdir -p /opt/mplconfig && python -c "import matplotlib.font_manager" && chown -R 10001:10001 /opt/mplconfig
 COPY README.md /opt/mlops-tune/
 COPY mlops_tune /opt/mlops-tune/mlops_tune
-COPY conf /opt/mlops-tune/conf
 RUN pip install --quiet --no-deps --no-build-isolation /opt/mlops-tune 2>/dev/null \
     || pip install --quiet --no-deps /opt/mlops-tune
 
 USER 10001:10001
 WORKDIR /tmp
-CMD ["python", "-m", "mlops_tune.project", "train"]
+CMD ["python", "-m", "mlops_tune.worker"]

@@ -14,11 +14,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
-from mlops_tune import devservices, tracking
-from mlops_tune.runners.docker import DEFAULT_IMAGES
+from devtools import devservices
+from mlops_tune import tracking
+from mlops_tune.cli import CONF_DIR
 from tests.conftest import BIN, IN_CI, ROOT, command_env, mlflow_runs, run_command
+
+DEFAULT_IMAGES = yaml.safe_load((CONF_DIR / "runner" / "docker.yaml").read_text())["images"]
 
 pytestmark = pytest.mark.slow
 

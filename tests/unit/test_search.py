@@ -8,9 +8,10 @@ import optuna
 import pytest
 import yaml
 
+from mlops_tune.attrs import BASE, MUTATIONS, PARENT
 from mlops_tune.cli import CONF_DIR
 from mlops_tune.errors import UsageError
-from mlops_tune.mutate import ATTR_MUTATIONS, ATTR_PARENT, MutationSampler
+from mlops_tune.mutate import MutationSampler
 from mlops_tune.search import SearchSpace
 
 
@@ -94,21 +95,24 @@ def test_mutations_stay_inside_the_space(name: str) -> None:
 
 def test_mutation_sampler_mutates_the_best_trial_and_records_lineage() -> None:
     space, _ = _space("knn")
-    study = optuna.create_study(direction="maximize", sampler=MutationSampler(space, seed=1))
+    sampler = MutationSampler(space, seed=1)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
     study.enqueue_trial(space.encode(space.base))
 
     def objective(trial: optuna.Trial) -> float:
         point = space.suggest(trial)
         return 1.0 / point["model.n_neighbors"] + (0.1 if point["model.scaler"] is None else 0.0)
 
-    study.optimize(objective, n_trials=12)
+    for _ in range(12):  # as the study does: the sampler proposes (enqueues) each child, then it runs
+        sampler.propose(study)
+        study.optimize(objective, n_trials=1)
     trials = study.trials
     assert trials[0].params == space.encode(space.base)
-    assert ATTR_PARENT not in trials[0].user_attrs or trials[0].user_attrs[ATTR_PARENT] != "base"
+    assert PARENT not in trials[0].user_attrs or trials[0].user_attrs[PARENT] != BASE
     for trial in trials[1:]:
-        parent = trial.user_attrs[ATTR_PARENT]
+        parent = trial.user_attrs[PARENT]
         assert isinstance(parent, int) and parent < trial.number
-        ops = trial.user_attrs[ATTR_MUTATIONS].split(",")
+        ops = trial.user_attrs[MUTATIONS].split(",")
         assert 1 <= len(ops) <= 2
         # the child differs from its parent exactly in the mutated dimensions
         parent_point = space.decode(trials[parent].params)

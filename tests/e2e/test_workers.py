@@ -18,7 +18,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mlops_tune import claims, devservices, tracking
+from devtools import devservices
+from mlops_tune import claims, tracking
 from tests.conftest import BIN, command_env, kill_when_a_trial_runs, mlflow_runs
 
 STORAGE_MODES = ["sqlite", "postgres"]

@@ -1,0 +1,32 @@
+"""The names a study writes on Optuna trials (user attributes), in one place.
+
+Trial attributes are part of the public contract: ``trials.csv``, the MLflow run tags
+and other workers of the same study read them.
+"""
+
+#: the trial a mutation started from: a trial number, :data:`BASE` or :data:`ROOT`
+PARENT = "parent_trial"
+#: the mutation operators applied, ``key:operator`` joined by commas
+MUTATIONS = "mutations"
+#: ``parent_trial`` of trial 0, the base model as configured: it has no parent
+ROOT = "none"
+#: ``parent_trial`` of a mutation of the base model made before any trial completed
+BASE = "base"
+
+#: the trial's MLflow child run, and the study's parent run (a study attribute)
+RUN = "mlflow_run_id"
+PARENT_RUN = "mlflow_parent_run_id"
+#: the logged model of a trial that was the best so far when it finished
+MODEL_URI = "model_uri"
+#: why the model failed (the trial counts against the budget)
+ERROR = "error"
+#: the trial ticket (``claims``) a trial holds: ``name value``
+TICKET = "ticket"
+#: why a trial did not train (the environment failed, the process was stopped): not charged
+NOT_CHARGED = "not_charged"
+#: the number of the trial a retried trial repeats
+RETRY_OF = "retry_of"
+#: wall seconds of the trial, of its fit and of its evaluation
+SECONDS = "seconds"
+FIT_SECONDS = "fit_seconds"
+EVALUATE_SECONDS = "evaluate_seconds"

@@ -1,0 +1,206 @@
+"""Optuna from config: the storage, the sampler and the pruner a study runs with.
+
+Everything here uses Optuna's public API. The study's storage can also be served to
+trial processes that cannot open it themselves (containers): :func:`serve_storage`
+starts Optuna's gRPC storage proxy in a child process, :func:`open_storage` is the
+client side (``grpc://HOST:PORT``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import optuna
+
+from mlops_tune import claims, locks
+from mlops_tune.errors import UsageError, first_line
+from mlops_tune.mutate import MutationSampler
+from mlops_tune.search import SearchSpace
+from mlops_tune.secrets import redact
+
+
+def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
+    """The Optuna storage named by ``study.storage`` (RDB URL, or ``journal:///path``).
+
+    RDB storages get a heartbeat, so a trial whose worker died is failed after the grace period.
+
+    Raises:
+        UsageError: the storage cannot be opened (the message names the host, not the password).
+    """
+    url = str(study_cfg["storage"])
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            return JournalStorage(JournalFileBackend(claims.journal_path(url)))
+        with locks.sqlite_schema(url):  # processes starting together on a new file
+            return _open_rdb(url, study_cfg)
+    except Exception as exc:
+        host = urlsplit(url).hostname or url.split("://", 1)[-1].split("?")[0]
+        reason = first_line(exc, 200)
+        raise UsageError(f"study.storage: cannot open the Optuna storage at {redact(host)} "
+                         f"({redact(reason)})") from None
+
+
+def check_writable(url: str) -> None:
+    """A SQLite or journal file must be writable before the study starts (else exit 2)."""
+    path = locks.sqlite_path(url) or (Path(claims.journal_path(url)).absolute() if url.startswith("journal:") else None)
+    if path is None or not path.parent.is_dir():
+        return
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise UsageError(f"study.storage: {path} is read-only (read-only file system or no write "
+                         "permission); point study.storage at a writable file")
+
+
+def _open_rdb(url: str, study_cfg: Mapping[str, Any], attempts: int = 4) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats; retried when workers race to create a new database.
+
+    The loser of that race sees a unique-key error and finds the tables on its next try.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=_engine_kwargs(url),
+                heartbeat_interval=int(study_cfg["heartbeat_interval"]),
+                grace_period=int(study_cfg["grace_period"]),
+                # a dead worker's trial is failed, then run again once by whoever asks next
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+        except Exception as exc:
+            if attempt == attempts or "IntegrityError" not in type(exc).__name__ + str(exc):
+                raise
+            time.sleep(0.5 * attempt)
+    raise AssertionError("attempts must be >= 1")
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    if url.startswith("postgresql"):
+        return {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
+    return {}
+
+
+def make_sampler(study_cfg: Mapping[str, Any], space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    """``tpe`` (seeded, warm-started by the base trial), ``random``, ``mutation`` or ``{_target_: ...}``."""
+    sampler = study_cfg["sampler"]
+    if sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, group=True)
+    if sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if sampler == "mutation":
+        return MutationSampler(space, seed=seed)
+    return _instantiate(sampler, "study.sampler", optuna.samplers.BaseSampler)
+
+
+def make_pruner(pruner: Any) -> optuna.pruners.BasePruner:
+    """``study.pruner``: ``median`` (default), ``hyperband``, ``none`` or ``{_target_: optuna.pruners.X, ...}``."""
+    if pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=4)
+    if pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=2, reduction_factor=3)
+    if pruner == "none":
+        return optuna.pruners.NopPruner()
+    return _instantiate(pruner, "study.pruner", optuna.pruners.BasePruner)
+
+
+def _instantiate(spec: Any, key: str, base: type) -> Any:
+    """A sampler or pruner from ``{_target_: ...}`` (config.check_code_targets has vetted the names)."""
+    from hydra.utils import instantiate
+
+    try:
+        obj = instantiate(spec)
+    except Exception as exc:
+        raise UsageError(f"{key}: cannot build {spec.get('_target_')!r} ({first_line(exc)})") from None
+    if not isinstance(obj, base):
+        raise UsageError(f"{key}: {spec.get('_target_')!r} is not an Optuna {base.__name__}")
+    return obj
+
+
+# ----------------------------------------------------------------------------- the gRPC storage proxy
+class StorageServer:
+    """Optuna's gRPC storage proxy for one study's storage, in a child process on 127.0.0.1.
+
+    ``optuna.storages.run_grpc_proxy_server`` serves until its process ends, so it gets a
+    process of its own, stopped by :meth:`stop`. The storage URL travels in the child's
+    environment (a PostgreSQL password stays in the PGPASSFILE it already uses).
+    """
+
+    def __init__(self, storage_url: str, timeout: float = 60.0) -> None:
+        self.port = _free_port()
+        self.url = f"grpc://127.0.0.1:{self.port}"
+        env = {**os.environ, "MLOPS_TUNE_PROXY_STORAGE": storage_url}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "mlops_tune.optuna_setup", str(self.port)],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C meant for the study is handled by the study
+        )
+        deadline = time.monotonic() + timeout
+        while not _port_open(self.port):
+            if self._process.poll() is not None:
+                error = (self._process.stderr.read() if self._process.stderr else b"").decode(errors="replace")
+                lines = [line for line in error.splitlines() if line.strip()]
+                raise UsageError(f"study.storage: the Optuna storage proxy did not start "
+                                 f"({redact(lines[-1] if lines else 'no output')})")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise UsageError(f"study.storage: the Optuna storage proxy did not answer within {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._process.stderr:
+            self._process.stderr.close()
+
+
+def open_storage(url: str) -> Any:
+    """The storage a trial process reports to: an RDB/journal URL, or ``grpc://HOST:PORT`` (the proxy)."""
+    if not url.startswith("grpc://"):
+        return url
+    from optuna.storages import GrpcStorageProxy
+
+    parts = urlsplit(url)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    storage = GrpcStorageProxy(host=parts.hostname or "127.0.0.1", port=int(parts.port or 13000))
+    storage.wait_server_ready(timeout=30)
+    return storage
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _serve(port: int) -> None:
+    """The proxy process: serve the storage named in the environment until terminated."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.get_storage(os.environ["MLOPS_TUNE_PROXY_STORAGE"])
+    optuna.storages.run_grpc_proxy_server(storage, host="127.0.0.1", port=port)
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]))

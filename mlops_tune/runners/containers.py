@@ -1,0 +1,150 @@
+"""``runner=docker``: what a trial container needs, checked before anything is written.
+
+How a container reaches the study, with host networking and nothing mounted writable:
+
+* MLflow: ``tracking.uri`` must be an MLflow server (``http://127.0.0.1:PORT``, e.g.
+  ``make server`` or ``docker/compose.yaml``) whose artifacts the server proxies
+  (``--serve-artifacts``) or that keeps them in an object store. A local SQLite file or
+  artifact folder is refused up front: a non-root container cannot write the host's files.
+* Optuna: the study serves its storage through Optuna's gRPC storage proxy on 127.0.0.1
+  while it runs (``optuna_setup.StorageServer``).
+* The trial's folder is mounted read-only; a data file named by ``data.path`` is mounted
+  read-only at the same path.
+* Credentials (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``, ``AWS_*``) go in an env
+  file readable by the invoking user only, not on the ``docker run`` command line.
+
+Images are used as built (``build_image=False``): nothing is rebuilt per trial.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from mlops_tune.errors import UsageError
+from mlops_tune.secrets import redact
+from mlops_tune.stores import check_reachable
+
+#: environment variables a trial may need for the tracking server or the artifact store
+PASS_THROUGH = (
+    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_S3_IGNORE_TLS",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+)
+_MEMORY = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$")
+MAKE_IMAGES = "build it with `make images`"
+
+
+def check(runner_cfg: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[str, list[str], str | None]:
+    """Reject a set-up containers cannot run in; return the image, the read-only mounts and
+    the data file's absolute path."""
+    from mlops_tune.families import get_family
+
+    _check_limits(runner_cfg)
+    family = get_family(cfg["model"]["family"])
+    images = runner_cfg.get("images") or {}
+    key = family.name if family.name in images else family.image
+    if not isinstance(images.get(key), str) or not images[key]:
+        raise UsageError(f"runner.images.{key}: no image for model family {family.name}")
+    image = images[key]
+    uri = str(cfg["tracking"]["uri"])
+    if urlsplit(uri).scheme not in ("http", "https"):
+        raise UsageError(
+            f"tracking.uri: runner=docker needs an MLflow server the containers can reach, not "
+            f"{redact(uri)} (start one with `make server`, then tracking.uri=http://127.0.0.1:5000)")
+    check_reachable(uri)
+    if str(cfg["study"]["storage"]).startswith("journal:"):
+        raise UsageError("study.storage: runner=docker serves the study's storage to the containers "
+                         "through Optuna's gRPC proxy, which takes SQLite or PostgreSQL, not a journal file")
+    _check_image(image)
+    _check_experiment(uri, str(cfg["tracking"]["experiment"]))
+    mounts: list[str] = []
+    data_path = cfg["data"].get("path")
+    resolved = None
+    if isinstance(data_path, str) and data_path:
+        path = Path(data_path).expanduser().resolve()
+        if not path.exists():
+            raise UsageError(f"data.path: {data_path} does not exist")
+        resolved = str(path)
+        folder = path if path.is_dir() else path.parent
+        mounts.append(f"{folder}:{folder}:ro")
+    return image, mounts, resolved
+
+
+def _check_limits(runner_cfg: Mapping[str, Any]) -> None:
+    cpus, memory = runner_cfg.get("cpus"), runner_cfg.get("memory")
+    if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus <= 0):
+        raise UsageError(f"runner.cpus: must be a positive number of CPUs or null, got {cpus!r}")
+    if memory is not None and not (isinstance(memory, str) and _MEMORY.match(memory)):
+        raise UsageError(f"runner.memory: must be a size like 2g or 512m, or null, got {memory!r}")
+
+
+def _check_image(image: str) -> None:
+    try:
+        import docker
+        from docker.errors import DockerException, ImageNotFound
+    except ImportError:
+        raise UsageError("runner=docker needs the Docker SDK: pip install 'mlops-tune[docker]'") from None
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except DockerException as exc:
+        reason = str(exc).splitlines()[0][:160]
+        raise UsageError(f"runner=docker: the Docker engine is not reachable ({reason}); "
+                         "start dockerd or set DOCKER_HOST") from None
+    try:
+        client.images.get(image)
+    except ImageNotFound:
+        raise UsageError(f"runner.images: image '{image}' not found; {MAKE_IMAGES}") from None
+    finally:
+        client.close()
+
+
+def _check_experiment(uri: str, name: str) -> None:
+    import mlflow
+
+    experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    if experiment is not None and urlsplit(experiment.artifact_location).scheme in ("", "file"):
+        raise UsageError(
+            f"tracking.experiment: '{name}' keeps its artifacts in the server's folder "
+            f"{experiment.artifact_location}, which a container cannot write; use a server started "
+            "with --serve-artifacts (make server) and a new experiment")
+
+
+def limits_text(runner_cfg: Mapping[str, Any]) -> str:
+    limits = ", ".join(f"{key} {runner_cfg[key]}" for key in ("cpus", "memory") if runner_cfg.get(key) is not None)
+    return f" ({limits})" if limits else ""
+
+
+def docker_args(runner_cfg: Mapping[str, Any], container: str, workdir: Path) -> dict[str, Any]:
+    """``docker run`` options of one trial container: host network, its name, limits, credentials."""
+    args: dict[str, Any] = {"network": "host", "name": container}
+    for key in ("cpus", "memory"):
+        if runner_cfg.get(key) is not None:
+            args[key] = str(runner_cfg[key])
+    env_file = _env_file(workdir)
+    if env_file:
+        args["env-file"] = env_file
+    return args
+
+
+def _env_file(workdir: Path) -> str | None:
+    values = {name: os.environ[name] for name in PASS_THROUGH if os.environ.get(name)}
+    if not values:
+        return None
+    path = workdir / "credentials.env"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.writelines(f"{key}={value}\n" for key, value in values.items())
+    return str(path)
+
+
+def remove(container: str) -> None:
+    """Remove a trial's container (MLflow stops its ``docker run`` client on an interrupt, not the container)."""
+    subprocess.run(["docker", "rm", "--force", container], capture_output=True, check=False)

@@ -1,0 +1,101 @@
+"""Where the MLflow store is and whether it can be used: URI helpers, up-front checks, HTTP retries.
+
+Checked before anything is written (exit 2 when unusable): a server answers ``/health``,
+a SQLite file or file store can be written. Used by the study's and the trial's process.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from mlops_tune import locks
+from mlops_tune.errors import UsageError
+from mlops_tune.secrets import redact, redact_text
+
+
+def absolute_sqlite(uri: str) -> str:
+    """``sqlite:///rel.db`` -> ``sqlite:////abs/cwd/rel.db``; other URIs unchanged.
+
+    Trials run in other processes (and folders) must open the same file.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.startswith(prefix + "/") or uri == prefix + ":memory:":
+        return uri
+    path, _, query = uri[len(prefix):].partition("?")
+    absolute = str(Path(path).expanduser().absolute())
+    return f"{prefix}{absolute}" + (f"?{query}" if query else "")
+
+
+def check_reachable(uri: str) -> None:
+    """Raise :class:`UsageError` when ``uri`` is a server that does not answer or a store that
+    cannot be written (a read-only SQLite file or folder)."""
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        _check_server(uri)
+    elif parts.scheme == "sqlite":
+        path = locks.sqlite_path(uri)
+        if path is None:
+            return
+        if not path.parent.is_dir():
+            raise UsageError(f"tracking.uri: folder of the SQLite file does not exist: {redact(uri)}")
+        writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK)
+        if not writable:
+            raise UsageError(f"tracking.uri: the SQLite file {path} is read-only (read-only file system "
+                             "or no write permission); point tracking.uri at a writable file")
+    elif parts.scheme in ("", "file"):
+        _check_file_store(Path(parts.path if parts.scheme else uri).expanduser().absolute(), uri)
+    elif parts.scheme not in ("postgresql", "mysql", "mssql", "databricks") and "+" not in parts.scheme:
+        raise UsageError(f"tracking.uri: unsupported scheme '{parts.scheme}' in {redact(uri)}")
+
+
+def _check_file_store(folder: Path, uri: str) -> None:
+    """A file store (``file:///path`` or a plain folder) must be a folder we can create and write."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise UsageError(f"tracking.uri: {folder} is not a folder an MLflow file store can live in")
+    if not os.access(existing, os.W_OK) or str(existing).startswith(("/proc", "/sys")):
+        raise UsageError(f"tracking.uri: cannot create or write the MLflow file store {folder} "
+                         f"({existing} is not writable); use e.g. sqlite:///mlflow.db")
+
+
+def _check_server(uri: str) -> None:
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    request = urllib.request.Request(f"{urlunsplit(parts._replace(netloc=netloc)).rstrip('/')}/health")
+    # basic auth as MLflow sends it: from the environment (where a password in the URI is moved)
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if parts.username is not None:
+        user, password = parts.username, parts.password or ""
+    if user is not None and password is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UsageError(f"tracking.uri: cannot reach the MLflow server at {redact(uri)} "
+                         f"({redact_text(str(reason))})") from None
+
+
+def configure_http() -> None:
+    """MLflow's HTTP retries: ride out a server restart of ~15 s, give up after about half a minute.
+
+    MLflow's own default (7 retries, backoff up to 2 minutes) keeps a study waiting for
+    minutes on a dead server. Both variables keep the user's value when set.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def fail_fast() -> None:
+    """No more HTTP retries in this process: the tracking server is known to be gone."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
