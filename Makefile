@@ -28,6 +28,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS),bench]"

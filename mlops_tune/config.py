@@ -1,36 +1,63 @@
-"""Turning a composed Hydra config into a plain, validated dict.
+"""Turning a composed Hydra config (or a config file) into a plain, validated dict.
 
-Hydra already rejects overrides of keys that do not exist (``foo=1``); this module
-rejects keys added with ``+`` that nothing reads, missing required values and values
-out of range, each as a :class:`~mlops_tune.errors.UsageError` that names the key.
+Hydra already rejects overrides of keys that do not exist (``foo=1``). The schemas of
+``mlops_tune.schema`` reject keys added with ``+`` that nothing reads and values of the
+wrong type; this module adds what a type cannot say (ranges, required values, names of
+code a config may point at), each as a :class:`~mlops_tune.errors.UsageError` naming the key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from mlops_tune.errors import UsageError
+from mlops_tune.errors import UsageError, check_int
 
-TRAIN_SECTIONS = frozenset({"model", "data", "tracking", "seed"})
-TUNE_SECTIONS = TRAIN_SECTIONS | {"runner", "search", "gate", "study", "registry", "report", "worker"}
 SAMPLERS = ("tpe", "random", "mutation")
 PRUNERS = ("median", "hyperband", "none")
 GATE_METRICS = ("val_accuracy",)
 
-#: keys of the fixed sections (the model and data sections are checked by their family / loader)
-SECTION_KEYS: Mapping[str, frozenset[str]] = {
-    "tracking": frozenset({"uri", "experiment"}),
-    "gate": frozenset({"threshold", "metric"}),
-    "study": frozenset({
-        "name", "storage", "n_trials", "timeout", "sampler", "pruner",
-        "max_consecutive_failures", "heartbeat_interval", "grace_period",
-    }),
-    "registry": frozenset({"name", "promote"}),
-    "report": frozenset({"junit"}),
-    "runner": frozenset({"name", "images", "cpus", "memory"}),
-    "search": frozenset({"space"}),
-}
+
+def load_train(cfg: Any) -> dict[str, Any]:
+    """A ``train`` config (or one trial's), resolved, typed by the schema and checked."""
+    from mlops_tune.schema import TrainConfig
+
+    plain = apply_schema(to_plain(cfg), TrainConfig)
+    validate_train(plain)
+    return plain
+
+
+def load_tune(cfg: Any) -> dict[str, Any]:
+    """A ``tune`` config, resolved, typed by the schema and checked."""
+    from mlops_tune.schema import TuneConfig
+
+    plain = apply_schema(to_plain(cfg), TuneConfig)
+    validate_tune(plain)
+    return plain
+
+
+def apply_schema(plain: Mapping[str, Any], schema: type) -> dict[str, Any]:
+    """``plain`` merged over the dataclass ``schema``: unknown keys and wrong types are errors."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    try:
+        typed = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), plain))
+    except ConfigKeyError as exc:
+        key = str(getattr(exc, "full_key", "") or "config")
+        known = sorted(f.name for f in dataclasses.fields(exc.object_type)) \
+            if dataclasses.is_dataclass(getattr(exc, "object_type", None)) else []
+        raise UsageError(f"{key}: unknown config key" + (f" (known: {', '.join(known)})" if known else "")) from None
+    except OmegaConfBaseException as exc:
+        key = str(getattr(exc, "full_key", "") or "config")
+        reason = str(exc).splitlines()[0]
+        if "is not a subclass of" in reason:
+            reason = "must be a config section"
+        raise UsageError(f"{key}: {reason}") from None
+    assert isinstance(typed, dict)
+    return typed
 
 
 def to_plain(cfg: Any) -> dict[str, Any]:
@@ -84,19 +111,15 @@ def _mask_environment_values(cfg: Any, plain: Mapping[str, Any]) -> None:
     walk(cfg, plain, "")
 
 
-def validate_train(cfg: Mapping[str, Any], sections: frozenset[str] = TRAIN_SECTIONS) -> None:
-    """Check a ``train`` config: sections, model (by its family) and data (by its loader)."""
+def validate_train(cfg: Mapping[str, Any]) -> None:
+    """Check a ``train`` config: model (by its family), data (by its loader), seed, tracking."""
     from mlops_tune.data import loader_arguments
     from mlops_tune.families import get_family
 
-    _known(cfg, sections, "")
-    for section in ("tracking", "model", "data"):
+    for section in ("model", "data"):
         if not isinstance(cfg.get(section), Mapping):
-            raise UsageError(f"{section}: missing config section")
-    _check_sections(cfg)
-    seed = cfg.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
-        raise UsageError(f"seed: must be an integer in [0, 2**32), got {seed!r}")
+            raise UsageError(f"{section}: must be a config section, got {cfg.get(section)!r}")
+    check_int(cfg.get("seed"), "seed", low=0, high=2**32)
     _check_tracking(cfg["tracking"])
     if not isinstance(cfg["model"].get("family"), str):
         raise UsageError("model.family: missing (every model YAML names its family)")
@@ -114,48 +137,32 @@ def _check_tracking(tracking: Mapping[str, Any]) -> None:
 
 def validate_tune(cfg: Mapping[str, Any]) -> None:
     """Check a ``tune`` config: everything :func:`validate_train` checks, plus gate and study."""
-    validate_train(cfg, TUNE_SECTIONS)
-    gate = cfg["gate"]
-    threshold = gate.get("threshold")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+    validate_train(cfg)
+    threshold = cfg["gate"]["threshold"]
+    if not 0 <= threshold <= 1:
         raise UsageError(f"gate.threshold: must be an accuracy in [0, 1], got {threshold!r}")
-    if gate.get("metric") not in GATE_METRICS:
-        raise UsageError(f"gate.metric: '{gate.get('metric')}' is not one of {', '.join(GATE_METRICS)} "
+    if cfg["gate"]["metric"] not in GATE_METRICS:
+        raise UsageError(f"gate.metric: '{cfg['gate']['metric']}' is not one of {', '.join(GATE_METRICS)} "
                          "(the test split is never used to choose)")
-    worker = cfg.get("worker", 0)
-    if not isinstance(worker, int) or isinstance(worker, bool) or worker < 0:
-        raise UsageError(f"worker: must be a worker index >= 0, got {worker!r}")
+    check_int(cfg["worker"], "worker", low=0)
     study = cfg["study"]
-    _positive(study, "n_trials", "study")
-    _positive(study, "max_consecutive_failures", "study")
-    _positive(study, "heartbeat_interval", "study")
-    _positive(study, "grace_period", "study")
+    for key in ("n_trials", "max_consecutive_failures", "heartbeat_interval", "grace_period"):
+        check_int(study[key], f"study.{key}")
     if study["heartbeat_interval"] >= study["grace_period"]:
         raise UsageError(f"study.heartbeat_interval: must be shorter than study.grace_period "
                          f"({study['heartbeat_interval']} >= {study['grace_period']}): live trials would "
                          "be failed as dead")
-    timeout = study.get("timeout")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise UsageError(f"study.timeout: must be null or a positive number of seconds, got {timeout!r}")
-    sampler = study.get("sampler")
-    if not (sampler in SAMPLERS or (isinstance(sampler, Mapping) and "_target_" in sampler)):
-        raise UsageError(f"study.sampler: '{sampler}' is not one of {', '.join(SAMPLERS)} "
-                         "or {_target_: optuna.samplers.X}")
-    if isinstance(sampler, Mapping):
-        check_code_targets(sampler, "study.sampler", CODE_NAMESPACES["study.sampler"])
-    pruner = study.get("pruner")
-    if not (pruner in PRUNERS or (isinstance(pruner, Mapping) and "_target_" in pruner)):
-        raise UsageError(f"study.pruner: '{pruner}' is not one of {', '.join(PRUNERS)} "
-                         "or {_target_: optuna.pruners.X}")
-    if isinstance(pruner, Mapping):
-        check_code_targets(pruner, "study.pruner", CODE_NAMESPACES["study.pruner"])
-    registry = cfg["registry"]
-    if not isinstance(registry.get("promote"), bool):
-        raise UsageError(f"registry.promote: must be true or false, got {registry.get('promote')!r}")
-    if not isinstance(study.get("name"), str) or not study["name"]:
+    if study["timeout"] is not None and study["timeout"] <= 0:
+        raise UsageError(f"study.timeout: must be null or a positive number of seconds, got {study['timeout']!r}")
+    for key, names, namespace in (("sampler", SAMPLERS, "samplers"), ("pruner", PRUNERS, "pruners")):
+        spec = study[key]
+        if not (spec in names or (isinstance(spec, Mapping) and "_target_" in spec)):
+            raise UsageError(f"study.{key}: '{spec}' is not one of {', '.join(names)} "
+                             f"or {{_target_: optuna.{namespace}.X}}")
+        if isinstance(spec, Mapping):
+            check_code_targets(spec, f"study.{key}", CODE_NAMESPACES[f"study.{key}"])
+    if not study["name"]:
         raise UsageError("study.name: must be a non-empty string")
-    if not isinstance(study.get("storage"), str):
-        raise UsageError("study.storage: must be an Optuna storage URL such as sqlite:///optuna.db")
 
 
 #: the only modules a config may name code from, per key (see docs/reliability.md, "trust")
@@ -179,24 +186,3 @@ def check_code_targets(spec: Any, key: str, namespaces: tuple[str, ...]) -> None
     elif isinstance(spec, list):
         for sub in spec:
             check_code_targets(sub, key, namespaces)
-
-
-def _check_sections(cfg: Mapping[str, Any]) -> None:
-    for section, keys in SECTION_KEYS.items():
-        if section in cfg:
-            if not isinstance(cfg[section], Mapping):
-                raise UsageError(f"{section}: must be a config section, got {cfg[section]!r}")
-            _known(cfg[section], keys, f"{section}.")
-
-
-def _known(values: Mapping[str, Any], allowed: Iterable[str], prefix: str) -> None:
-    allowed = set(allowed)
-    for key in values:
-        if key not in allowed:
-            raise UsageError(f"{prefix}{key}: unknown config key (known: {', '.join(sorted(allowed))})")
-
-
-def _positive(section: Mapping[str, Any], key: str, name: str) -> None:
-    value = section.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UsageError(f"{name}.{key}: must be a positive integer, got {value!r}")

@@ -41,3 +41,17 @@ class EnvironmentFault(Exception):
 
 class TrialFailed(Exception):
     """The model of one trial failed (not the environment): the trial is FAIL, the study goes on."""
+
+
+def check_int(value: object, key: str, low: int = 1, high: int | None = None) -> int:
+    """``value`` as an integer in ``[low, high)``, else a :class:`UsageError` naming ``key``.
+
+    ``bool`` is not an integer here (``true`` is not 1 trials).
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value >= high):
+        if high is not None:
+            wanted = f"an integer in [{low}, {high if high < 2**16 else '2**' + str(high.bit_length() - 1)})"
+        else:
+            wanted = {0: "an integer >= 0", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+        raise UsageError(f"{key}: must be {wanted}, got {value!r}")
+    return value

@@ -21,13 +21,12 @@ PROG = "mlops-train"
 def train(cfg: Any) -> int:
     """The ``mlops-train`` task: validate, load the data, run one tracked trial, print a summary."""
     from mlops_tune import faults, tracking
-    from mlops_tune.config import to_plain, validate_train
+    from mlops_tune.config import load_train
     from mlops_tune.data import load_splits
     from mlops_tune.secrets import redact
     from mlops_tune.trial import run_trial
 
-    plain = to_plain(cfg)
-    validate_train(plain)
+    plain = load_train(cfg)
     splits = load_splits(plain["data"], plain["seed"])
     uri = plain["tracking"]["uri"]
     experiment_id = tracking.connect(uri, plain["tracking"]["experiment"])

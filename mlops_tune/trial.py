@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,6 +24,10 @@ from mlops_tune.families import get_family
 
 #: the config sections that make up one trial (and its reproducible YAML)
 TRIAL_SECTIONS = ("model", "data", "seed", "tracking")
+#: a trial folder, the seam between a study and a trial's own process (``mlops_tune.worker``):
+#: the trial's config, and its link to the study (storage, study, trial number, pruner ...)
+TRIAL_CONFIG_FILE = "config.yaml"
+TRIAL_LINK_FILE = "link.yaml"
 
 
 class Reporter(Protocol):
@@ -165,3 +170,14 @@ def run_trial(
         seconds=time.perf_counter() - started,
         model_uri=model_uri,
     )
+
+
+def write_trial_dir(folder: Path, trial_cfg: Mapping[str, Any], link: Mapping[str, Any]) -> None:
+    """The study side of the seam: write the folder ``mlops_tune.worker`` reads (readable by a container's user)."""
+    import yaml
+
+    folder.mkdir(mode=0o755)
+    for name, content in ((TRIAL_CONFIG_FILE, trial_cfg), (TRIAL_LINK_FILE, link)):
+        path = folder / name
+        path.write_text(yaml.safe_dump(dict(content), sort_keys=False))
+        path.chmod(0o644)

@@ -22,14 +22,13 @@ PROG = "mlops-tune"
 
 def tune(cfg: Any) -> int:
     """The ``mlops-tune`` task: validate, run the study, write the best config next to the logs."""
-    from mlops_tune.config import to_plain, validate_tune
+    from mlops_tune.config import load_tune
     from mlops_tune.logs import quiet_libraries
     from mlops_tune.secrets import redact_text
     from mlops_tune.study import Study
 
     quiet_libraries()
-    plain = to_plain(cfg)
-    validate_tune(plain)
+    plain = load_tune(cfg)
     started = time.perf_counter()
     junit_path = (plain.get("report") or {}).get("junit")
     try:

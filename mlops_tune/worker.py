@@ -26,20 +26,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mlops_tune.trial import TRIAL_CONFIG_FILE, TRIAL_LINK_FILE
+
 PROG = "mlops-tune trial"
-CONFIG_FILE = "config.yaml"
-LINK_FILE = "link.yaml"
-
-
-def write_trial_dir(folder: Path, trial_cfg: Mapping[str, Any], link: Mapping[str, Any]) -> None:
-    """The study side: write what :func:`main` reads (readable by a container's user)."""
-    import yaml
-
-    folder.mkdir(mode=0o755)
-    for name, content in ((CONFIG_FILE, trial_cfg), (LINK_FILE, link)):
-        path = folder / name
-        path.write_text(yaml.safe_dump(dict(content), sort_keys=False))
-        path.chmod(0o644)
 
 
 def run(folder: Path) -> int:
@@ -49,14 +38,13 @@ def run(folder: Path) -> int:
     from optuna import TrialPruned
 
     from mlops_tune import faults, tracking
-    from mlops_tune.config import to_plain, validate_train
+    from mlops_tune.config import load_train
     from mlops_tune.data import load_splits
     from mlops_tune.errors import EXIT_OK
     from mlops_tune.trial import run_trial
 
-    plain = to_plain(OmegaConf.load(folder / CONFIG_FILE))  # ${oc.env:MLFLOW_TRACKING_URI} in a container
-    validate_train(plain)
-    link = yaml.safe_load((folder / LINK_FILE).read_text())
+    plain = load_train(OmegaConf.load(folder / TRIAL_CONFIG_FILE))  # ${oc.env:MLFLOW_TRACKING_URI} in a container
+    link = yaml.safe_load((folder / TRIAL_LINK_FILE).read_text())
     splits = load_splits(plain["data"], plain["seed"])
     uri = plain["tracking"]["uri"]
     experiment_id = tracking.connect(uri, plain["tracking"]["experiment"])
@@ -120,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     from mlops_tune.errors import EXIT_USAGE
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not (Path(args[0]) / LINK_FILE).is_file():
-        print(f"usage: python -m mlops_tune.worker TRIAL_DIR (a folder with {CONFIG_FILE} and {LINK_FILE}, "
+    if len(args) != 1 or not (Path(args[0]) / TRIAL_LINK_FILE).is_file():
+        print(f"usage: python -m mlops_tune.worker TRIAL_DIR (a folder with {TRIAL_CONFIG_FILE} and {TRIAL_LINK_FILE}, "
               "written by a study with runner=mlflow or runner=docker)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     faults.install_signal_handlers()

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mlops_tune.data import Splits
-from mlops_tune.errors import UsageError
+from mlops_tune.errors import UsageError, check_int
 from mlops_tune.families._base import EpochCallback, Family, FitResult, pinned_requirements, tensor_signature
 
 ACTIVATIONS = ("relu", "tanh", "elu", "selu", "gelu", "sigmoid", "swish")
@@ -84,11 +84,9 @@ class _KerasFamily(Family):
         if not isinstance(lr, (int, float)) or not 0 < lr <= 10:
             raise UsageError(f"model.learning_rate: must be a positive number, got {lr!r}")
         for key in ("batch_size", "epochs"):
-            _positive_int(model_cfg[key], f"model.{key}")
-        patience = model_cfg["early_stopping_patience"]
-        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
-            raise UsageError(f"model.early_stopping_patience: must be an integer >= 0, got {patience!r}")
-        _positive_int(model_cfg.get("max_params", DEFAULT_MAX_PARAMS), "model.max_params")
+            check_int(model_cfg[key], f"model.{key}")
+        check_int(model_cfg["early_stopping_patience"], "model.early_stopping_patience", low=0)
+        check_int(model_cfg.get("max_params", DEFAULT_MAX_PARAMS), "model.max_params")
 
     def check_data(self, model_cfg: Mapping[str, Any], splits: Splits) -> None:
         """Refuse a model larger than ``model.max_params`` before it is built (memory)."""
@@ -203,7 +201,7 @@ class ConvFamily(_KerasFamily):
     def validate(self, model_cfg: Mapping[str, Any]) -> None:
         super().validate(model_cfg)
         _positive_ints(model_cfg["conv_filters"], "model.conv_filters", 1)
-        _positive_int(model_cfg["kernel_size"], "model.kernel_size")
+        check_int(model_cfg["kernel_size"], "model.kernel_size")
 
     def feature_params(self, model_cfg: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, int]:
         height, width, channels = shape
@@ -257,19 +255,13 @@ def _epoch_reporter(keras: Any, history: list[dict[str, float]], on_epoch: Epoch
     return EpochReporter()
 
 
-def _positive_int(value: Any, key: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UsageError(f"{key}: must be a positive integer, got {value!r}")
-
-
 def _positive_ints(values: Any, key: str, min_len: int) -> None:
     if not isinstance(values, Sequence) or isinstance(values, str):
         raise UsageError(f"{key}: must be a list of positive integers, got {values!r}")
     if len(values) < min_len:
         raise UsageError(f"{key}: needs at least {min_len} entr{'y' if min_len == 1 else 'ies'}, got {list(values)}")
-    for value in values:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UsageError(f"{key}: sizes must be positive integers, got {list(values)}")
+    if not all(isinstance(value, int) and not isinstance(value, bool) and value >= 1 for value in values):
+        raise UsageError(f"{key}: sizes must be positive integers, got {list(values)}")
 
 
 def _choice(value: Any, choices: Sequence[str], key: str) -> None:

@@ -33,8 +33,7 @@ from mlops_tune import attrs, tracking
 from mlops_tune.errors import EnvironmentFault
 from mlops_tune.runners import containers
 from mlops_tune.runners._base import Runner, TrialContext
-from mlops_tune.trial import TrialOutcome
-from mlops_tune.worker import write_trial_dir
+from mlops_tune.trial import TrialOutcome, write_trial_dir
 
 ENTRY_POINT = "trial"
 

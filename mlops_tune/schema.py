@@ -1,0 +1,101 @@
+"""The shape of the fixed config sections, as dataclasses (OmegaConf structured configs).
+
+Merged under every config before it is used (``config.load``): a key that is not in a
+section, or a value of the wrong type, is an error naming the key, for configs composed
+by Hydra from ``conf/`` and equally for the files a study writes and reads back (a study's
+``best_config.yaml`` given to ``mlops-train --config-path``, a trial folder). The model and
+data sections are free-form here: their family and loader check them. What a type cannot
+say (a threshold in [0, 1], a positive budget) is checked in ``mlops_tune.config``.
+The dataclasses are also registered in Hydra's ConfigStore (``schema/train``,
+``schema/tune``) for configs of one's own that want to extend them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+# OmegaConf reads the annotations at run time: Optional[...] and Dict[...] spellings it understands.
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = MISSING
+    experiment: str = MISSING
+
+
+@dataclass
+class GateConfig:
+    threshold: float = 0.95
+    metric: str = "val_accuracy"
+
+
+@dataclass
+class StudyConfig:
+    name: str = MISSING
+    storage: str = "sqlite:///optuna.db"
+    n_trials: int = 20
+    timeout: Optional[float] = None  # noqa: UP045 - OmegaConf needs Optional
+    sampler: Any = "tpe"  # a name, or {_target_: optuna.samplers.X, ...}
+    pruner: Any = "median"  # a name, or {_target_: optuna.pruners.X, ...}
+    max_consecutive_failures: int = 5
+    heartbeat_interval: int = 5
+    grace_period: int = 20
+
+
+@dataclass
+class RegistryConfig:
+    name: str = MISSING
+    promote: bool = True
+
+
+@dataclass
+class ReportConfig:
+    junit: Optional[str] = None  # noqa: UP045
+
+
+@dataclass
+class RunnerConfig:
+    name: str = "inprocess"
+    images: Optional[dict[str, str]] = None  # noqa: UP045 - runner=docker: image per family
+    cpus: Optional[float] = None  # noqa: UP045
+    memory: Optional[str] = None  # noqa: UP045
+
+
+@dataclass
+class SearchConfig:
+    space: Optional[dict[str, Any]] = None  # noqa: UP045
+
+
+@dataclass
+class TrainConfig:
+    """``mlops-train`` (and one trial): a model, a dataset, where to track it, a seed."""
+
+    model: Any = MISSING
+    data: Any = MISSING
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 42
+
+
+@dataclass
+class TuneConfig(TrainConfig):
+    """``mlops-tune``: one study of mutations of the base model, gated by accuracy."""
+
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    worker: int = 0
+
+
+def register() -> None:
+    """Make the schemas available to Hydra as ``schema/train`` and ``schema/tune``."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(group="schema", name="train", node=TrainConfig)
+    store.store(group="schema", name="tune", node=TuneConfig)
