@@ -31,7 +31,7 @@ from mlops_tune.report import StudyResult
 from mlops_tune.runners import Runner, TrialContext, get_runner
 from mlops_tune.search import SearchSpace
 from mlops_tune.secrets import redact_text
-from mlops_tune.trial import trial_config
+from mlops_tune.trial import TrialOutcome, trial_config
 
 
 class Study:
@@ -131,46 +131,58 @@ class Study:
         ticket = self.budget.hand_over()
         if ticket:
             trial.set_user_attr(attrs.TICKET, ticket)
-        point = self.space.suggest(trial)
-        trial_cfg = trial_config(self.space.apply(self.cfg, point))
-        lineage = trial.user_attrs
-        tags = {tracking.TAG_STUDY: self.name, tracking.TAG_TRIAL_NUMBER: str(trial.number),
-                tracking.TAG_PARENT_TRIAL: str(lineage.get(attrs.PARENT, "")),
-                tracking.TAG_MUTATIONS: str(lineage.get(attrs.MUTATIONS, ""))}
+        trial_cfg = trial_config(self.space.apply(self.cfg, self.space.suggest(trial)))
         try:
-            outcome = self.runner.run(trial_cfg, trial, context, {k: v for k, v in tags.items() if v})
+            outcome = self.runner.run(trial_cfg, trial, context, trial_tags(self.name, trial))
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt as exc:
-            self._give_back(trial, lineage, str(exc) or "interrupted")
+            give_back(trial, str(exc) or "interrupted", self.budget)
             raise
         except Exception as exc:
             fault = faults.classify(exc, tracking_uri=self.tracking_uri, storage_url=self.storage_url)
             if fault is not None:
-                self._give_back(trial, lineage, str(fault))
+                give_back(trial, str(fault), self.budget)
                 raise fault from exc
             message = first_line(exc, 480) if str(exc).strip() else ""
             trial.set_user_attr(attrs.ERROR, redact_text(f"{type(exc).__name__}: {message}")[:500])
             raise TrialFailed(message) from exc
-        for key, seconds in ((attrs.SECONDS, outcome.seconds), (attrs.FIT_SECONDS, outcome.fit_seconds),
-                             (attrs.EVALUATE_SECONDS, outcome.evaluate_seconds)):
-            trial.set_user_attr(key, round(seconds, 3))
-        if outcome.model_uri:
-            trial.set_user_attr(attrs.MODEL_URI, outcome.model_uri)
+        record_outcome(trial, outcome)
         return outcome.val_accuracy
 
-    def _give_back(self, trial: optuna.Trial, lineage: Mapping[str, Any], reason: str) -> None:
-        """A trial that did not train: not charged, and queued to run again (best effort: the
-        storage may be what failed; then the next start does it from the stale heartbeat)."""
-        with contextlib.suppress(Exception):
-            trial.set_user_attr(attrs.NOT_CHARGED, redact_text(reason)[:500])
-            self.budget.release_text(str(lineage.get(attrs.TICKET, "")))
-            retry = {k: v for k, v in lineage.items() if k in (attrs.PARENT, attrs.MUTATIONS)}
-            trial.study.enqueue_trial(dict(trial.params), user_attrs={**retry, attrs.RETRY_OF: trial.number},
-                                      skip_if_exists=False)
 
 
 # ----------------------------------------------------------------------------- around the loop
+def record_outcome(trial: optuna.Trial, outcome: TrialOutcome) -> None:
+    """What the study keeps of a trial that trained: its times and its logged model."""
+    for key, seconds in ((attrs.SECONDS, outcome.seconds), (attrs.FIT_SECONDS, outcome.fit_seconds),
+                         (attrs.EVALUATE_SECONDS, outcome.evaluate_seconds)):
+        trial.set_user_attr(key, round(seconds, 3))
+    if outcome.model_uri:
+        trial.set_user_attr(attrs.MODEL_URI, outcome.model_uri)
+
+
+def give_back(trial: optuna.Trial, reason: str, budget: claims.Budget) -> None:
+    """A trial that did not train: not charged, and queued to run again (best effort: the
+    storage may be what failed; then the next start does it from the stale heartbeat)."""
+    with contextlib.suppress(Exception):
+        lineage = trial.user_attrs
+        trial.set_user_attr(attrs.NOT_CHARGED, redact_text(reason)[:500])
+        budget.release_text(str(lineage.get(attrs.TICKET, "")))
+        retry = {k: v for k, v in lineage.items() if k in (attrs.PARENT, attrs.MUTATIONS)}
+        trial.study.enqueue_trial(dict(trial.params), user_attrs={**retry, attrs.RETRY_OF: trial.number},
+                                  skip_if_exists=False)
+
+
+def trial_tags(study_name: str, trial: optuna.Trial) -> dict[str, str]:
+    """The child run's tags: the study, the trial number and its lineage (mutation sampler)."""
+    lineage = trial.user_attrs
+    tags = {tracking.TAG_STUDY: study_name, tracking.TAG_TRIAL_NUMBER: str(trial.number),
+            tracking.TAG_PARENT_TRIAL: str(lineage.get(attrs.PARENT, "")),
+            tracking.TAG_MUTATIONS: str(lineage.get(attrs.MUTATIONS, ""))}
+    return {key: value for key, value in tags.items() if value}
+
+
 def judged(trial: FrozenTrial) -> bool:
     """Whether ``trial`` really trained and was judged: it counts against ``study.n_trials``.
 

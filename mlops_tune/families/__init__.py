@@ -9,18 +9,43 @@ else in mlops-tune branches on family names.
 
 from __future__ import annotations
 
-import importlib
-
-from mlops_tune.errors import UsageError
+from mlops_tune.errors import UsageError, first_line
 from mlops_tune.families._base import EpochCallback, Family, FitResult
 
-__all__ = ["BUILTIN_FAMILIES", "EpochCallback", "Family", "FitResult", "get_family"]
+__all__ = ["BUILTIN_FAMILIES", "EpochCallback", "Family", "FitResult", "get_family", "load_class"]
 
 BUILTIN_FAMILIES = {
     "keras_dense": "mlops_tune.families.keras:DenseFamily",
     "keras_cnn": "mlops_tune.families.keras:ConvFamily",
     "sklearn": "mlops_tune.families.sklearn:SklearnFamily",
 }
+
+
+def load_class(path: str, key: str) -> type:
+    """The class named ``package.module.Class`` (or ``package.module:Class``), imported the one
+    way mlops-tune imports classes by name (``hydra.utils.get_class``).
+
+    Raises:
+        UsageError: naming ``key``: the module or class cannot be imported, or it is not a class.
+    """
+    import logging
+
+    from hydra.utils import get_class
+
+    if not isinstance(path, str) or "." not in path:
+        raise UsageError(f"{key}: must name a class such as package.module.Class, got {path!r}")
+    hydra_log = logging.getLogger("hydra.utils")  # logs each failure with its text: we report it once
+    was_disabled, hydra_log.disabled = hydra_log.disabled, True
+    try:
+        return get_class(path.replace(":", "."))
+    except ValueError as exc:
+        if "non-class" in str(exc):
+            raise UsageError(f"{key}: '{path}' is not a class") from None
+        raise UsageError(f"{key}: cannot import '{path}' ({first_line(exc, 160)})") from None
+    except Exception as exc:
+        raise UsageError(f"{key}: cannot import '{path}' ({first_line(exc.__cause__ or exc, 160)})") from None
+    finally:
+        hydra_log.disabled = was_disabled
 
 
 def get_family(name: str) -> Family:
@@ -32,10 +57,7 @@ def get_family(name: str) -> Family:
             f"model.family: unknown family '{name}' (built in: {', '.join(BUILTIN_FAMILIES)}; "
             "or give 'package.module:ClassName')"
         )
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as exc:
-        raise UsageError(f"model.family: cannot load '{target}' ({exc})") from None
-    if not (isinstance(cls, type) and issubclass(cls, Family)):
+    cls = load_class(f"{module_name}.{class_name}", "model.family")
+    if not issubclass(cls, Family):
         raise UsageError(f"model.family: '{target}' is not a mlops_tune Family subclass")
     return cls()

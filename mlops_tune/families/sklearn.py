@@ -8,7 +8,6 @@ pipeline, so feature scaling is part of the model (and of the search space).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 
 from mlops_tune.data import Splits
 from mlops_tune.errors import UsageError
+from mlops_tune.families import load_class
 from mlops_tune.families._base import EpochCallback, Family, FitResult, pinned_requirements
 
 #: model keys that are not constructor arguments of the estimator
@@ -35,7 +35,7 @@ class SklearnFamily(Family):
     image = "sklearn"
 
     def validate(self, model_cfg: Mapping[str, Any]) -> None:
-        estimator_cls = _import_class(model_cfg.get("_target_"))
+        estimator_cls = load_class(model_cfg.get("_target_"), "model._target_")
         _check_classifier_class(estimator_cls, model_cfg["_target_"])  # before anything is instantiated
         params = inspect.signature(estimator_cls).parameters
         for key in model_cfg:
@@ -64,13 +64,13 @@ class SklearnFamily(Family):
     def build(self, model_cfg: Mapping[str, Any], seed: int) -> Any:
         from sklearn.pipeline import Pipeline
 
-        estimator_cls = _import_class(model_cfg["_target_"])
+        estimator_cls = load_class(model_cfg["_target_"], "model._target_")
         kwargs = _estimator_kwargs(model_cfg)
         if "random_state" in inspect.signature(estimator_cls).parameters and kwargs.get("random_state") is None:
             kwargs["random_state"] = seed
         steps = []
         if model_cfg.get("scaler"):
-            steps.append(("scaler", _import_class(SCALERS[model_cfg["scaler"]])()))
+            steps.append(("scaler", load_class(SCALERS[model_cfg["scaler"]], "model.scaler")()))
         steps.append(("estimator", estimator_cls(**kwargs)))
         return Pipeline(steps)
 
@@ -112,19 +112,6 @@ class SklearnFamily(Family):
 
 def _estimator_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in model_cfg.items() if k not in RESERVED_KEYS}
-
-
-def _import_class(target: Any) -> type:
-    if not isinstance(target, str) or "." not in target:
-        raise UsageError(f"model._target_: must name a class such as sklearn.svm.SVC, got {target!r}")
-    module_name, _, class_name = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError):
-        raise UsageError(f"model._target_: cannot import '{target}'") from None
-    if not isinstance(cls, type):
-        raise UsageError(f"model._target_: '{target}' is not a class")
-    return cls
 
 
 def _check_classifier_class(cls: type, target: str) -> None:

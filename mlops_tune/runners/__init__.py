@@ -11,7 +11,6 @@ in a trial's own process.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +31,7 @@ def get_runner(runner_cfg: Mapping[str, Any]) -> Runner:
     name = runner_cfg.get("name")
     if name not in RUNNERS:
         raise UsageError(f"runner.name: '{name}' is not one of {', '.join(RUNNERS)}")
-    module_name, _, class_name = RUNNERS[name].partition(":")
-    runner: Runner = getattr(importlib.import_module(module_name), class_name)(runner_cfg)
+    from hydra.utils import get_class
+
+    runner: Runner = get_class(RUNNERS[name].replace(":", "."))(runner_cfg)
     return runner

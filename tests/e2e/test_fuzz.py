@@ -7,7 +7,7 @@ RUNNING; the registry changes only on exit 0.
 The jobs run in this process through the same task functions and exit-code mapping the
 console scripts use after Hydra composed the config (``cli.run_task``), with the real
 MLflow store and Optuna storage, so that hundreds of examples fit in a few minutes.
-The command-line layer itself (Hydra's parsing) is covered by tests/test_bad_input.py.
+The command-line layer itself (Hydra's parsing) is covered by tests/e2e/test_bad_input.py.
 
 In CI (``CI=true``) the examples are derandomized (the same every run) and their number
 fixed; locally ``MLOPS_TUNE_FUZZ_EXAMPLES`` asks for more.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -30,7 +32,7 @@ def test_mlflow_runner_trials_are_project_runs_under_the_study(tune, workdir: Pa
     assert len(children) == 2
     for child in children:  # the Project run IS the trial's child run
         assert child.data.tags["mlflow.source.type"] == "PROJECT"
-        assert child.data.tags["mlflow.project.entryPoint"] == "train"
+        assert child.data.tags["mlflow.project.entryPoint"] == "trial"
         assert child.data.tags[tracking.TAG_STATE] == "COMPLETE"
         assert child.info.status == "FINISHED"
     trial0 = next(c for c in children if c.data.tags[tracking.TAG_TRIAL_NUMBER] == "0")
@@ -65,3 +67,37 @@ def test_mlflow_run_tune_entry_point_exit_code(workdir: Path, data: str, thresho
     # the Project run is the study's parent run: the trials nest under it
     assert project_run.data.tags[tracking.TAG_GATE] == ("passed" if passes else "missed")
     assert [r for r in runs if r.data.tags.get("mlflow.parentRunId") == project_run.info.run_id]
+
+
+def test_mlflow_runner_works_from_an_installed_wheel(tmp_path: Path) -> None:
+    """runner=mlflow needs no source checkout: the package built as a wheel, installed outside
+    the repository and run from an unrelated folder runs its trials as Project runs."""
+    source = tmp_path / "source"  # a copy, so the build writes nothing into the checkout
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "tests", "benchmarks", "outputs", "multirun", "mlruns", "*.db", "*.lock",
+        ".hypothesis", ".pytest_cache", "__pycache__", "*.egg-info", "build", ".services"))
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
+                   check=True, capture_output=True, timeout=300)
+    [wheel] = wheels.glob("mlops_tune-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    shutil.rmtree(source)  # nothing may be read from a checkout
+    env = {key: value for key, value in os.environ.items() if key not in ("MLOPS_TUNE_CONF", "PYTHONPATH")}
+    env.update(PYTHONPATH=str(site), TF_CPP_MIN_LOG_LEVEL="3", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    where = subprocess.run([sys.executable, "-c", "import mlops_tune; print(mlops_tune.__file__)"], cwd=elsewhere,
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(site)), where  # the wheel's copy, not the editable checkout
+    proc = subprocess.run([sys.executable, "-m", "mlops_tune.tune", "model=knn", "runner=mlflow", "study.n_trials=2",
+                           "gate.threshold=0.999"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert [t.state for t in _study(elsewhere).trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    children = [r for r in mlflow_runs(elsewhere) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    for child in children:
+        assert child.data.tags["mlflow.project.entryPoint"] == "trial"
+        assert child.data.tags[tracking.TAG_STATE] == "COMPLETE" and child.info.status == "FINISHED"
+        assert str(ROOT) not in child.data.tags["mlflow.source.name"]

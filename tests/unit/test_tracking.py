@@ -1,0 +1,32 @@
+"""tracking: flattening configs into params, and batches larger than one store call takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+
+from mlops_tune import tracking
+
+
+def test_flatten_nests_keys_and_keeps_lists_as_json() -> None:
+    assert tracking.flatten("model", {"hidden_units": [8, 16], "opt": {"lr": 0.1}, "scaler": None}) == {
+        "model.hidden_units": "[8, 16]", "model.opt.lr": "0.1", "model.scaler": "None"}
+
+
+def test_batches_over_the_store_limits_are_chunked_and_the_final_value_is_latest(workdir: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    try:
+        experiment_id = tracking.connect(f"sqlite:///{workdir / 'mlflow.db'}", "chunks")
+        params = {f"p{i:03d}": str(i) for i in range(250)}  # the store takes 100 params per call
+        history = [{"val_accuracy": i / 1000, "loss": 1 - i / 1000} for i in range(700)]  # 1400 rows
+        with tracking.run(experiment_id, "big") as run_id:
+            tracking.log_batch(params=params, metrics={"val_accuracy": 0.5}, history=history, tags={"t": 1})
+        run = mlflow.MlflowClient().get_run(run_id)
+        assert run.data.params == params and run.data.tags["t"] == "1"
+        steps = mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")
+        assert len(steps) == 701  # 700 epochs + the final evaluation at the last step
+        assert run.data.metrics["val_accuracy"] == 0.5  # the final value, not the last epoch's
+        assert len(mlflow.MlflowClient().get_metric_history(run_id, "loss")) == 700
+    finally:
+        mlflow.set_tracking_uri(None)
