@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,3 +193,14 @@ def read_only(folder: Path) -> Iterator[None]:
         finally:
             for path in files:
                 path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def compose_config(config: str, *overrides: str) -> Any:
+    """The config ``mlops-<config>`` would get for these overrides, composed by Hydra from ``conf/``
+    (a DictConfig, unresolved; ``mlops_tune.config.load_train``/``load_tune`` turn it into a checked dict)."""
+    from hydra import compose, initialize_config_dir
+
+    from mlops_tune.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config, overrides=list(overrides))

@@ -5,17 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mlops_tune.cli import CONF_DIR
 from mlops_tune.config import load_train, load_tune
 from mlops_tune.errors import UsageError, check_int
+from tests.conftest import compose_config
 
 
 def _tune(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return load_tune(compose(config_name="tune", overrides=["model=knn", *overrides]))
+    return load_tune(compose_config("tune", "model=knn", *overrides))
 
 
 def test_the_shipped_defaults_pass_and_are_typed() -> None:

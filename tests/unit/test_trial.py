@@ -6,19 +6,15 @@ from pathlib import Path
 
 import optuna
 import pytest
-from hydra import compose, initialize_config_dir
 
 from mlops_tune import tracking
-from mlops_tune.cli import CONF_DIR
 from mlops_tune.config import to_plain, validate_train
 from mlops_tune.trial import run_trial
-from tests.conftest import mlflow_runs
+from tests.conftest import compose_config, mlflow_runs
 
 
 def compose_plain(config: str, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        plain = to_plain(compose(config_name=config, overrides=list(overrides)))
-    return plain
+    return to_plain(compose_config(config, *overrides))
 
 
 @pytest.fixture
