@@ -40,14 +40,27 @@ def main() -> None:
                             f"{r['1_worker_trials_per_min']:.1f} -> {r['2_worker_trials_per_min']:.1f} "
                             f"({r['speedup']:.2f}x) | {'>= 1.6x' if model == 'ann' else ''} |")
     if runners := _load("runner_overhead"):
-        for model, by_runner in runners["results"].items():
-            for runner in ("mlflow", "docker"):
-                r = by_runner[runner]
-                aimed = (model, runner) == ("knn", "docker")
-                target = f"<= {runners['target_sklearn_docker_overhead_s']:g} s" if aimed else ""
-                rows.append(f"| per-trial overhead vs inprocess, {model}, runner={runner} | "
-                            f"{r['overhead_vs_inprocess_s']:.1f} s (trial {r['trial_seconds_median']:.1f} s, "
-                            f"in-process {by_runner['inprocess']['trial_seconds_median']:.1f} s) | {target} |")
+        targets = runners["targets"]
+        for model, by_mode in runners["results"].items():
+            base = by_mode["inprocess"]
+            for mode in ("mlflow-fresh", "docker-fresh", "mlflow-warm", "docker-warm"):
+                r = by_mode[mode]
+                target = ""
+                if (model, mode) == ("knn", "docker-warm"):
+                    target = f"<= {targets['knn_warm_docker_amortized_overhead_s']['target']:g} s"
+                rows.append(f"| per-trial overhead vs inprocess, {model}, {mode} (amortized over {r['trials']} "
+                            f"trials) | {r['amortized_overhead_vs_inprocess_s']:.2f} s (median trial "
+                            f"{r['trial_seconds_median']:.2f} s vs {base['trial_seconds_median']:.2f} s, first "
+                            f"{r['first_trial_seconds']:.1f} s) | {target} |")
+        ratio = targets["ann_warm_docker_trial_vs_inprocess"]
+        rows.append(f"| 5-epoch ANN trial in a warm container / in-process | {ratio['measured']:.2f}x | "
+                    f"<= {ratio['target']:g}x |")
+        two = targets["knn_two_warm_containers_speedup"]
+        knn = runners["results"]["knn"]
+        rows.append(f"| trials/min knn, warm containers of 1 CPU: 1 -> 2 (`runner.workers=2`) | "
+                    f"{knn['docker-warm-1cpu']['trials_per_minute']:.0f} -> "
+                    f"{knn['docker-warm-2x1cpu']['trials_per_minute']:.0f} ({two['measured']:.2f}x) | "
+                    f">= {two['target']:g}x |")
         b = runners["breakdown"]
         rows.append(f"| what a container trial pays before our code: container start / trial imports | "
                     f"{b['container_start_s']:.1f} s / {b['trial_imports_in_container_s']:.1f} s "

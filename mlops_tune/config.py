@@ -145,6 +145,7 @@ def validate_tune(cfg: Mapping[str, Any]) -> None:
         raise UsageError(f"gate.metric: '{cfg['gate']['metric']}' is not one of {', '.join(GATE_METRICS)} "
                          "(the test split is never used to choose)")
     check_int(cfg["worker"], "worker", low=0)
+    check_int(cfg["runner"]["workers"], "runner.workers")
     study = cfg["study"]
     for key in ("n_trials", "max_consecutive_failures", "heartbeat_interval", "grace_period"):
         check_int(study[key], f"study.{key}")

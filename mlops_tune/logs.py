@@ -19,6 +19,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # a progress bar per model download (registry, test evaluation) from a tracking server
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # the `mlflow run` processes that start warm workers: no INFO line per step
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Pickle-format advice on every sklearn model: we log models we just trained ourselves.

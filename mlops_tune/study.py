@@ -14,9 +14,10 @@ import contextlib
 import math
 import os
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -24,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlops_tune import attrs, claims, faults, registry, report, stores, tracking
 from mlops_tune.data import Splits, load_splits
-from mlops_tune.errors import StudyAborted, TrialFailed, first_line
+from mlops_tune.errors import StudyAborted, TrialFailed, WorkerLost, first_line
 from mlops_tune.families import get_family
 from mlops_tune.optuna_setup import check_writable, make_pruner, make_sampler, make_storage
 from mlops_tune.report import StudyResult
@@ -56,7 +57,7 @@ class Study:
         check_writable(self.storage_url)
         #: identifies this process among the workers of a study (claims, logs)
         self.worker = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.budget = claims.Budget(self.storage_url, self.name)
+        self.budget = claims.Budget(self.storage_url, self.name)  # the key gets the storage's study id
         self.failures: list[str] = []  # errors of the failed trials since the last good one
         self.runner: Runner = get_runner(cfg["runner"])
         try:
@@ -99,36 +100,37 @@ class Study:
             return finish(study, self.cfg, self.space, self.family, self.splits, run_id, self.budget, self.worker)
 
     def _optimize(self, study: optuna.Study, context: TrialContext) -> None:
-        """Run trials until the gate is met, the budget (tickets) or the time is spent."""
+        """Run trials until the gate is met or the budget is spent; one lane per trial run at once."""
+        started = time.perf_counter()
+        in_lanes(self.runner.lanes, lambda stop: self._lane(study, context, started, stop), self.runner.interrupt)
+
+    def _lane(self, study: optuna.Study, context: TrialContext, started: float, stop: threading.Event) -> None:
         n_total, timeout = int(self.cfg["study"]["n_trials"]), self.cfg["study"]["timeout"]
         limit = int(self.cfg["study"]["max_consecutive_failures"])
-        started = time.perf_counter()
+        budget = claims.Budget(self.storage_url, self.budget.key)  # this lane's: it holds its own ticket
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             report.trial_line(study, trial, self.threshold, time.perf_counter() - started)
-            failed = trial.state == TrialState.FAIL
-            self.failures = [*self.failures, str(trial.user_attrs.get(attrs.ERROR, "see its MLflow run"))] \
-                if failed else []
+            self.failures = failures_in_a_row(self.failures, trial)
 
-        # One trial per optimize() call: the checks below run before every ask, so workers
-        # sharing the study stop at their next trial boundary once any trial meets the gate.
-        while best_value(study) < self.threshold:
+        # one trial per optimize(): every worker of the study stops at its next trial once the gate is met
+        while not stop.is_set() and best_value(study) < self.threshold:
             if len(self.failures) >= limit:
                 raise StudyAborted(f"study '{self.name}' stopped after {limit} failed trials in a row "
                                    f"(last error: {self.failures[-1]})")
             if timeout is not None and time.perf_counter() - started >= timeout:
                 break
-            if not self.budget.take(n_total, self.worker):
+            if not budget.take(n_total, self.worker):
                 break  # study.n_trials trials have been started, by this worker or others
-            with self.budget.held():  # given back when no trial took it (stopped, failed before the trial)
+            with budget.held():  # given back when no trial took it (stopped, failed before the trial)
                 if hasattr(self.sampler, "propose"):  # the mutation sampler enqueues its child
                     self.sampler.propose(study)
-                study.optimize(lambda trial: self._run_trial(trial, context), n_trials=1,
+                study.optimize(lambda trial: self._run_trial(trial, context, budget), n_trials=1,
                                callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False)
 
-    def _run_trial(self, trial: optuna.Trial, context: TrialContext) -> float:
+    def _run_trial(self, trial: optuna.Trial, context: TrialContext, budget: claims.Budget) -> float:
         """The objective: run one trial; judge a failure as the model's or the environment's."""
-        ticket = self.budget.hand_over()
+        ticket = budget.hand_over()
         if ticket:
             trial.set_user_attr(attrs.TICKET, ticket)
         trial_cfg = trial_config(self.space.apply(self.cfg, self.space.suggest(trial)))
@@ -137,12 +139,15 @@ class Study:
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt as exc:
-            give_back(trial, str(exc) or "interrupted", self.budget)
+            give_back(trial, str(exc) or "interrupted", budget)
             raise
+        except WorkerLost as exc:  # not the model's doing: runs again, the study goes on
+            give_back(trial, str(exc), budget)
+            raise TrialFailed(str(exc)) from exc
         except Exception as exc:
             fault = faults.classify(exc, tracking_uri=self.tracking_uri, storage_url=self.storage_url)
             if fault is not None:
-                give_back(trial, str(fault), self.budget)
+                give_back(trial, str(fault), budget)
                 raise fault from exc
             message = first_line(exc, 480) if str(exc).strip() else ""
             trial.set_user_attr(attrs.ERROR, redact_text(f"{type(exc).__name__}: {message}")[:500])
@@ -153,6 +158,42 @@ class Study:
 
 
 # ----------------------------------------------------------------------------- around the loop
+def in_lanes(n: int, lane: Callable[[threading.Event], None], interrupt: Callable[[BaseException], None]) -> None:
+    """Run ``lane(stop)`` ``n`` times at once, each in a thread (in this thread when ``n`` is 1).
+
+    The first lane to fail stops the others (they see ``stop`` at their next trial) and its
+    error is raised. A signal arrives in this thread: ``interrupt`` makes the lanes' trials stop
+    too, and it is raised once they have.
+    """
+    stop, errors = threading.Event(), []
+    if n == 1:
+        lane(stop)
+        return
+
+    def body() -> None:
+        try:
+            lane(stop)
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=body, name=f"mlops-tune-lane-{i}") for i in range(n)]
+    for thread in threads:
+        thread.start()
+    try:
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(0.2)
+    except BaseException as exc:
+        stop.set()
+        interrupt(exc)
+        for thread in threads:
+            thread.join(30)
+        raise
+    if errors:
+        raise errors[0]
+
+
 def record_outcome(trial: optuna.Trial, outcome: TrialOutcome) -> None:
     """What the study keeps of a trial that trained: its times and its logged model."""
     for key, seconds in ((attrs.SECONDS, outcome.seconds), (attrs.FIT_SECONDS, outcome.fit_seconds),
@@ -160,6 +201,16 @@ def record_outcome(trial: optuna.Trial, outcome: TrialOutcome) -> None:
         trial.set_user_attr(key, round(seconds, 3))
     if outcome.model_uri:
         trial.set_user_attr(attrs.MODEL_URI, outcome.model_uri)
+
+
+def failures_in_a_row(failures: list[str], trial: FrozenTrial) -> list[str]:
+    """The errors of the model failures since the last trial that trained (a trial given back
+    because its environment failed neither counts nor resets the count)."""
+    if trial.state != TrialState.FAIL:
+        return []
+    if attrs.NOT_CHARGED in trial.user_attrs:
+        return failures
+    return [*failures, str(trial.user_attrs.get(attrs.ERROR, "see its MLflow run"))]
 
 
 def give_back(trial: optuna.Trial, reason: str, budget: claims.Budget) -> None:

@@ -34,6 +34,10 @@ TAG_FAMILY = "mlops_tune.family"
 TAG_PARENT_TRIAL = "mlops_tune.parent_trial"
 TAG_MUTATIONS = "mlops_tune.mutations"
 TAG_MODEL_URI = "mlops_tune.model_uri"
+#: ``worker`` on a warm worker's own Project run (a child of the study's run, not a trial)
+TAG_ROLE = "mlops_tune.role"
+#: on a trial's run: the warm worker's run that ran it
+TAG_WORKER_RUN = "mlops_tune.worker_run"
 #: ``environment`` on a run that ended because the environment failed, not the model
 TAG_FAULT = "mlops_tune.fault"
 
@@ -231,7 +235,8 @@ def close_orphan_runs(experiment_id: str, parent_run_id: str, live_run_ids: set[
     )
     closed = []
     for child in runs:
-        if child.info.run_id not in live_run_ids:
+        # a warm worker's own run ends with its process (it stops by itself when its study is gone)
+        if child.info.run_id not in live_run_ids and child.data.tags.get(TAG_ROLE) != "worker":
             client.set_tag(child.info.run_id, TAG_STATE, "FAIL")
             client.set_tag(child.info.run_id, TAG_ERROR, "worker died mid-trial (stale heartbeat)")
             client.set_terminated(child.info.run_id, "KILLED")

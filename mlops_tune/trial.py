@@ -86,6 +86,7 @@ def run_trial(
     evaluate_test: bool = True,
     should_log_model: Callable[[float], bool] = lambda _val_accuracy: True,
     on_run_started: Callable[[str], None] | None = None,
+    run_id: str | None = None,
 ) -> TrialOutcome:
     """Train, evaluate and track one model described by a validated, plain ``cfg``.
 
@@ -98,6 +99,7 @@ def run_trial(
         evaluate_test: also measure the test split (``mlops-train`` does; study trials don't).
         should_log_model: decides from the validation accuracy whether to log the model.
         on_run_started: called with the run id as soon as the run exists.
+        run_id: an existing run to log into (created by the study for a trial in another process).
 
     Raises:
         optuna.TrialPruned: the reporter pruned the trial (the run ends FINISHED, tagged PRUNED).
@@ -121,7 +123,8 @@ def run_trial(
     run_tags = {tracking.TAG_FAMILY: family.name, **(tags or {})}
     name = run_name or f"{model_cfg['name']}-{cfg['data']['name']}"
     pruned: TrialPruned | None = None
-    with tracking.run(experiment_id, name, parent_run_id=parent_run_id, tags=run_tags) as run_id:
+    with tracking.run(experiment_id, name, parent_run_id=parent_run_id, tags=run_tags,
+                      resume_run_id=run_id) as run_id:
         if on_run_started is not None:
             on_run_started(run_id)
         params = {**tracking.flatten("model", model_cfg), **tracking.flatten("data", cfg["data"]),

@@ -38,6 +38,15 @@ class Runner(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the runner started for the study (processes, servers, temp files)."""
 
+    @property
+    def lanes(self) -> int:
+        """How many trials the runner runs at once (the study runs one lane, a thread, per trial)."""
+        return 1
+
+    def interrupt(self, exc: BaseException) -> None:  # noqa: B027 - optional hook
+        """The study was stopped (a signal, in the main thread): make trials waiting in other
+        lanes raise ``exc`` too."""
+
     @abc.abstractmethod
     def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,
             tags: Mapping[str, str]) -> TrialOutcome:

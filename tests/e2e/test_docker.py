@@ -69,25 +69,43 @@ def _tune(workdir: Path, server: str, experiment: str, *args: str, **env: str):
 
 
 def _children(runs: list) -> list:
+    """The trials' runs (not the warm workers' own runs)."""
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+            and r.data.tags.get(tracking.TAG_ROLE) != "worker"]
+
+
+def _workers(runs: list) -> list:
+    return [r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "worker"]
+
+
+def _containers_left() -> str:
+    return subprocess.run(["docker", "ps", "-aq", "--filter", "name=mlops-tune-"], capture_output=True,
+                          text=True).stdout.strip()
 
 
 def _experiment() -> str:
     return f"docker-{uuid.uuid4().hex[:8]}"
 
 
-def test_knn_study_runs_every_trial_in_the_sklearn_image(engine, server: str, workdir: Path) -> None:
+@pytest.mark.parametrize("mode", [["runner.workers=2"], ["runner.fresh_per_trial=true"]], ids=["warm", "fresh"])
+def test_knn_study_runs_every_trial_in_the_sklearn_image(engine, server: str, workdir: Path, mode: list[str]) -> None:
     experiment = _experiment()
-    result = _tune(workdir, server, experiment, "model=knn", "study.n_trials=3", "gate.threshold=0.9999",
-                   "study.pruner=none", "runner.memory=1g", "runner.cpus=1.5")
+    result = _tune(workdir, server, experiment, "model=knn", "study.n_trials=4", "gate.threshold=0.9999",
+                   "study.pruner=none", "study.sampler=random", "runner.memory=1g", "runner.cpus=1.5", *mode)
     assert result.code == 1, result.stderr[-3000:]  # unreachable gate: the budget is spent
     study = optuna.load_study(study_name="knn-digits", storage=f"sqlite:///{workdir / 'optuna.db'}")
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
     runs = mlflow_runs(server, experiment)
-    children = _children(runs)
-    assert len(children) == 3
-    for child in children:  # the Project run IS the trial's run, and it ran in the image
+    children, workers = _children(runs), _workers(runs)
+    assert len(children) == 4
+    if mode == ["runner.workers=2"]:  # two warm containers, each ONE Project run serving several trials
+        assert len(workers) == 2 and {w.info.status for w in workers} == {"FINISHED"}
+        assert {w.data.tags["mlflow.docker.image.uri"] for w in workers} == {DEFAULT_IMAGES["sklearn"]}
+        assert {c.data.tags[tracking.TAG_WORKER_RUN] for c in children} == {w.info.run_id for w in workers}
+    else:  # one container per trial: the Project run IS the trial's run
+        assert workers == [] and {c.data.tags["mlflow.project.entryPoint"] for c in children} == {"trial"}
+    for child in children:  # every trial ran in the image, as its own child run
         tags = child.data.tags
         assert child.info.status == "FINISHED" and tags[tracking.TAG_STATE] == "COMPLETE"
         assert tags["mlflow.project.env"] == "docker"
@@ -100,9 +118,7 @@ def test_knn_study_runs_every_trial_in_the_sklearn_image(engine, server: str, wo
         assert child.data.metrics["val_accuracy"] == pytest.approx(
             study.trials[int(tags[tracking.TAG_TRIAL_NUMBER])].value)
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    # no trial container is left behind
-    left = subprocess.run(["docker", "ps", "-aq", "--filter", "name=mlops-tune-"], capture_output=True, text=True)
-    assert left.stdout.strip() == ""
+    assert _containers_left() == ""  # no trial container is left behind
 
 
 def test_gate_met_in_containers_promotes_the_champion(engine, server: str, workdir: Path) -> None:
@@ -144,30 +160,90 @@ def test_keras_trial_runs_in_the_keras_image(engine, server: str, workdir: Path)
     assert sorted({m.step for m in history}) == [0, 1, 2]  # one value per epoch (and the final one)
 
 
-def test_terminated_study_removes_its_trial_container(engine, server: str, workdir: Path) -> None:
-    """SIGTERM (a CI abort) while a trial runs in a container: the container is removed and
+@pytest.mark.parametrize("mode", [["runner.workers=2", "runner.cpus=1"], ["runner.fresh_per_trial=true"]],
+                         ids=["two-warm", "fresh"])
+def test_terminated_study_removes_its_trial_container(engine, server: str, workdir: Path, mode: list[str]) -> None:
+    """SIGTERM (a CI abort) while trials run in containers: every container is removed and
     no run is left RUNNING."""
     experiment = _experiment()
     args = ["runner=docker", f"tracking.uri={server}", f"tracking.experiment={experiment}",
             f"study.storage=sqlite:///{workdir / 'optuna.db'}", "model=ann", "model.epochs=200",
-            "model.early_stopping_patience=0", "study.pruner=none", "study.n_trials=2", "gate.threshold=0.9999"]
+            "model.early_stopping_patience=0", "study.pruner=none", "study.n_trials=4", "gate.threshold=0.9999",
+            *mode]
     proc = subprocess.Popen([str(BIN / "mlops-tune"), *args], cwd=workdir, env=command_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    label = ["docker", "ps", "-q", "--filter", "name=mlops-tune-"]
-    deadline = time.time() + 120
-    while not subprocess.run(label, capture_output=True, text=True).stdout.strip():
-        assert proc.poll() is None and time.time() < deadline, "no trial container started"
+    expected = 2 if "runner.workers=2" in mode else 1  # containers at once
+    deadline = time.time() + 180
+    while len(_containers_left().split()) < expected or not [
+            r for r in _children(mlflow_runs(server, experiment)) if r.info.status == "RUNNING"]:
+        assert proc.poll() is None and time.time() < deadline, "the trial containers did not start"
         time.sleep(0.5)
-    time.sleep(3)  # the trial is training inside the container
+    time.sleep(3)  # a trial is training inside a container
     proc.terminate()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM" in err
-    assert subprocess.run(["docker", "ps", "-aq", "--filter", "name=mlops-tune-"],
-                          capture_output=True, text=True).stdout.strip() == "", err[-2000:]
+    assert _containers_left() == "", err[-2000:]
     runs = mlflow_runs(server, experiment)
     states = {r.info.run_name: r.info.status for r in runs}
     assert states and set(states.values()) == {"KILLED"}, states
+    assert len(_workers(runs)) == (2 if expected == 2 else 0)
+
+
+def test_a_killed_warm_container_costs_its_trial_nothing(engine, server: str, workdir: Path) -> None:
+    """`docker kill` of the warm worker mid-trial: that trial is given back and runs again on a new
+    worker; the study spends its whole budget on trials that trained."""
+    experiment = _experiment()
+    args = ["runner=docker", f"tracking.uri={server}", f"tracking.experiment={experiment}",
+            f"study.storage=sqlite:///{workdir / 'optuna.db'}", "model=ann", "model.epochs=12",
+            "model.early_stopping_patience=0", "study.pruner=none", "study.n_trials=2", "gate.threshold=0.9999",
+            "study.sampler=random"]
+    proc = subprocess.Popen([str(BIN / "mlops-tune"), *args], cwd=workdir, env=command_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not [r for r in _children(mlflow_runs(server, experiment))
+               if r.info.status == "RUNNING" and r.data.tags.get(tracking.TAG_TRIAL_NUMBER) == "1"]:
+        assert proc.poll() is None and time.time() < deadline, "trial 1 did not start"
+        time.sleep(0.5)
+    time.sleep(2)
+    victim = _containers_left()
+    assert len(victim.split()) == 1
+    subprocess.run(["docker", "kill", victim], check=True, capture_output=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    trials = optuna.load_study(study_name="ann-digits", storage=f"sqlite:///{workdir / 'optuna.db'}").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert "exited mid-trial" in trials[1].user_attrs["not_charged"]
+    assert trials[2].user_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
+    runs = mlflow_runs(server, experiment)
+    assert len(_workers(runs)) == 2  # the killed worker, and the one that ran the retry
+    assert not [r for r in runs if r.info.status == "RUNNING"] and _containers_left() == ""
+    assert "not charged to the budget" in out
+
+
+def test_a_warm_worker_gives_the_same_results_as_fresh_processes_and_in_process(
+        engine, server: str, workdir: Path) -> None:
+    """Keras state does not leak between the trials of a warm worker: the same configs and seed
+    give the same validation accuracies in one warm container, one container per trial, and
+    in-process."""
+    common = ["model=ann", "model.epochs=3", "study.n_trials=3", "gate.threshold=0.9999", "study.pruner=none",
+              "study.sampler=random"]
+    values = {}
+    for name, mode in (("warm", []), ("fresh", ["runner.fresh_per_trial=true"])):
+        folder = workdir / name
+        folder.mkdir()
+        result = _tune(folder, server, _experiment(), *common, *mode)
+        assert result.code == 1, result.stderr[-3000:]
+        study = optuna.load_study(study_name="ann-digits", storage=f"sqlite:///{folder / 'optuna.db'}")
+        values[name] = [(t.params, t.value) for t in study.trials]
+    folder = workdir / "inprocess"
+    folder.mkdir()
+    result = run_command("mlops-tune", *common, f"study.storage=sqlite:///{folder / 'optuna.db'}", cwd=folder)
+    assert result.code == 1, result.stderr[-3000:]
+    study = optuna.load_study(study_name="ann-digits", storage=f"sqlite:///{folder / 'optuna.db'}")
+    values["inprocess"] = [(t.params, t.value) for t in study.trials]
+    assert len({len(v) for v in values.values()}) == 1 and len(values["warm"]) == 3
+    assert values["warm"] == values["fresh"] == values["inprocess"], values
 
 
 def test_sklearn_image_has_no_tensorflow_and_runs_as_non_root(engine) -> None:

@@ -353,8 +353,8 @@ def test_sigterm_with_runner_mlflow_ends_the_trial_process_and_its_run(workdir: 
     assert proc.returncode == 143, err[-3000:]
     assert "stopped by SIGTERM" in err
     assert {r.info.status for r in mlflow_runs(workdir)} == {"KILLED"}
-    leftover = subprocess.run(["pgrep", "-f", "config-name trial-0"], capture_output=True, text=True)
-    assert leftover.stdout.strip() == ""
+    leftover = subprocess.run(["pgrep", "-f", "mlops_tune.worker"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""  # the trial's (warm worker's) process is gone too
 
 
 # ----------------------------------------------------------------------------- races and stores

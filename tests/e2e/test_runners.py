@@ -22,21 +22,36 @@ def _study(folder: Path, name: str = "knn-digits") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}")
 
 
-def test_mlflow_runner_trials_are_project_runs_under_the_study(tune, workdir: Path) -> None:
-    result = tune("model=knn", "runner=mlflow", "study.n_trials=2", "gate.threshold=0.999")
-    assert result.code == 1, result.stderr
-    assert [t.state for t in _study(workdir).trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
-    runs = mlflow_runs(workdir)
+def _trials_and_workers(runs: list) -> tuple[list, list]:
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 2
-    for child in children:  # the Project run IS the trial's child run
-        assert child.data.tags["mlflow.source.type"] == "PROJECT"
-        assert child.data.tags["mlflow.project.entryPoint"] == "trial"
+    workers = [r for r in children if r.data.tags.get(tracking.TAG_ROLE) == "worker"]
+    return [r for r in children if r not in workers], workers
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["warm", "fresh"])
+def test_mlflow_runner_trials_are_project_runs_under_the_study(tune, workdir: Path, fresh: bool) -> None:
+    result = tune("model=knn", "runner=mlflow", "study.n_trials=3", "gate.threshold=0.999",
+                  f"runner.fresh_per_trial={str(fresh).lower()}")
+    assert result.code == 1, result.stderr
+    assert [t.state for t in _study(workdir).trials] == [TrialState.COMPLETE] * 3
+    children, workers = _trials_and_workers(mlflow_runs(workdir))
+    assert len(children) == 3
+    if fresh:
+        assert workers == []
+        for child in children:  # the Project run IS the trial's child run
+            assert child.data.tags["mlflow.source.type"] == "PROJECT"
+            assert child.data.tags["mlflow.project.entryPoint"] == "trial"
+    else:  # ONE warm worker process (a Project run of the `worker` entry point) ran every trial
+        [worker] = workers
+        assert worker.data.tags["mlflow.project.entryPoint"] == "worker" and worker.info.status == "FINISHED"
+        assert {c.data.tags[tracking.TAG_WORKER_RUN] for c in children} == {worker.info.run_id}
+    for child in children:
         assert child.data.tags[tracking.TAG_STATE] == "COMPLETE"
         assert child.info.status == "FINISHED"
     trial0 = next(c for c in children if c.data.tags[tracking.TAG_TRIAL_NUMBER] == "0")
     assert trial0.data.params["model.n_neighbors"] == "1"
+    [parent] = [r for r in mlflow_runs(workdir) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(_study(workdir).best_value)
 
 
@@ -48,7 +63,7 @@ def test_mlflow_runner_prunes_across_the_process_boundary(tune, workdir: Path) -
     assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.PRUNED]
     # the value the pruner judged was reported by the trial's own process, to the shared storage
     assert all(set(t.intermediate_values) == {0} and t.intermediate_values[0] > 0.5 for t in trials)
-    children = [r for r in mlflow_runs(workdir) if "mlflow.parentRunId" in r.data.tags]
+    children, _ = _trials_and_workers(mlflow_runs(workdir))
     assert {c.data.tags[tracking.TAG_STATE] for c in children} == {"PRUNED"}
 
 
@@ -95,9 +110,9 @@ def test_mlflow_runner_works_from_an_installed_wheel(tmp_path: Path) -> None:
                           timeout=600)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert [t.state for t in _study(elsewhere).trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
-    children = [r for r in mlflow_runs(elsewhere) if "mlflow.parentRunId" in r.data.tags]
+    children, [worker] = _trials_and_workers(mlflow_runs(elsewhere))
     assert len(children) == 2
+    assert worker.data.tags["mlflow.project.entryPoint"] == "worker" and worker.info.status == "FINISHED"
+    assert str(ROOT) not in worker.data.tags["mlflow.source.name"]
     for child in children:
-        assert child.data.tags["mlflow.project.entryPoint"] == "trial"
         assert child.data.tags[tracking.TAG_STATE] == "COMPLETE" and child.info.status == "FINISHED"
-        assert str(ROOT) not in child.data.tags["mlflow.source.name"]
