@@ -69,9 +69,10 @@ def _tune(workdir: Path, server: str, experiment: str, *args: str, **env: str):
 
 
 def _children(runs: list) -> list:
-    """The trials' runs (not the warm workers' own runs)."""
-    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    """The trials' runs (not the warm workers' own runs); none before the study's run exists."""
+    parents = [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) <= 1, parents
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents
             and r.data.tags.get(tracking.TAG_ROLE) != "worker"]
 
 
