@@ -77,11 +77,10 @@ class Study:
             self.runner.close()
 
     def _run(self, storage: optuna.storages.BaseStorage, experiment_id: str) -> StudyResult:
-        study = optuna.create_study(study_name=self.name, storage=storage, direction="maximize",
-                                    sampler=self.sampler, pruner=self.pruner, load_if_exists=True)
+        study = one_ask_at_a_time(optuna.create_study(study_name=self.name, storage=storage, direction="maximize",
+                                                      sampler=self.sampler, pruner=self.pruner, load_if_exists=True))
         existing = len(study.get_trials(deepcopy=False))
-        # claims are per study instance: a deleted and recreated study starts afresh
-        self.budget.key = f"{self.name}#{storage.get_study_id_from_name(self.name)}"
+        self.budget.key = f"{self.name}#{storage.get_study_id_from_name(self.name)}"  # a recreated study: afresh
         if self.budget.claim("base_trial", self.worker) == self.worker:
             study.enqueue_trial(self.space.encode(self.space.base), user_attrs={attrs.PARENT: attrs.ROOT})
         else:  # joining (another worker, a resume): workers seeded alike must not propose the same points
@@ -158,6 +157,23 @@ class Study:
 
 
 # ----------------------------------------------------------------------------- around the loop
+def one_ask_at_a_time(study: optuna.Study) -> optuna.Study:
+    """``study`` whose ``ask`` is serialized across this process's threads (the lanes).
+
+    ``ask`` takes an enqueued trial with a read and then a write; two lanes asking at the same
+    moment could both take the same trial from a SQLite storage. One ask at a time (the trials
+    themselves still run in parallel).
+    """
+    ask, lock = study.ask, threading.Lock()
+
+    def serialized(*args: Any, **kwargs: Any) -> optuna.Trial:
+        with lock:
+            return ask(*args, **kwargs)
+
+    study.ask = serialized  # type: ignore[method-assign]
+    return study
+
+
 def in_lanes(n: int, lane: Callable[[threading.Event], None], interrupt: Callable[[BaseException], None]) -> None:
     """Run ``lane(stop)`` ``n`` times at once, each in a thread (in this thread when ``n`` is 1).
 

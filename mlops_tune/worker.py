@@ -39,7 +39,7 @@ STOP_FILE = "STOP"
 ALIVE_FILE = "ALIVE"
 #: a worker whose study has not touched ALIVE for this long stops (the study was killed)
 ORPHAN_SECONDS = 60.0
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.01
 
 
 class TrialProcess:
@@ -49,7 +49,7 @@ class TrialProcess:
     def __init__(self) -> None:
         self._experiments: dict[tuple[str, str], str] = {}
         self._splits: dict[str, Any] = {}
-        self._storages: dict[str, Any] = {}
+        self._studies: dict[str, Any] = {}
         #: the worker's own MLflow Project run (a warm worker), tagged on every trial it runs
         self.worker_run = os.environ.get("MLFLOW_RUN_ID", "") if os.environ.get("MLOPS_TUNE_WARM") else ""
 
@@ -89,18 +89,20 @@ class TrialProcess:
 
     def study_link(self, link: Mapping[str, Any]) -> tuple[Any, Callable[[float], bool]]:
         """The Optuna reporter for the study's trial, and when to log the model."""
+        import json
+
         import optuna
 
         from mlops_tune.optuna_setup import make_pruner, open_storage
         from mlops_tune.trial import OptunaReporter
 
-        url = str(link["storage"])
-        if url not in self._storages:
-            self._storages[url] = optuna.storages.get_storage(open_storage(url))
-        storage = self._storages[url]
-        study = optuna.load_study(study_name=str(link["study"]), storage=storage,
-                                  pruner=make_pruner(link.get("pruner", "median")))
-        study_id = storage.get_study_id_from_name(study.study_name)
+        key = json.dumps([link["storage"], link["study"], link.get("pruner", "median")], sort_keys=True)
+        if key not in self._studies:  # one storage connection and study per worker, not per trial
+            storage = optuna.storages.get_storage(open_storage(str(link["storage"])))
+            study = optuna.load_study(study_name=str(link["study"]), storage=storage,
+                                      pruner=make_pruner(link.get("pruner", "median")))
+            self._studies[key] = (study, storage, storage.get_study_id_from_name(study.study_name))
+        study, storage, study_id = self._studies[key]
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(link["trial"]))
         reporter = OptunaReporter(optuna.trial.Trial(study, trial_id))
         above = float(link.get("log_model_above", -math.inf))

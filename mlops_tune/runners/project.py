@@ -32,6 +32,7 @@ import itertools
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -50,7 +51,7 @@ TRIAL_ENTRY_POINT = "trial"
 WORKER_ENTRY_POINT = "worker"
 #: files in a warm worker's inbox (mlops_tune.worker reads them)
 STOP_FILE, ALIVE_FILE = "STOP", "ALIVE"
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.02
 #: workers that die before finishing any trial, in a row, before the study gives up (exit 3)
 MAX_FRUITLESS_WORKERS = 2
 
@@ -192,18 +193,17 @@ class ProjectRunner(Runner):
                 time.sleep(0.5)  # it may have closed the run just before exiting
                 if client.get_run(run_id).info.status != "RUNNING":
                     continue
-                code = worker.exit_code()
                 with contextlib.suppress(Exception):
                     client.set_tag(run_id, tracking.TAG_STATE, "FAIL")
-                    client.set_tag(run_id, tracking.TAG_ERROR, f"its worker exited mid-trial (exit code {code})")
+                    client.set_tag(run_id, tracking.TAG_ERROR, "its worker exited mid-trial")
                     client.set_terminated(run_id, "KILLED")
                 worker.close("FAILED")
                 self._count_loss(worker)
                 if retried:  # the second worker this trial takes down: the trial's doing (memory?)
-                    raise RuntimeError(f"the trial's worker died twice while running it (exit code {code}; "
-                                       "out of memory? see runner.memory)")
-                raise WorkerLost(f"its worker ({worker.label}) exited mid-trial (exit code {code}); "
-                                 "the trial runs again on a new worker")
+                    raise RuntimeError("the trial's worker died twice while running it "
+                                       "(out of memory? see runner.memory)")
+                raise WorkerLost(f"its worker ({worker.label}) exited mid-trial; the trial runs again on a "
+                                 "new worker")
             time.sleep(POLL_SECONDS)
 
     def _count_loss(self, worker: _Worker) -> None:
@@ -213,8 +213,7 @@ class ProjectRunner(Runner):
         self._fruitless += 1
         if self._fruitless >= MAX_FRUITLESS_WORKERS:
             raise EnvironmentFault("trial worker", f"{self._fruitless} trial workers in a row exited before "
-                                   f"finishing a trial (last: {worker.label}, exit code {worker.exit_code()}); "
-                                   "see the worker runs in MLflow")
+                                   f"finishing a trial (last: {worker.label}); see the worker runs in MLflow")
 
     def _touch_inboxes(self) -> None:
         """Tell the workers the study is alive (a killed study's workers stop by themselves)."""
@@ -234,7 +233,7 @@ class ProjectRunner(Runner):
         for worker in workers:
             while worker.alive() and time.monotonic() < deadline:
                 time.sleep(0.1)
-            worker.close("FINISHED" if not worker.alive() and worker.exit_code() == 0 else "KILLED")
+            worker.close("FINISHED" if worker.exit_code() == 0 else "KILLED")
 
     # ------------------------------------------------------------------ the study's side of the seam
     def _storage_for_trial(self, context: TrialContext) -> str:
@@ -310,8 +309,11 @@ class ProjectRunner(Runner):
 
 
 class _Worker:
-    """One warm worker: an MLflow Project run of the ``worker`` entry point (started
-    asynchronously: MLflow runs it through an ``mlflow run`` process), and its inbox."""
+    """One warm worker: an MLflow Project run of the ``worker`` entry point, and its inbox.
+
+    ``mlflow.projects.run`` runs synchronously in a thread of the study (MLflow's own
+    asynchronous mode would start an ``mlflow run`` process first: seconds of imports more
+    per worker); it returns when the worker exits, having set the run's status."""
 
     def __init__(self, runner: ProjectRunner, lane: int, context: TrialContext, options: dict[str, Any]) -> None:
         import mlflow.projects
@@ -330,10 +332,20 @@ class _Worker:
         self.container = f"mlops-tune-worker-{self.run_id}" if runner.docker else ""
         if self.container:
             options = {**options, "docker_args": {**options["docker_args"], "name": self.container}}
-        self._submitted = mlflow.projects.run(
-            str(runner._project_dir()), entry_point=WORKER_ENTRY_POINT, parameters={"inbox": str(self.inbox)},
-            run_id=self.run_id, experiment_id=context.experiment_id, synchronous=False, **options)
+        self._exit: int | None = None
         self._closed = False
+
+        def serve() -> None:
+            try:
+                mlflow.projects.run(str(runner._project_dir()), entry_point=WORKER_ENTRY_POINT,
+                                    parameters={"inbox": str(self.inbox)}, run_id=self.run_id,
+                                    experiment_id=context.experiment_id, synchronous=True, **options)
+                self._exit = 0
+            except Exception:  # ExecutionException: it exited non-zero (killed, failed)
+                self._exit = -1
+
+        self._thread = threading.Thread(target=serve, name=f"mlops-tune-worker-{lane}", daemon=True)
+        self._thread.start()
 
     def submit(self, name: str, trial_cfg: Mapping[str, Any], link: Mapping[str, Any]) -> None:
         """Put a trial folder in the inbox, appearing whole (written aside, then renamed)."""
@@ -342,10 +354,11 @@ class _Worker:
         staging.rename(self.inbox / name)
 
     def alive(self) -> bool:
-        return self._submitted.command_proc.poll() is None
+        return self._thread.is_alive()
 
     def exit_code(self) -> int | None:
-        return self._submitted.command_proc.poll()
+        """0 when it stopped when asked, -1 when it failed or was killed, None while it runs."""
+        return self._exit
 
     def ask_to_stop(self) -> None:
         with contextlib.suppress(OSError):
@@ -358,11 +371,12 @@ class _Worker:
         if self._closed:
             return
         self._closed = True
-        if self.alive():
-            self._submitted.cancel()
+        with contextlib.suppress(Exception):  # first: MLflow's thread would call a killed worker FAILED
+            client = mlflow.MlflowClient()
+            if client.get_run(self.run_id).info.status == "RUNNING" and (status != "FINISHED" or not self.alive()):
+                client.set_terminated(self.run_id, status)
         if self.container:
             containers.remove(self.container)
-        with contextlib.suppress(Exception):
-            client = mlflow.MlflowClient()
-            if client.get_run(self.run_id).info.status == "RUNNING":
-                client.set_terminated(self.run_id, status)
+        elif self.alive():  # the local worker's process group (its command line names the inbox)
+            subprocess.run(["pkill", "-TERM", "-f", str(self.inbox)], capture_output=True, check=False)
+        self._thread.join(15)
