@@ -204,7 +204,7 @@ def in_lanes(n: int, lane: Callable[[threading.Event], None], interrupt: Callabl
         stop.set()
         interrupt(exc)
         for thread in threads:
-            thread.join(30)
+            thread.join(60)
         raise
     if errors:
         raise errors[0]

@@ -78,6 +78,7 @@ class ProjectRunner(Runner):
         self._fruitless = 0  # workers in a row that died before finishing a trial
         self._heartbeat: threading.Event | None = None
         self._interrupted: BaseException | None = None
+        self._stopping = False  # set first on an interrupt: a worker's death is then no loss
         # the project command says `python`, and warm workers start through the `mlflow run` command:
         # make both this environment's
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -87,6 +88,10 @@ class ProjectRunner(Runner):
         return 1 if self.fresh else self.n_workers
 
     def interrupt(self, exc: BaseException) -> None:
+        """From the main thread: every worker is ended now (runs KILLED, containers removed); the
+        lanes waiting on their trials raise a KeyboardInterrupt of their own."""
+        self._stopping = True
+        self._stop_workers(grace=0)
         self._interrupted = exc
 
     def check(self, cfg: Mapping[str, Any]) -> None:
@@ -124,7 +129,7 @@ class ProjectRunner(Runner):
                 worker.submit(name, self._trial_file_config(trial_cfg), link)
                 self._wait(worker, run_id, retried=attrs.RETRY_OF in trial.user_attrs)
         except KeyboardInterrupt:  # stopped: the trial's run is KILLED, its process ended
-            if worker is not None:
+            if worker is not None and self._interrupted is None:  # (lanes: the main thread ended them)
                 self._stop_workers(grace=0)
             with contextlib.suppress(Exception):
                 mlflow.MlflowClient().set_terminated(run_id, "KILLED")
@@ -157,6 +162,8 @@ class ProjectRunner(Runner):
     # ------------------------------------------------------------------ warm workers
     def _worker(self, context: TrialContext) -> _Worker:
         """The live worker of this thread's lane, started (again) when needed."""
+        if self._stopping:
+            raise KeyboardInterrupt("stopped")
         lane = getattr(self._lanes, "index", None)
         if lane is None:
             lane = self._lanes.index = next(self._next_lane)
@@ -183,8 +190,10 @@ class ProjectRunner(Runner):
 
         client = mlflow.MlflowClient()
         while True:
-            if self._interrupted is not None:
-                raise self._interrupted
+            if self._stopping:
+                while self._interrupted is None:  # the main thread is ending the workers
+                    time.sleep(POLL_SECONDS)
+                raise KeyboardInterrupt(str(self._interrupted) or "interrupted")
             if client.get_run(run_id).info.status != "RUNNING":
                 worker.finished_trials += 1
                 self._fruitless = 0
@@ -371,12 +380,12 @@ class _Worker:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(Exception):  # first: MLflow's thread would call a killed worker FAILED
-            client = mlflow.MlflowClient()
-            if client.get_run(self.run_id).info.status == "RUNNING" and (status != "FINISHED" or not self.alive()):
-                client.set_terminated(self.run_id, status)
         if self.container:
             containers.remove(self.container)
         elif self.alive():  # the local worker's process group (its command line names the inbox)
             subprocess.run(["pkill", "-TERM", "-f", str(self.inbox)], capture_output=True, check=False)
         self._thread.join(15)
+        with contextlib.suppress(Exception):  # the status we decided, over MLflow's "FAILED" for a killed run
+            client = mlflow.MlflowClient()
+            if status != "FINISHED" or client.get_run(self.run_id).info.status == "RUNNING":
+                client.set_terminated(self.run_id, status)
