@@ -187,6 +187,10 @@ class DenseFamily(_KerasFamily):
         # Standardize inside the model so the logged model takes raw features.
         mean = splits.x_train.mean(axis=0)
         variance = splits.x_train.var(axis=0)
+        # A feature constant in training (digits' corner pixels) keeps its scale, as sklearn's
+        # StandardScaler does: Keras divides by max(std, 1e-7), so a validation value of 1 there
+        # became 1e7 and the softmax saturated (val_loss in the thousands).
+        variance = np.where(variance > 0, variance, 1.0)
         return keras.layers.Normalization(mean=mean, variance=variance, name="standardize")(inputs)
 
 

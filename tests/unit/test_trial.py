@@ -95,3 +95,32 @@ def test_the_size_check_counts_what_keras_builds(overrides: tuple[str, ...]) -> 
     splits = load_splits(cfg["data"], cfg["seed"]).as_input(family.input_kind)
     built = family.build(cfg["model"], splits)
     assert family.estimate_params(cfg["model"], splits) == built.count_params()
+
+
+@pytest.mark.slow
+def test_logged_val_loss_is_the_validation_loss(experiment: str) -> None:
+    """The last logged val_loss equals model.evaluate and the cross-entropy of the predictions.
+
+    digits has pixels constant in training: Keras' Normalization divided them by 1e-7, so
+    val_loss was in the thousands (all three figures agreed with each other only after the fix).
+    """
+    import mlflow
+    import numpy as np
+
+    from mlops_tune.data import load_splits
+    from mlops_tune.families import get_family
+
+    cfg = compose_plain("train", "model.epochs=3", "model.early_stopping_patience=0")
+    validate_train(cfg)
+    outcome = run_trial(cfg, experiment_id=experiment)
+    logged = [m.value for m in mlflow.MlflowClient().get_metric_history(outcome.run_id, "val_loss")]
+    assert len(logged) == 3
+    family = get_family(cfg["model"]["family"])
+    splits = load_splits(cfg["data"], int(cfg["seed"])).as_input(family.input_kind)
+    model = family.load_model(outcome.model_uri)
+    evaluated_loss, evaluated_accuracy = model.evaluate(splits.x_val, splits.y_val, verbose=0)
+    probabilities = np.clip(model.predict(splits.x_val, verbose=0), 1e-7, 1 - 1e-7)
+    cross_entropy = float(-np.mean(np.log(probabilities[np.arange(len(splits.y_val)), splits.y_val])))
+    assert logged[-1] == pytest.approx(evaluated_loss, rel=1e-4)
+    assert logged[-1] == pytest.approx(cross_entropy, rel=1e-3)
+    assert evaluated_accuracy == pytest.approx(outcome.val_accuracy)
