@@ -24,7 +24,6 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PATH=/opt/venv/bin:$PATH \
     GIT_PYTHON_REFRESH=quiet \
     MPLCONFIGDIR=/opt/mplconfig \
-    TF_CPP_MIN_LOG_LEVEL=2 \
     MLOPS_TUNE_IMAGE_FAMILY=${FAMILY}
 
 RUN python3 -m venv /opt/venv

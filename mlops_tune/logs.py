@@ -5,12 +5,26 @@ from __future__ import annotations
 import logging
 import os
 
+VERBOSE_ENV = "MLOPS_TUNE_VERBOSE"
+
+
+def verbose() -> bool:
+    """``verbose=true`` (or ``MLOPS_TUNE_VERBOSE=1``): leave the libraries' own logging alone."""
+    return os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
+
+
+def set_verbose(on: bool) -> None:
+    """Record the ``verbose`` config key where trial processes and containers inherit it."""
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+
 
 def quiet_libraries() -> None:
     """Keep library chatter (INFO logs, experimental-API warnings, retry noise) out of the output.
 
     Failures are reported by mlops-tune itself, in one line; the libraries' own error logs
-    would add a traceback per failed call (and may quote a URL).
+    would add a traceback per failed call (and may quote a URL). With :func:`verbose` only
+    the settings that protect secrets stay.
     """
     import warnings
 
@@ -20,7 +34,17 @@ def quiet_libraries() -> None:
     # a progress bar per model download (registry, test evaluation) from a tracking server
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # the `mlflow run` processes that start warm workers: no INFO line per step
+    if verbose():
+        return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # TensorFlow's C++ logs (absl's "All log messages before absl::InitializeLog()", tf.data's
+    # "NodeDef mentions attribute use_unbounded_threadpool"): set before TensorFlow loads;
+    # a real TensorFlow error still arrives as a Python exception
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; no GUI backend probing
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    # importances from few trials: we compute them only once enough trials exist
+    warnings.filterwarnings("ignore", message=r"Some regimes for parameter", category=UserWarning)
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Pickle-format advice on every sklearn model: we log models we just trained ourselves.

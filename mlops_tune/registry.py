@@ -51,11 +51,17 @@ def champion_test_accuracy(name: str) -> float | None:
 
 def register(model_uri: str, name: str, test_accuracy: float, tags: Mapping[str, str]) -> str:
     """Register ``model_uri`` under ``name``; return the new version."""
+    import contextlib
+    import io
+
     import mlflow
 
-    version = mlflow.register_model(
-        model_uri, name, tags={"test_accuracy": f"{test_accuracy:.{ACCURACY_DECIMALS}f}", **tags},
-    )
+    # register_model prints "Successfully registered model ..." / "Created version ..." to
+    # stderr; promote() prints the one line that matters
+    with contextlib.redirect_stderr(io.StringIO()):
+        version = mlflow.register_model(
+            model_uri, name, tags={"test_accuracy": f"{test_accuracy:.{ACCURACY_DECIMALS}f}", **tags},
+        )
     return str(version.version)
 
 

@@ -36,6 +36,8 @@ class StudyResult:
     best_config: dict[str, Any] | None = None
     #: every trial of the study as CSV (also logged to the parent run)
     trials_csv: str = ""
+    #: the study report page (also logged to the parent run as report.html)
+    report_html: str = ""
 
 
 def _fmt(value: Any) -> str:
@@ -115,14 +117,20 @@ def summary(study: optuna.Study, result: StudyResult) -> None:
         print("  rank  trial  val_accuracy  architecture")
         for rank, t in enumerate(done[:5], 1):
             print(f"  {rank:4d}  {t.number:5d}  {t.value:12.4f}  {architecture(t.params)}")
+    print(f"{verdict_line(result)}; MLflow parent run {result.parent_run_id}", flush=True)
+
+
+def verdict_line(result: StudyResult) -> str:
+    """``gate PASSED: best val_accuracy 0.9778 (trial 1) vs threshold 0.95, test_accuracy 0.9722``."""
     verdict = "PASSED" if result.gate_passed else "MISSED"
     best = f"{result.best_value:.4f}" if result.best_value is not None else "none"
     test = f", test_accuracy {result.test_accuracy:.4f}" if result.test_accuracy is not None else ""
-    print(f"gate {verdict}: best val_accuracy {best} (trial {result.best_trial}) vs threshold "
-          f"{result.threshold}{test}; MLflow parent run {result.parent_run_id}", flush=True)
+    return (f"gate {verdict}: best val_accuracy {best} (trial {result.best_trial}) vs threshold "
+            f"{result.threshold}{test}")
 
 
-def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | None) -> str:
+def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | None,
+                        metric: str = "val_accuracy", threshold: float = 1.0) -> str:
     """Log the trials table (CSV), optimization history and parameter importance (PNG) and
     the best config (YAML) to the active run; return the CSV text."""
     import mlflow
@@ -136,28 +144,113 @@ def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | No
     mlflow.log_text(buffer.getvalue(), "trials.csv")
     if best_config is not None:
         tracking.log_config(best_config, "best_config.yaml")
-    _log_plots(study)
+    _log_plots(study, metric, threshold)
     return buffer.getvalue()
 
 
-def _log_plots(study: optuna.Study) -> None:
+def _log_plots(study: optuna.Study, metric: str, threshold: float) -> None:
+    """optimization_history.png (labelled: metric, threshold, study, pruned trials) and,
+    from :data:`MIN_TRIALS_FOR_IMPORTANCE` complete trials on, param_importances.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import mlflow
-    from optuna.visualization import matplotlib as optuna_plots
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    plots = [("optimization_history.png", optuna_plots.plot_optimization_history)]
-    if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
-        plots.append(("param_importances.png", optuna_plots.plot_param_importances))
+    plots = [("optimization_history.png", _history_figure)]
+    if len(done) >= MIN_TRIALS_FOR_IMPORTANCE and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
+        plots.append(("param_importances.png", _importance_figure))
     for name, plot in plots:
         with contextlib.suppress(Exception):  # a plot is a convenience, never a reason to fail
-            axes = plot(study)
-            figure = axes.figure if hasattr(axes, "figure") else axes
-            figure.set_size_inches(8, 5)
+            figure = plot(plt, study, metric, threshold)
             figure.tight_layout()
             mlflow.log_figure(figure, name)
             plt.close(figure)
 
+
+#: parameter importances from fewer complete trials are noise (Optuna warns below 2 per regime)
+MIN_TRIALS_FOR_IMPORTANCE = 10
+
+
+def _history_figure(plt: Any, study: optuna.Study, metric: str, threshold: float) -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    axes.scatter([t.number for t in done], [t.value for t in done], label="complete", zorder=3)
+    axes.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+                 marker="s", facecolors="none", edgecolors="tab:orange", label="pruned (last epoch)", zorder=3)
+    best, xs, ys = float("-inf"), [], []
+    for t in sorted(trials, key=lambda t: t.number):
+        if t in done and (t.value or 0) > best:
+            best = t.value or 0.0
+        if best > float("-inf"):
+            xs.append(t.number)
+            ys.append(best)
+    axes.step(xs, ys, where="post", color="tab:green", label="best so far")
+    axes.axhline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold}")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("trial")
+    axes.set_ylabel(metric)
+    axes.set_title(f"study {study.study_name}: {metric} per trial")
+    axes.legend(loc="lower right")
+    return figure
+
+
+def _importance_figure(plt: Any, study: optuna.Study, metric: str, threshold: float) -> Any:
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    importances = optuna.importance.get_param_importances(study)
+    names = [readable_param(name) for name in importances][::-1]
+    figure, axes = plt.subplots(figsize=(8, 5))
+    axes.barh(names, list(importances.values())[::-1])
+    axes.set_xlabel(f"importance for {metric} (Optuna's default evaluator, {len(done)} complete trials)")
+    axes.set_title(f"study {study.study_name}: what moved {metric}")
+    return figure
+
+
+def readable_param(name: str) -> str:
+    """``hidden_units_len`` -> ``hidden_units (layers)``, ``hidden_units_0`` -> ``hidden_units[0]``."""
+    stem, _, index = name.rpartition("_")
+    if index == "len":
+        return f"{stem} (layers)"
+    if index.isdigit() and stem:
+        return f"{stem}[{index}]"
+    return name
+
+
+def log_study_page(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace,
+                   result: StudyResult) -> str:
+    """Build report.html (see :mod:`mlops_tune.html_report`), log it to the active (parent) run, return it."""
+    import mlflow
+
+    from mlops_tune import html_report
+
+    client = mlflow.MlflowClient()
+    experiment_id = mlflow.active_run().info.experiment_id if mlflow.active_run() else "0"
+    histories, links = {}, {}
+    for trial in study.get_trials(deepcopy=False):
+        run_id = trial.user_attrs.get(attrs.RUN)
+        if not run_id:
+            continue
+        links[trial.number] = f"/#/experiments/{experiment_id}/runs/{run_id}"
+        with contextlib.suppress(Exception):  # a run deleted meanwhile: no curve
+            per_step: dict[int, float] = {}
+            # per epoch the first value of a step: the final evaluation is logged later at the last step
+            for m in sorted(client.get_metric_history(str(run_id), "val_accuracy"), key=lambda m: m.timestamp):
+                per_step.setdefault(m.step, m.value)
+            if len(per_step) >= 2:  # a one-step fit (scikit-learn) has no curve
+                histories[trial.number] = [per_step[step] for step in sorted(per_step)]
+    registered = None
+    if result.registered_version:
+        registered = (f"registered as {cfg['registry']['name']} version {result.registered_version}"
+                      f"{' (champion)' if result.champion else ''}")
+    verdict = {"passed": result.gate_passed, "best_trial": result.best_trial, "best_value": result.best_value,
+               "test_accuracy": result.test_accuracy, "registered": registered}
+    page = html_report.render(html_report.report_data(study, space, cfg, verdict, histories, links))
+    mlflow.log_text(page, "report.html")
+    return page

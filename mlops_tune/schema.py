@@ -79,6 +79,7 @@ class TrainConfig:
     data: Any = MISSING
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 42
+    verbose: bool = False  # the libraries' own logs (TensorFlow, MLflow, Optuna) back on
 
 
 @dataclass

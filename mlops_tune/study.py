@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -342,18 +343,19 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
         study_name=study.study_name, gate_passed=passed, best_value=best.value if best else None,
         best_trial=best.number if best else None, test_accuracy=test_accuracy, n_trials=n_judged,
         threshold=threshold, parent_run_id=parent_run_id, best_config=best_cfg,
-        trials_csv=report.log_study_artifacts(study, best_cfg),
+        trials_csv=report.log_study_artifacts(study, best_cfg, str(cfg["gate"]["metric"]), threshold),
     )
     if passed and cfg["registry"]["promote"] and best is not None:
         result = _promote(best, result, str(cfg["registry"]["name"]), budget, worker)
+    result = replace(result, report_html=report.log_study_page(study, cfg, space, result))
+    tracking.describe_study_run(study.study_name, report.verdict_line(result),
+                                str(best.user_attrs.get(attrs.RUN, "")) if best else "")
     report.summary(study, result)
     return result
 
 
 def _promote(best: FrozenTrial, result: StudyResult, name: str, budget: claims.Budget, worker: str) -> StudyResult:
     """Exactly one promotion per study, however many workers finish at once."""
-    from dataclasses import replace
-
     if budget.claim("promotion", worker) != worker:
         print("registry: the study's model was already promoted (by another worker or an earlier run)", flush=True)
         return result

@@ -63,7 +63,11 @@ def connect(uri: str, experiment: str) -> str:
             mlflow.set_experiment(experiment_id=experiment_id)
             return str(experiment_id)
         except Exception as exc:
-            raise UsageError(f"MLFLOW_RUN_ID: run {project_run} not found at {redact(uri)} "
+            where = os.environ.get("MLFLOW_TRACKING_URI", "")
+            hint = (f"; `mlflow run` created it in {redact(where)}: set MLFLOW_TRACKING_URI={redact(uri)} "
+                    "for `mlflow run` instead of tracking.uri in -P overrides"
+                    if where and where != uri else "")
+            raise UsageError(f"MLFLOW_RUN_ID: run {project_run} not found at {redact(uri)}{hint} "
                              f"({first_line(exc)})") from None
     try:
         # processes starting together on a new SQLite file would race to create its schema
@@ -210,6 +214,34 @@ def log_batch(
         client.log_batch(run_id, metrics=metric_rows[i:i + 1000])
     for i in range(100, len(params_list), 100):
         client.log_batch(run_id, params=params_list[i:i + 100])
+
+
+#: the study's best trial run (moved to a newer best by a resumed study)
+TAG_BEST = "mlops_tune.best"
+
+
+def describe_study_run(study_name: str, verdict: str, best_run_id: str) -> None:
+    """Make the active (parent) run readable in the MLflow UI: named after the study (also a
+    Project run that MLflow named), its description the verdict, the best child run tagged."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    client = mlflow.MlflowClient()
+    description = (f"**{verdict}**\n\nStudy report: the `report.html` artifact of this run "
+                   "(trials, optimization history, mutation lineage, a link to every trial's run).")
+    log_batch(tags={MLFLOW_RUN_NAME: study_name, MLFLOW_RUN_NOTE: description})
+    if not best_run_id:
+        return
+    earlier = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`{TAG_BEST}` = 'true'")
+    for other in earlier:
+        if other.info.run_id != best_run_id:
+            client.set_tag(other.info.run_id, TAG_BEST, "false")
+    client.set_tag(best_run_id, TAG_BEST, "true")
 
 
 def log_config(cfg: Mapping[str, Any], artifact: str = "config.yaml") -> None:

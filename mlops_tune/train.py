@@ -23,9 +23,11 @@ def train(cfg: Any) -> int:
     from mlops_tune import faults, tracking
     from mlops_tune.config import load_train
     from mlops_tune.data import load_splits
+    from mlops_tune.logs import set_verbose
     from mlops_tune.secrets import redact
     from mlops_tune.trial import run_trial
 
+    set_verbose(bool(cfg.get("verbose")))
     plain = load_train(cfg)
     splits = load_splits(plain["data"], plain["seed"])
     uri = plain["tracking"]["uri"]

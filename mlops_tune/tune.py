@@ -23,10 +23,11 @@ PROG = "mlops-tune"
 def tune(cfg: Any) -> int:
     """The ``mlops-tune`` task: validate, run the study, write the best config next to the logs."""
     from mlops_tune.config import load_tune
-    from mlops_tune.logs import quiet_libraries
+    from mlops_tune.logs import quiet_libraries, set_verbose
     from mlops_tune.secrets import redact_text
     from mlops_tune.study import Study
 
+    set_verbose(bool(cfg.get("verbose")))
     quiet_libraries()
     plain = load_tune(cfg)
     started = time.perf_counter()
@@ -62,6 +63,9 @@ def _write_outputs(result: Any) -> None:
     except ValueError:  # not under Hydra (called from Python)
         out = Path.cwd()
     (out / "trials.csv").write_text(result.trials_csv)
+    if result.report_html:
+        (out / "report.html").write_text(result.report_html)
+        print(f"study report: {out / 'report.html'} (also the parent run's report.html artifact)", flush=True)
     if result.best_config is None:
         return
     path = out / "best_config.yaml"

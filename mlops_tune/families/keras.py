@@ -17,6 +17,7 @@ import numpy as np
 from mlops_tune.data import Splits
 from mlops_tune.errors import UsageError, check_int
 from mlops_tune.families._base import EpochCallback, Family, FitResult, pinned_requirements, tensor_signature
+from mlops_tune.logs import verbose
 
 ACTIVATIONS = ("relu", "tanh", "elu", "selu", "gelu", "sigmoid", "swish")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam")
@@ -30,7 +31,8 @@ class TrainingDiverged(RuntimeError):
 
 
 def _keras() -> Any:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not verbose():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log lines (see logs.py)
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
 
