@@ -130,27 +130,41 @@ class _StopAll(SystemExit):
     """A job was stopped by a signal: no further job of a multirun starts."""
 
 
+#: the job's label and one-line outcome, for the table at the end of a multirun
+_job_summary: dict[str, str] = {}
+
+
+def note_job(outcome: str) -> None:
+    """What the multirun summary says of this job (``mlops-tune``: the study and its verdict)."""
+    _job_summary["outcome"] = outcome
+
+
 def run_task(task: Task, cfg: Any, prog: str) -> int:
     """Run one job, mapping exceptions onto exit codes."""
     try:
         return task(cfg)
     except UsageError as exc:
         _say(prog, f"error: {exc}")
+        _job_summary.setdefault("outcome", f"error: {exc}")
         return EXIT_USAGE
     except StudyAborted as exc:
         _say(prog, f"error: {exc}")
+        _job_summary.setdefault("outcome", f"error: {exc}")
         return EXIT_CRASH
     except EnvironmentFault as exc:
+        _job_summary.setdefault("outcome", f"environment failed: {exc}")
         _say(prog, f"error: {exc} (the environment failed, not the model: fix it and rerun; "
                    "the trial in flight is not charged to the budget)")
         return EXIT_CRASH
     except KeyboardInterrupt as exc:
+        _job_summary.setdefault("outcome", "stopped")
         _say(prog, f"{exc if isinstance(exc, faults.Stopped) else 'interrupted'}: MLflow runs closed as "
                    "KILLED; a study's trial in flight runs again on the next start")
         return faults.signal_exit_code(exc)
     except Exception:
         traceback.print_exc()
         _say(prog, "crashed (a bug or an environment problem; the traceback is above)")
+        _job_summary.setdefault("outcome", "crashed")
         return EXIT_CRASH
 
 
@@ -170,14 +184,43 @@ def record_job(task: Task, cfg: Any, prog: str) -> int:
     if _held is not None:
         _held.release()
     _redact_saved_configs()
+    _job_summary.clear()
+    _job_summary["label"] = _job_label()
     code = run_task(task, cfg, prog)
     codes_path = os.environ.get(_CODES_ENV)
     if codes_path:
         with open(codes_path, "a", encoding="utf-8") as codes:
-            codes.write(f"{code}\n")
+            outcome = secrets.redact_text(_job_summary.get("outcome", "")).replace("\t", " ").replace("\n", " ")
+            codes.write(f"{code}\t{_job_summary['label']}\t{outcome}\n")
     if code in (130, 143):
         raise _StopAll(code)
     return code
+
+
+def _job_label() -> str:
+    """The job's overrides (``model=knn data=wine``), or its number."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        job = HydraConfig.get().job
+        return " ".join(job.override_dirname.split(",")) or f"job {job.num}"
+    except Exception:
+        return "job"
+
+
+def multirun_table(rows: list[tuple[int, str, str]]) -> str:
+    """The end of a multirun: every job, its exit code and its outcome, and the exit code of the whole.
+
+    A job is labelled by the overrides that tell it apart (those every job shares are left out).
+    """
+    shared = set.intersection(*(set(label.split()) for _, label, _ in rows)) if len(rows) > 1 else set()
+    rows = [(code, " ".join(t for t in label.split() if t not in shared) or label, outcome)
+            for code, label, outcome in rows]
+    width = max((len(label) for _, label, _ in rows), default=3)
+    lines = [f"\nmultirun: {len(rows)} job(s)", f"  {'job':<{width}}  exit  outcome"]
+    lines += [f"  {label:<{width}}  {code:4d}  {outcome}" for code, label, outcome in rows]
+    lines.append(f"exit code {max((code for code, _, _ in rows), default=0)} (the worst of the jobs)")
+    return "\n".join(lines)
 
 
 def _redact_saved_configs() -> None:
@@ -233,8 +276,14 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
         sys.stderr = held.inner
         _held = None
         os.environ.pop(_CODES_ENV, None)
-    codes = [int(line) for line in Path(codes_path).read_text().split()]
+    rows = []
+    for line in Path(codes_path).read_text().splitlines():
+        code, label, outcome = [*line.split("\t", 2), "", ""][:3]
+        rows.append((int(code), label, outcome))
+    codes = [code for code, _, _ in rows]
     os.unlink(codes_path)
+    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]) and rows:
+        print(multirun_table(rows), flush=True)
     if stopped is not None:
         sys.exit(stopped)
     if hydra_failed:

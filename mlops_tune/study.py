@@ -29,6 +29,7 @@ from mlops_tune.data import Splits, load_splits
 from mlops_tune.errors import StudyAborted, TrialFailed, WorkerLost, first_line
 from mlops_tune.families import get_family
 from mlops_tune.optuna_setup import check_writable, make_pruner, make_sampler, make_storage
+from mlops_tune.progress import Progress
 from mlops_tune.report import StudyResult
 from mlops_tune.runners import Runner, TrialContext, get_runner
 from mlops_tune.search import SearchSpace
@@ -49,6 +50,7 @@ class Study:
         self.family = get_family(cfg["model"]["family"])
         self.sampler = make_sampler(cfg["study"], self.space, int(cfg["seed"]))
         self.pruner = make_pruner(cfg["study"]["pruner"])
+        print(f"study '{self.name}': loading data '{cfg['data']['name']}' ...", flush=True)
         self.splits: Splits = load_splits(cfg["data"], int(cfg["seed"]))
         # rejects e.g. a CNN on tabular data, or a base model too large for model.max_params, now
         self.family.check_data(cfg["model"], self.splits.as_input(self.family.input_kind))
@@ -70,6 +72,8 @@ class Study:
     def run(self) -> StudyResult:
         """Run the study. Raises :class:`EnvironmentFault` when a store or the disk fails meanwhile."""
         try:
+            print(f"study '{self.name}': opening the stores (Optuna {redact_text(self.storage_url)}, "
+                  f"MLflow {redact_text(self.tracking_uri)}) ...", flush=True)
             storage = make_storage(self.cfg["study"])
             experiment_id = tracking.connect(self.tracking_uri, self.cfg["tracking"]["experiment"])
             with faults.classified(tracking_uri=self.tracking_uri, storage_url=self.storage_url):
@@ -92,10 +96,16 @@ class Study:
             if created:
                 tracking.log_batch(params=study_params(self.cfg))
             reconcile(study, experiment_id, run_id, self.budget)
+            progress = Progress(int(self.cfg["study"]["n_trials"]), self.threshold, str(self.cfg["gate"]["metric"]),
+                                self.cfg["model"].get("epochs"), done=sum(judged(t) for t in study.get_trials()),
+                                timeout=self.cfg["study"]["timeout"])
             context = TrialContext(experiment_id, run_id, self.splits, lambda: best_value(study),
-                                   storage_url=self.storage_url, pruner=self.cfg["study"]["pruner"])
+                                   storage_url=self.storage_url, pruner=self.cfg["study"]["pruner"],
+                                   on_epoch=progress.epoch)
             report.study_header(self.name, self.cfg, self.space, existing)
-            self._optimize(study, context)
+            self.progress = progress
+            with progress:
+                self._optimize(study, context)
             reconcile(study, experiment_id, run_id, self.budget)
             return finish(study, self.cfg, self.space, self.family, self.splits, run_id, self.budget, self.worker)
 
@@ -110,6 +120,7 @@ class Study:
         budget = claims.Budget(self.storage_url, self.budget.key)  # this lane's: it holds its own ticket
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+            self.progress.trial_finished(trial.number, trial.value, judged(trial))
             report.trial_line(study, trial, self.threshold, time.perf_counter() - started)
             self.failures = failures_in_a_row(self.failures, trial)
 
@@ -130,6 +141,7 @@ class Study:
 
     def _run_trial(self, trial: optuna.Trial, context: TrialContext, budget: claims.Budget) -> float:
         """The objective: run one trial; judge a failure as the model's or the environment's."""
+        self.progress.trial_started(trial.number)
         ticket = budget.hand_over()
         if ticket:
             trial.set_user_attr(attrs.TICKET, ticket)

@@ -39,10 +39,13 @@ class Reporter(Protocol):
 class OptunaReporter:
     """Reports per-epoch validation accuracy to an Optuna trial and prunes on its word."""
 
-    def __init__(self, trial: Any) -> None:
+    def __init__(self, trial: Any, on_report: Callable[[float, int], None] | None = None) -> None:
         self.trial = trial
+        self.on_report = on_report
 
     def report(self, value: float, step: int) -> None:
+        if self.on_report is not None:
+            self.on_report(value, step)
         self.trial.report(value, step)
         if self.trial.should_prune():
             raise TrialPruned(f"pruned at epoch {step} with val_accuracy={value:.4f}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops_tune import junit
-from mlops_tune.cli import hydra_main, record_job
+from mlops_tune.cli import hydra_main, note_job, record_job
 from mlops_tune.errors import EXIT_GATE_MISSED, EXIT_OK, EnvironmentFault, StudyAborted, UsageError
 
 PROG = "mlops-tune"
@@ -40,6 +40,9 @@ def tune(cfg: Any) -> int:
                          time.perf_counter() - started, error=redact_text(str(exc) or "interrupted"))
         raise
     _write_outputs(result)
+    from mlops_tune.report import verdict_line
+
+    note_job(f"study '{result.study_name}': {verdict_line(result)}")
     if junit_path:
         best = f"{result.best_value:.4f}" if result.best_value is not None else "none"
         missed = None if result.gate_passed else (

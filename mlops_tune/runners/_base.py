@@ -24,6 +24,8 @@ class TrialContext:
     #: the Optuna storage URL and pruner spec, for trials that run in another process
     storage_url: str = ""
     pruner: Any = "median"
+    #: progress of a trial that runs in this process: (trial number, epoch, val_accuracy)
+    on_epoch: Callable[[int, int, float], None] = lambda number, epoch, value: None
 
 
 class Runner(abc.ABC):

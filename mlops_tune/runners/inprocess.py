@@ -22,7 +22,7 @@ class InProcessRunner(Runner):
             parent_run_id=context.parent_run_id,
             run_name=f"trial-{trial.number}",
             tags=tags,
-            reporter=OptunaReporter(trial),
+            reporter=OptunaReporter(trial, lambda value, epoch: context.on_epoch(trial.number, epoch, value)),
             evaluate_test=False,
             should_log_model=lambda val_accuracy: val_accuracy > context.best_value(),
             on_run_started=lambda run_id: trial.set_user_attr(attrs.RUN, run_id),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -67,7 +68,7 @@ def test_the_lineage_tree_matches_every_child_runs_parent_trial_tag(study: dict)
     # the winner's path runs from the root to the best trial along the edges
     path = data["lineage"]["winner_path"]
     assert path[0] == 0 and path[-1] == data["verdict"]["best_trial"]
-    assert all(edges[b]["from"] == a for a, b in zip(path, path[1:], strict=False))
+    assert all(edges[b]["from"] == a for a, b in itertools.pairwise(path))
 
 
 def test_the_report_data_agrees_with_mlflow(study: dict) -> None:
@@ -140,5 +141,35 @@ def test_the_report_shows_in_the_mlflow_ui_artifact_view(study: dict) -> None:
             assert frame.locator("#svg-lineage g.node").count() == 5
             page.screenshot("report-in-mlflow-ui.png")
             assert page.outside_requests() == []
+    finally:
+        devservices.stop_process(proc)
+
+
+def test_optuna_dashboard_reads_the_study_storage_as_it_is(study: dict) -> None:
+    """The `dashboard` extra: optuna-dashboard on loopback finds the study and its trials through its API."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    folder, port = study["folder"], devservices.free_port()
+    dashboard = Path(sys.executable).parent / "optuna-dashboard"
+    proc = subprocess.Popen([str(dashboard), "sqlite:///optuna.db", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, summaries = time.time() + 60, None
+        while time.time() < deadline and summaries is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as answer:
+                    summaries = json.load(answer)["study_summaries"]
+            except OSError:
+                assert proc.poll() is None, "optuna-dashboard exited"
+                time.sleep(0.5)
+        assert summaries is not None, "optuna-dashboard did not answer within 60 s"
+        [summary] = [s for s in summaries if s["study_name"] == "ann-digits"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=10) as answer:
+            detail = json.load(answer)
+        assert len(detail["trials"]) == 5
+        assert sorted(t["number"] for t in detail["trials"]) == [0, 1, 2, 3, 4]
     finally:
         devservices.stop_process(proc)

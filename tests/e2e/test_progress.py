@@ -1,0 +1,111 @@
+"""What a user sees while a study runs: start-up lines, the live status on a terminal, no library
+noise, a multirun's summary table."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mlops_tune.cli import multirun_table
+from mlops_tune.progress import Progress
+from tests.conftest import BIN, command_env, run_command
+
+#: lines the libraries print on their own (TensorFlow's C++ logs, absl, matplotlib, Optuna,
+#: MLflow's registry prints); none may reach the default output
+NOISE = re.compile(r"absl|^[IWEF]\d{4} |node_def_util|cpu_feature_guard|tensorflow|matplotlib|UserWarning|"
+                   r"optuna_warn|Successfully registered|Created version|^WARNING|^INFO", re.M | re.I)
+
+
+@pytest.mark.slow
+def test_the_main_job_prints_progress_and_no_library_noise(workdir: Path) -> None:
+    """`make run`'s job (mlops-tune on the embedded defaults), with TensorFlow's log level not preset."""
+    env = command_env()
+    env.pop("TF_CPP_MIN_LOG_LEVEL")
+    proc = subprocess.run([str(BIN / "mlops-tune")], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode in (0, 1), proc.stderr
+    output = proc.stdout + proc.stderr
+    assert NOISE.findall(output) == [], output
+    lines = proc.stdout.splitlines()
+    # nothing silent at start-up: the data, the stores, the header, then the first trial
+    assert lines[0] == "study 'ann-digits': loading data 'digits' ..."
+    assert lines[1].startswith("study 'ann-digits': opening the stores (Optuna sqlite:///")
+    assert lines[3] == "starting trial 0 ..."
+    assert lines[4].startswith("[trial   0] COMPLETE")
+    assert "study report: " in proc.stdout and "gate " in proc.stdout
+
+
+@pytest.mark.slow
+def test_verbose_brings_the_library_logs_back(workdir: Path) -> None:
+    env = command_env()
+    env.pop("TF_CPP_MIN_LOG_LEVEL")
+    proc = subprocess.run([str(BIN / "mlops-train"), "verbose=true", "model.epochs=1"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^[IWE]\d{4} ", proc.stderr, re.M), "TensorFlow's C++ log lines with verbose=true"
+
+
+def test_a_terminal_gets_a_live_status_line(workdir: Path) -> None:
+    """Under a pseudo-terminal the study shows 'trial k/N | ... | best ... (gate ...) | elapsed'."""
+    import pty
+
+    leader, follower = pty.openpty()
+    env = command_env(TERM="xterm", COLUMNS="200")
+    proc = subprocess.Popen([str(BIN / "mlops-tune"), "model=knn", "data=wine", "study.n_trials=4",
+                             "gate.threshold=0.999"], cwd=workdir, env=env, stdin=follower, stdout=follower,
+                            stderr=follower, close_fds=True)
+    os.close(follower)
+    chunks = []
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(leader)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode in (0, 1), text[-2000:]
+    assert re.search(r"trial [1-4]/4 \| #\d+ running \d+:\d\d \| best [-0-9.]+ \(gate 0\.999\) \| elapsed \d+:\d\d",
+                     text), text[-2000:]
+    assert "[trial   0] COMPLETE" in text  # the per-trial lines still print above the status
+
+
+def test_the_status_line_shows_the_epoch_and_the_eta() -> None:
+    progress = Progress(n_trials=10, threshold=0.95, metric="val_accuracy", epochs=30, done=2, live=False,
+                        stream=open(os.devnull, "w"))  # noqa: SIM115 - closed with the test
+    progress.trial_started(2)
+    progress.epoch(2, 11, 0.9012)
+    assert "trial 3/10 | #2 epoch 12/30 val_accuracy 0.9012 | best - (gate 0.95)" in progress.status()
+    progress.trial_finished(2, 0.93, judged=True)
+    status = progress.status()
+    assert "best 0.9300" in status and "ETA " in status  # one duration known: 7 trials left
+    progress.stream.close()
+
+
+def test_a_multirun_ends_with_a_table_of_its_studies(workdir: Path) -> None:
+    result = run_command("mlops-tune", "-m", "model=knn,logreg", "data=wine", "study.n_trials=2",
+                         "gate.threshold=0.999", "study.name=s-${model.name}", "registry.promote=false", cwd=workdir)
+    table = result.stdout[result.stdout.index("multirun: 2 job(s)"):].splitlines()
+    assert table[1].split() == ["job", "exit", "outcome"]
+    rows = {line.split()[0]: line for line in table[2:4]}
+    assert set(rows) == {"model=knn", "model=logreg"}  # the shared overrides are left out
+    for model, line in rows.items():
+        code = int(line.split()[1])
+        assert f"study 's-{model.split('=')[1]}': gate {'PASSED' if code == 0 else 'MISSED'}" in line
+    assert table[4] == f"exit code {result.code} (the worst of the jobs)"
+
+
+def test_the_multirun_table_names_errors_and_the_worst_code() -> None:
+    table = multirun_table([(0, "model=knn data=wine", "study 'knn-wine': gate PASSED"),
+                            (2, "model=cnn data=wine", "error: model=cnn needs image data")])
+    assert "model=cnn     2  error: model=cnn needs image data" in table
+    assert table.endswith("exit code 2 (the worst of the jobs)")
