@@ -55,6 +55,8 @@ def connect(uri: str, experiment: str) -> str:
     quiet_libraries()
     configure_http()
     check_reachable(uri)
+    # where `mlflow run` created its Project run (set_tracking_uri overwrites the variable)
+    project_store = os.environ.get("MLFLOW_TRACKING_URI", "")
     mlflow.set_tracking_uri(uri)
     project_run = os.environ.get("MLFLOW_RUN_ID")
     if project_run:  # started by `mlflow run`: log into the experiment of that Project run
@@ -63,10 +65,9 @@ def connect(uri: str, experiment: str) -> str:
             mlflow.set_experiment(experiment_id=experiment_id)
             return str(experiment_id)
         except Exception as exc:
-            where = os.environ.get("MLFLOW_TRACKING_URI", "")
-            hint = (f"; `mlflow run` created it in {redact(where)}: set MLFLOW_TRACKING_URI={redact(uri)} "
-                    "for `mlflow run` instead of tracking.uri in -P overrides"
-                    if where and where != uri else "")
+            hint = (f"; `mlflow run` created it in {redact(project_store)}: set MLFLOW_TRACKING_URI="
+                    f"{redact(uri)} for `mlflow run` instead of tracking.uri in -P overrides"
+                    if project_store and project_store != uri else "")
             raise UsageError(f"MLFLOW_RUN_ID: run {project_run} not found at {redact(uri)}{hint} "
                              f"({first_line(exc)})") from None
     try:

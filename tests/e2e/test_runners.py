@@ -69,19 +69,47 @@ def test_mlflow_runner_prunes_across_the_process_boundary(tune, workdir: Path) -
 
 @pytest.mark.parametrize(("data", "threshold", "passes"), [("wine", "0.9", True), ("digits", "1.0", False)])
 def test_mlflow_run_tune_entry_point_exit_code(workdir: Path, data: str, threshold: str, passes: bool) -> None:
+    """As a Jenkins `sh` step calls it: `.venv/bin/mlflow run` with the venv NOT on PATH (the entry
+    point finds the checkout's interpreter), into a named experiment."""
     overrides = (f"model=knn data={data} gate.threshold={threshold} study.n_trials=2 "
                  f"study.storage=sqlite:///{workdir / 'optuna.db'} hydra.run.dir={workdir / 'outputs'}")
     env = command_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # `--env-manager local`: this environment's python
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != BIN)
+    proc = subprocess.run([str(BIN / "mlflow"), "run", str(ROOT), "-e", "tune", "-P", f"overrides={overrides}",
+                           "--env-manager", "local", "--experiment-name", "mlops-tune"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert (proc.returncode == 0) == passes, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = mlflow_runs(workdir, experiment="mlops-tune")
+    [project_run] = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "tune"]
+    # the Project run is the study's parent run: the trials nest under it; MLflow calls a
+    # non-zero exit FAILED, mlops_tune.gate says why
+    assert project_run.data.tags[tracking.TAG_GATE] == ("passed" if passes else "missed")
+    assert project_run.info.status == ("FINISHED" if passes else "FAILED")
+    assert project_run.info.run_name == f"knn-{data}"
+    assert [r for r in runs if r.data.tags.get("mlflow.parentRunId") == project_run.info.run_id]
+
+
+def test_mlflow_run_without_a_python_that_has_the_project_says_what_to_do(tmp_path: Path) -> None:
+    env = command_env()
+    env["PATH"] = "/usr/bin:/bin"  # no venv, no .venv in the folder: the system Python only
+    proc = subprocess.run(["sh", str(ROOT / "scripts" / "mlproject-python"), "-c", "pass"], cwd=tmp_path,
+                          env={**env, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("mlflow run: error: no Python with mlops_tune") and "make install" in line
+
+
+def test_mlflow_run_with_tracking_uri_in_the_overrides_says_to_set_the_variable(workdir: Path) -> None:
+    """MLflow creates the Project run in ITS store; a different tracking.uri cannot find it."""
+    overrides = (f"model=knn data=wine study.n_trials=1 tracking.uri=sqlite:///{workdir / 'other.db'} "
+                 f"study.storage=sqlite:///{workdir / 'optuna.db'} hydra.run.dir={workdir / 'outputs'}")
+    env = command_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
     proc = subprocess.run([str(BIN / "mlflow"), "run", str(ROOT), "-e", "tune", "-P", f"overrides={overrides}",
                            "--env-manager", "local"], cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=600)
-    assert (proc.returncode == 0) == passes, proc.stdout[-2000:] + proc.stderr[-2000:]
-    runs = mlflow_runs(workdir, experiment="Default")
-    [project_run] = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "tune"]
-    # the Project run is the study's parent run: the trials nest under it
-    assert project_run.data.tags[tracking.TAG_GATE] == ("passed" if passes else "missed")
-    assert [r for r in runs if r.data.tags.get("mlflow.parentRunId") == project_run.info.run_id]
+    assert proc.returncode != 0
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("mlops-tune: error:")]
+    assert "MLFLOW_RUN_ID" in line and f"set MLFLOW_TRACKING_URI=sqlite:///{workdir / 'other.db'}" in line
 
 
 def test_mlflow_runner_works_from_an_installed_wheel(tmp_path: Path) -> None:
