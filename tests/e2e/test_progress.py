@@ -109,3 +109,17 @@ def test_the_multirun_table_names_errors_and_the_worst_code() -> None:
                             (2, "model=cnn data=wine", "error: model=cnn needs image data")])
     assert "model=cnn     2  error: model=cnn needs image data" in table
     assert table.endswith("exit code 2 (the worst of the jobs)")
+
+
+@pytest.mark.parametrize("command", ["mlops-tune", "mlops-train"])
+def test_help_says_what_the_command_does_its_keys_exit_codes_and_examples(command: str, workdir: Path) -> None:
+    result = run_command(command, "--help", cwd=workdir)
+    assert result.code == 0
+    text = result.stdout
+    assert text.startswith(f"{command}: ")
+    for part in ("Main keys", "Exit codes:", "Examples:", "model=ann|cnn|knn", "130 / 143",
+                 "model: ann, cnn, knn, logreg, random_forest"):
+        assert part in text, part
+    if command == "mlops-tune":
+        assert "tpe | random | mutation" in text and "1 gate missed" in text
+    assert not list(workdir.glob("outputs"))  # help writes nothing
