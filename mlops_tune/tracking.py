@@ -111,13 +111,22 @@ def _check_artifact_folder(experiment_id: str) -> None:
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
-    """Flatten nested config into MLflow params: ``{"model.hidden_units": "[8, 16]", ...}``."""
+    """Flatten nested config into MLflow params: ``{"model.hidden_units": "[8, 16]", ...}``.
+
+    A list of numbers also gets numeric params the MLflow UI can sort and plot (it compares
+    ``"[64, 32]"`` as text): ``model.hidden_units.len`` = 2 (layers) and ``model.hidden_units.sum`` = 96 (units).
+    """
     if isinstance(value, Mapping):
         flat: dict[str, str] = {}
         for key, sub in value.items():
             flat.update(flatten(f"{prefix}.{key}" if prefix else str(key), sub))
         return flat
-    return {prefix: json.dumps(value) if isinstance(value, (list, tuple)) else str(value)}
+    if isinstance(value, (list, tuple)):
+        flat = {prefix: json.dumps(value)}
+        if value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            flat.update({f"{prefix}.len": str(len(value)), f"{prefix}.sum": str(sum(value))})
+        return flat
+    return {prefix: str(value)}
 
 
 @contextlib.contextmanager

@@ -10,8 +10,11 @@ from mlops_tune import tracking
 
 
 def test_flatten_nests_keys_and_keeps_lists_as_json() -> None:
+    """A list of numbers also gets its length and sum as numbers (the MLflow UI sorts "[64, 32]" as text)."""
     assert tracking.flatten("model", {"hidden_units": [8, 16], "opt": {"lr": 0.1}, "scaler": None}) == {
-        "model.hidden_units": "[8, 16]", "model.opt.lr": "0.1", "model.scaler": "None"}
+        "model.hidden_units": "[8, 16]", "model.hidden_units.len": "2", "model.hidden_units.sum": "24",
+        "model.opt.lr": "0.1", "model.scaler": "None"}
+    assert tracking.flatten("model", {"names": ["a", "b"]}) == {"model.names": '["a", "b"]'}
 
 
 def test_batches_over_the_store_limits_are_chunked_and_the_final_value_is_latest(workdir: Path) -> None:
