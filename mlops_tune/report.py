@@ -251,6 +251,10 @@ def log_study_page(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpa
                       f"{' (champion)' if result.champion else ''}")
     verdict = {"passed": result.gate_passed, "best_trial": result.best_trial, "best_value": result.best_value,
                "test_accuracy": result.test_accuracy, "registered": registered}
-    page = html_report.render(html_report.report_data(study, space, cfg, verdict, histories, links))
+    try:
+        page = html_report.render(html_report.report_data(study, space, cfg, verdict, histories, links))
+    except Exception as exc:  # a page is a convenience: never a reason to fail a study that ran
+        print(f"study report: not written ({type(exc).__name__}: {exc}; please report this bug)", flush=True)
+        return ""
     mlflow.log_text(page, "report.html")
     return page
