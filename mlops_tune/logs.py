@@ -40,7 +40,8 @@ def quiet_libraries() -> None:
     # TensorFlow's C++ logs (absl's "All log messages before absl::InitializeLog()", tf.data's
     # "NodeDef mentions attribute use_unbounded_threadpool"): set before TensorFlow loads;
     # a real TensorFlow error still arrives as a Python exception
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):  # unset or empty: TensorFlow's default is everything
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; no GUI backend probing
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     # importances from few trials: we compute them only once enough trials exist

@@ -31,8 +31,8 @@ class TrainingDiverged(RuntimeError):
 
 
 def _keras() -> Any:
-    if not verbose():
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log lines (see logs.py)
+    if not verbose() and not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # TensorFlow's C++ log lines (see logs.py)
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
 
