@@ -30,3 +30,13 @@ RETRY_OF = "retry_of"
 SECONDS = "seconds"
 FIT_SECONDS = "fit_seconds"
 EVALUATE_SECONDS = "evaluate_seconds"
+#: the trial's model size and prediction latency (ms per sample, validation split): gate constraints
+N_PARAMS = "n_params"
+PREDICT_MS = "predict_ms"
+#: gate.confirm > 1: the validation accuracy of every seed (the trial's own first) and their mean
+CONFIRM_VALUES = "confirm_values"
+CONFIRMED_MEAN = "confirmed_mean"
+#: trial 0 of a study started from the registry's champion: which version
+START = "start_from"
+#: study attribute: the fingerprint of the data the study ran on (data.fingerprint)
+DATA_FINGERPRINT = "data_fingerprint"

@@ -8,6 +8,7 @@ code a config may point at), each as a :class:`~mlops_tune.errors.UsageError` na
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -146,6 +147,15 @@ def validate_tune(cfg: Mapping[str, Any]) -> None:
                          "(the test split is never used to choose)")
     check_int(cfg["worker"], "worker", low=0)
     check_int(cfg["runner"]["workers"], "runner.workers")
+    check_int(cfg["gate"]["confirm"], "gate.confirm")
+    if cfg["gate"]["max_params"] is not None:
+        check_int(cfg["gate"]["max_params"], "gate.max_params")
+    limit = cfg["gate"]["max_predict_ms"]
+    if limit is not None and not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit > 0):
+        raise UsageError(f"gate.max_predict_ms: must be null or a positive number of milliseconds, got {limit!r}")
+    for key, choices in (("start_from", ("base", "champion")), ("on_data_change", ("new_study", "fail"))):
+        if cfg["study"][key] not in choices:
+            raise UsageError(f"study.{key}: '{cfg['study'][key]}' is not one of {', '.join(choices)}")
     study = cfg["study"]
     for key in ("n_trials", "max_consecutive_failures", "heartbeat_interval", "grace_period"):
         check_int(study[key], f"study.{key}")

@@ -59,6 +59,8 @@ class Splits:
     feature_names: list[str] | None
     image_shape: tuple[int, int, int] | None
     dataset_name: str
+    #: identity of the loaded dataset (:func:`fingerprint`); empty for splits made by hand
+    fingerprint: str = ""
 
     @property
     def n_classes(self) -> int:
@@ -329,8 +331,23 @@ def load_splits(data_cfg: Mapping[str, Any], seed: int) -> Splits:
     loader, kwargs = loader_arguments(data_cfg)
     dataset = loader(**kwargs)
     check_finite(dataset, str(data_cfg.get("path") or data_cfg.get("name")))
-    return split(dataset, float(data_cfg["val_size"]), float(data_cfg["test_size"]), seed,
-                 name=str(data_cfg.get("name")))
+    splits = split(dataset, float(data_cfg["val_size"]), float(data_cfg["test_size"]), seed,
+                   name=str(data_cfg.get("name")))
+    return replace(splits, fingerprint=fingerprint(dataset))
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """A digest of the loaded samples, labels and class names (not of the file: a CSV saved
+    again with the same rows is the same data; one row changed is other data)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (dataset.x, dataset.y):
+        contiguous = np.ascontiguousarray(array)
+        digest.update(f"{contiguous.dtype.str}{contiguous.shape}".encode())
+        digest.update(contiguous.tobytes())
+    digest.update("\x1f".join(map(str, dataset.classes)).encode())
+    return digest.hexdigest()[:16]
 
 
 def split(dataset: Dataset, val_size: float, test_size: float, seed: int, name: str = "data") -> Splits:

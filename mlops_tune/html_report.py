@@ -63,6 +63,7 @@ def report_data(study: Any, space: Any, cfg: Mapping[str, Any], verdict: Mapping
             "parent": str(trial.user_attrs.get(attrs.PARENT, "")),
             "mutations": str(trial.user_attrs.get(attrs.MUTATIONS, "")),
             "retry_of": trial.user_attrs.get(attrs.RETRY_OF),
+            "start": str(trial.user_attrs.get(attrs.START, "")),
             "error": str(trial.user_attrs.get(attrs.ERROR) or trial.user_attrs.get(attrs.NOT_CHARGED) or ""),
             "seconds": trial.user_attrs.get(attrs.SECONDS),
             "epochs": [float(v) for v in histories.get(trial.number, [])],
@@ -275,7 +276,7 @@ def lineage_svg(data: Mapping[str, Any]) -> str:
         x, y = centre(node)
         value = readable(trial.get("value")) if trial.get("value") is not None else trial.get("state", "").lower()
         cls = "node win" if node in on_path else "node"
-        tag = "base model" if node == tree["root"] else f"trial {node}"
+        tag = ("champion" if trial.get("start") else "base model") if node == tree["root"] else f"trial {node}"
         parts.append(f'<g class="{cls}" data-trial="{node}"><rect x="{x - box_w / 2:.1f}" y="{y:.1f}" width="{box_w}" '
                      f'height="{box_h}" rx="6"/><text x="{x:.1f}" y="{y + 15:.1f}">#{node} {_esc(tag if node == tree["root"] else "")}'
                      f'</text><text x="{x:.1f}" y="{y + 30:.1f}">{_esc(value)}</text>'
@@ -350,7 +351,7 @@ def table_html(data: Mapping[str, Any]) -> str:
     out = ['<table id="trials"><thead><tr><th>rank</th><th>trial</th><th>state</th>'
            f'<th>{_esc(data["metric"])}</th><th>parameters</th><th>from</th><th>seconds</th><th>run</th></tr></thead><tbody>']
     for rank, t in enumerate(rows, 1):
-        origin = "base model" if t["parent"] == attrs.ROOT else (
+        origin = (t.get("start") or "base model") if t["parent"] == attrs.ROOT else (
             f"#{t['parent']} {t['mutations']}" if t["mutations"] else t["parent"] or "sampled")
         run = (f'<a href="{_esc(t["run"])}" target="_top">MLflow run</a>' if t["run"] else "")
         error = f'<div class="error">{_esc(t["error"])}</div>' if t["error"] else ""

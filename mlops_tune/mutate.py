@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -33,10 +34,14 @@ class MutationSampler(BaseSampler):
         space: the study's search space (its ``base`` is the starting point).
         seed: seeds operator choice and the fallback sampler.
         max_tries: attempts to find a child that no earlier trial has tried.
+        feasible: whether a trial is within the gate's deployment limits; the parent is the best
+            feasible trial (the best of all when none is).
     """
 
-    def __init__(self, space: SearchSpace, seed: int | None = None, max_tries: int = 20) -> None:
+    def __init__(self, space: SearchSpace, seed: int | None = None, max_tries: int = 20,
+                 feasible: Callable[[FrozenTrial], bool] = lambda trial: True) -> None:
         self._space = space
+        self._feasible = feasible
         self._rng = random.Random(seed)
         self._fallback = RandomSampler(seed=seed)
         self._max_tries = max_tries
@@ -51,7 +56,7 @@ class MutationSampler(BaseSampler):
         if any(t.state == TrialState.WAITING for t in trials):
             return
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        parent = max(done, key=lambda t: t.value or 0.0, default=None)
+        parent = max(done, key=lambda t: (self._feasible(t), t.value or 0.0), default=None)
         point = self._space.decode(parent.params) if parent else dict(self._space.base)
         tried = {_key(t.params) for t in trials}
         weights = operator_weights(trials)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import optuna
 
-from mlops_tune import claims, locks
+from mlops_tune import claims, gate, locks
 from mlops_tune.errors import UsageError, first_line
 from mlops_tune.mutate import MutationSampler
 from mlops_tune.search import SearchSpace
@@ -91,15 +91,21 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {}
 
 
-def make_sampler(study_cfg: Mapping[str, Any], space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
-    """``tpe`` (seeded, warm-started by the base trial), ``random``, ``mutation`` or ``{_target_: ...}``."""
+def make_sampler(study_cfg: Mapping[str, Any], space: SearchSpace, seed: int,
+                 gate_cfg: Mapping[str, Any] | None = None) -> optuna.samplers.BaseSampler:
+    """``tpe`` (seeded, warm-started by the base trial), ``random``, ``mutation`` or ``{_target_: ...}``.
+
+    With deployment limits in ``gate_cfg`` (``max_params``, ``max_predict_ms``) the mutation
+    sampler mutates the best trial within them (TPE reads each trial's Optuna constraints, set
+    by the study: ``gate.constraints``).
+    """
     sampler = study_cfg["sampler"]
     if sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, group=True)
     if sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if sampler == "mutation":
-        return MutationSampler(space, seed=seed)
+        return MutationSampler(space, seed=seed, feasible=gate.feasible(gate_cfg or {}))
     return _instantiate(sampler, "study.sampler", optuna.samplers.BaseSampler)
 
 

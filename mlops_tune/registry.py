@@ -9,9 +9,10 @@ compared at the stored precision (a tie keeps the champion).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from mlops_tune.errors import UsageError
+from mlops_tune.errors import UsageError, first_line
 
 CHAMPION_ALIAS = "champion"
 #: test accuracies are stored and compared at this many decimals
@@ -71,20 +72,67 @@ def set_champion(name: str, version: str) -> None:
     mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION_ALIAS, version)
 
 
-def promote(model_uri: str, name: str, test_accuracy: float, tags: Mapping[str, str]) -> tuple[str, bool]:
+def champion_version(name: str) -> Any:
+    """The ``champion`` model version of ``name`` (None when there is none)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            return None
+        raise
+
+
+def champion_config(name: str) -> tuple[dict[str, Any], str] | None:
+    """The trial config (``config.yaml`` of its source run) of the champion, and where it came
+    from (``models:/<name>/<version> (run <id>)``); None when there is no champion."""
+    import mlflow
+    import yaml
+
+    version = champion_version(name)
+    if version is None or not version.run_id:
+        return None
+    text = mlflow.artifacts.load_text(f"runs:/{version.run_id}/config.yaml")
+    return yaml.safe_load(text), f"models:/{name}/{version.version} (run {version.run_id})"
+
+
+#: evaluates a model (by URI) on today's test split; raises when it cannot (other features ...)
+Judge = Callable[[Any], float]
+
+
+def promote(model_uri: str, name: str, test_accuracy: float, tags: Mapping[str, str],
+            judge: Judge | None = None) -> tuple[str, bool, float | None]:
     """Register the model; make it the champion when it beats the current one. Prints what happened.
 
-    Returns the new version and whether it is now the champion.
+    With ``judge``, the current champion is evaluated on the same test split as the new model
+    (the test accuracy it was registered with came from ITS data); without, its recorded one
+    is used. A champion that cannot be evaluated on this data is replaced.
+
+    Returns the new version, whether it is now the champion, and the champion's figure compared.
     """
+    current_version = champion_version(name)
+    current: float | None = None
+    if current_version is not None:
+        if judge is None:
+            current = champion_test_accuracy(name)
+        else:
+            try:
+                current = judge(current_version)
+            except Exception as exc:
+                print(f"registry: the champion ({name} version {current_version.version}) cannot be evaluated on "
+                      f"this data ({first_line(exc)}): it is replaced", flush=True)
     version = register(model_uri, name, test_accuracy, tags)
-    current = champion_test_accuracy(name)
     champion = beats(test_accuracy, current)
+    where = " on this study's test split" if judge is not None and current is not None else ""
     if champion:
         set_champion(name, version)
         print(f"registry: {name} version {version} is now '{CHAMPION_ALIAS}' "
-              f"(test_accuracy {test_accuracy:.4f}" + (f" > {current:.4f})" if current is not None else ")"),
+              f"(test_accuracy {test_accuracy:.4f}" + (f" > {current:.4f}, the previous champion"
+                                                        f"{where})" if current is not None else ")"),
               flush=True)
     else:
         print(f"registry: {name} version {version} registered; '{CHAMPION_ALIAS}' stays "
-              f"(its test_accuracy {current:.4f} >= {test_accuracy:.4f})", flush=True)
-    return version, champion
+              f"(its test_accuracy {current:.4f}{where} >= {test_accuracy:.4f})", flush=True)
+    return version, champion, current

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import attrs
+from mlops_tune import attrs, gate
 
 if TYPE_CHECKING:
     import optuna
@@ -38,6 +38,8 @@ class StudyResult:
     trials_csv: str = ""
     #: the study report page (also logged to the parent run as report.html)
     report_html: str = ""
+    #: why trials that reached the threshold did not pass (deployment limits, confirmation)
+    gate_note: str = ""
 
 
 def _fmt(value: Any) -> str:
@@ -77,7 +79,8 @@ def study_header(name: str, cfg: Mapping[str, Any], space: SearchSpace, existing
     )
 
 
-def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapsed: float) -> None:
+def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapsed: float,
+               gate_cfg: Mapping[str, Any] | None = None) -> None:
     """One progress line: number, state, accuracy, seconds, best so far, architecture."""
     value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
@@ -90,6 +93,8 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapse
     origin = ""
     if attrs.MUTATIONS in trial.user_attrs:
         origin = f"  <- #{trial.user_attrs.get(attrs.PARENT)} {trial.user_attrs[attrs.MUTATIONS]}"
+    elif attrs.START in trial.user_attrs:
+        origin = f"  (start: the {trial.user_attrs[attrs.START]})"
     elif trial.user_attrs.get(attrs.PARENT) == attrs.ROOT:
         origin = "  (base model)"
     error = ""
@@ -97,7 +102,11 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapse
         error = f"  not charged to the budget: {trial.user_attrs[attrs.NOT_CHARGED]}"
     elif trial.state == TrialState.FAIL and attrs.ERROR in trial.user_attrs:
         error = f"  error: {trial.user_attrs[attrs.ERROR]}"
-    mark = " *gate*" if trial.value is not None and trial.value >= threshold else ""
+    mark = ""
+    if trial.value is not None and trial.value >= threshold:
+        broken = gate.violations(trial, gate_cfg or {})
+        mark = f" (over the limits: {', '.join(broken)})" if broken else (
+            "" if gate_cfg and not gate.meets(trial, gate_cfg) else " *gate*")
     print(
         f"[trial {trial.number:3d}] {trial.state.name:8s} val_accuracy={value:<8s} "
         f"best={(f'{best:.4f}' if best is not None else '-'):6s} {seconds or 0:6.1f}s "
@@ -125,8 +134,9 @@ def verdict_line(result: StudyResult) -> str:
     verdict = "PASSED" if result.gate_passed else "MISSED"
     best = f"{result.best_value:.4f}" if result.best_value is not None else "none"
     test = f", test_accuracy {result.test_accuracy:.4f}" if result.test_accuracy is not None else ""
+    note = f" - {result.gate_note}" if result.gate_note else ""
     return (f"gate {verdict}: best val_accuracy {best} (trial {result.best_trial}) vs threshold "
-            f"{result.threshold}{test}")
+            f"{result.threshold}{test}{note}")
 
 
 def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | None,

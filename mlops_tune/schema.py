@@ -30,6 +30,9 @@ class TrackingConfig:
 class GateConfig:
     threshold: float = 0.95
     metric: str = "val_accuracy"
+    confirm: int = 1  # seeds a passing trial must reach the threshold with, on average
+    max_params: Optional[int] = None  # noqa: UP045 - a passing model has at most this many parameters
+    max_predict_ms: Optional[float] = None  # noqa: UP045 - milliseconds per sample, on the validation split
 
 
 @dataclass
@@ -41,6 +44,8 @@ class StudyConfig:
     sampler: Any = "tpe"  # a name, or {_target_: optuna.samplers.X, ...}
     pruner: Any = "median"  # a name, or {_target_: optuna.pruners.X, ...}
     max_consecutive_failures: int = 5
+    start_from: str = "base"  # base | champion: trial 0 is the base model or the registry's champion
+    on_data_change: str = "new_study"  # new_study | fail: the stored study saw other data
     heartbeat_interval: int = 5
     grace_period: int = 20
 

@@ -23,7 +23,7 @@ import copy
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mlops_tune.errors import UsageError
@@ -167,6 +167,37 @@ class SearchSpace:
             dims.append(dim)
             base[key] = value
         return cls(tuple(dims), base)
+
+    def point_of(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The point a whole config (e.g. a champion's trial config) sits at; a key it lacks
+        takes the base model's value."""
+        point = {}
+        for dim in self.dimensions:
+            try:
+                point[dim.key] = _lookup(cfg, dim.key)
+            except UsageError:
+                point[dim.key] = self.base[dim.key]
+        return point
+
+    def including(self, point: Mapping[str, Any]) -> SearchSpace:
+        """The same space (still anchored on the base model) with bounds widened just enough to hold ``point``."""
+        dims = []
+        for dim in self.dimensions:
+            value = point[dim.key]
+            if dim.type == "categorical":
+                dims.append(dim if value in dim.choices else replace(dim, choices=(*dim.choices, value)))
+            elif dim.type == "int_list":
+                values = [int(v) for v in value] or [int(dim.low)]
+                dims.append(replace(dim, low=min(int(dim.low), *values), high=max(int(dim.high), *values),
+                                    min_length=min(dim.min_length, len(value)),
+                                    max_length=max(dim.max_length, len(value))))
+            else:
+                low, high = min(dim.low, value), max(dim.high, value)
+                if dim.log and low <= 0:
+                    raise UsageError(f"search.space.{dim.key}: {value!r} cannot be searched on a log scale")
+                dims.append(replace(dim, low=int(low) if dim.type == "int" else low,
+                                    high=int(high) if dim.type == "int" else high))
+        return SearchSpace(tuple(dims), dict(self.base))
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Ask an Optuna trial for a point; returns ``{config key: value}``."""

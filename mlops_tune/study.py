@@ -24,9 +24,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import attrs, claims, faults, registry, report, stores, tracking
+from mlops_tune import attrs, claims, faults, gate, registry, report, stores, tracking
 from mlops_tune.data import Splits, load_splits
-from mlops_tune.errors import StudyAborted, TrialFailed, WorkerLost, first_line
+from mlops_tune.errors import StudyAborted, TrialFailed, UsageError, WorkerLost, first_line
 from mlops_tune.families import get_family
 from mlops_tune.optuna_setup import check_writable, make_pruner, make_sampler, make_storage
 from mlops_tune.progress import Progress
@@ -34,7 +34,12 @@ from mlops_tune.report import StudyResult
 from mlops_tune.runners import Runner, TrialContext, get_runner
 from mlops_tune.search import SearchSpace
 from mlops_tune.secrets import redact_text
-from mlops_tune.trial import TrialOutcome, trial_config
+from mlops_tune.trial import TrialOutcome, data_source, run_trial, trial_config
+
+#: a study's parent run: what trial 0 was (``base`` or the champion it started from)
+TAG_START = "mlops_tune.start_from"
+#: a confirmation run (gate.confirm): the number of the trial it retrains with another seed
+TAG_CONFIRM_OF = "mlops_tune.confirm_of"
 
 
 class Study:
@@ -48,7 +53,8 @@ class Study:
             registry.check_name(cfg["registry"]["name"])
         self.space = SearchSpace.from_config((cfg.get("search") or {}).get("space"), cfg)
         self.family = get_family(cfg["model"]["family"])
-        self.sampler = make_sampler(cfg["study"], self.space, int(cfg["seed"]))
+        self.gate = cfg["gate"]
+        self.sampler = make_sampler(cfg["study"], self.space, int(cfg["seed"]), self.gate)
         self.pruner = make_pruner(cfg["study"]["pruner"])
         print(f"study '{self.name}': loading data '{cfg['data']['name']}' ...", flush=True)
         self.splits: Splits = load_splits(cfg["data"], int(cfg["seed"]))
@@ -75,7 +81,9 @@ class Study:
             print(f"study '{self.name}': opening the stores (Optuna {redact_text(self.storage_url)}, "
                   f"MLflow {redact_text(self.tracking_uri)}) ...", flush=True)
             storage = make_storage(self.cfg["study"])
+            self.name = study_for_data(storage, self.name, self.splits.fingerprint, self.cfg["study"]["on_data_change"])
             experiment_id = tracking.connect(self.tracking_uri, self.cfg["tracking"]["experiment"])
+            self.start, self.start_origin = self._start_point()
             with faults.classified(tracking_uri=self.tracking_uri, storage_url=self.storage_url):
                 return self._run(storage, experiment_id)
         finally:
@@ -86,20 +94,26 @@ class Study:
                                                       sampler=self.sampler, pruner=self.pruner, load_if_exists=True))
         existing = len(study.get_trials(deepcopy=False))
         self.budget.key = f"{self.name}#{storage.get_study_id_from_name(self.name)}"  # a recreated study: afresh
+        if self.splits.fingerprint and attrs.DATA_FINGERPRINT not in study.user_attrs:
+            study.set_user_attr(attrs.DATA_FINGERPRINT, self.splits.fingerprint)
         if self.budget.claim("base_trial", self.worker) == self.worker:
-            study.enqueue_trial(self.space.encode(self.space.base), user_attrs={attrs.PARENT: attrs.ROOT})
+            study.enqueue_trial(self.space.encode(self.start), user_attrs={
+                attrs.PARENT: attrs.ROOT, **({attrs.START: self.start_origin} if self.start_origin else {})})
         else:  # joining (another worker, a resume): workers seeded alike must not propose the same points
             self.sampler.reseed_rng()
         parent_run_id, created = parent_run(study, experiment_id, self.budget)
         with tracking.run(experiment_id, self.name, resume_run_id=parent_run_id,
                           tags={tracking.TAG_STUDY: self.name}) as run_id:
             if created:
-                tracking.log_batch(params=study_params(self.cfg))
+                tracking.log_batch(params=study_params(self.cfg), tags={
+                    tracking.TAG_DATA: self.splits.fingerprint, TAG_START: self.start_origin or "base"})
+                tracking.log_data(str(self.cfg["data"]["name"]), self.splits.fingerprint, self.splits.x_train,
+                                  self.splits.y_train, data_source(self.cfg["data"]))
             reconcile(study, experiment_id, run_id, self.budget)
             progress = Progress(int(self.cfg["study"]["n_trials"]), self.threshold, str(self.cfg["gate"]["metric"]),
                                 self.cfg["model"].get("epochs"), done=sum(judged(t) for t in study.get_trials()),
                                 timeout=self.cfg["study"]["timeout"])
-            context = TrialContext(experiment_id, run_id, self.splits, lambda: best_value(study),
+            context = TrialContext(experiment_id, run_id, self.splits, lambda: best_value(study, self.gate),
                                    storage_url=self.storage_url, pruner=self.cfg["study"]["pruner"],
                                    on_epoch=progress.epoch)
             report.study_header(self.name, self.cfg, self.space, existing)
@@ -121,11 +135,11 @@ class Study:
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             self.progress.trial_finished(trial.number, trial.value, judged(trial))
-            report.trial_line(study, trial, self.threshold, time.perf_counter() - started)
+            report.trial_line(study, trial, self.threshold, time.perf_counter() - started, self.gate)
             self.failures = failures_in_a_row(self.failures, trial)
 
         # one trial per optimize(): every worker of the study stops at its next trial once the gate is met
-        while not stop.is_set() and best_value(study) < self.threshold:
+        while not stop.is_set() and not gate_met(study, self.gate):
             if len(self.failures) >= limit:
                 raise StudyAborted(f"study '{self.name}' stopped after {limit} failed trials in a row "
                                    f"(last error: {self.failures[-1]})")
@@ -165,7 +179,28 @@ class Study:
             trial.set_user_attr(attrs.ERROR, redact_text(f"{type(exc).__name__}: {message}")[:500])
             raise TrialFailed(message) from exc
         record_outcome(trial, outcome)
+        for key, value in gate.constraints(trial, self.gate).items():
+            trial.set_constraint(key, value)
+        if gate.needs_confirmation(outcome.val_accuracy, gate.violations(trial, self.gate), self.gate):
+            confirm(trial, trial_cfg, outcome, context, self.gate, self.name)
         return outcome.val_accuracy
+
+    def _start_point(self) -> tuple[dict[str, Any], str]:
+        """Trial 0: the base model, or with ``study.start_from=champion`` the registry's champion
+        (the space widened to hold it, still anchored on the base model)."""
+        if self.cfg["study"]["start_from"] != "champion":
+            return dict(self.space.base), ""
+        found = registry.champion_config(str(self.cfg["registry"]["name"]))
+        if found is None:
+            print(f"study '{self.name}': no '{registry.CHAMPION_ALIAS}' in {self.cfg['registry']['name']} yet: "
+                  "trial 0 is the base model", flush=True)
+            return dict(self.space.base), ""
+        champion_cfg, origin = found
+        point = self.space.point_of(champion_cfg)
+        self.space = self.space.including(point)
+        self.sampler = make_sampler(self.cfg["study"], self.space, int(self.cfg["seed"]), self.gate)
+        print(f"study '{self.name}': trial 0 is the champion {origin}", flush=True)
+        return point, f"champion {origin}"
 
 
 
@@ -224,7 +259,9 @@ def in_lanes(n: int, lane: Callable[[threading.Event], None], interrupt: Callabl
 
 
 def record_outcome(trial: optuna.Trial, outcome: TrialOutcome) -> None:
-    """What the study keeps of a trial that trained: its times and its logged model."""
+    """What the study keeps of a trial that trained: its times, size, latency and its logged model."""
+    trial.set_user_attr(attrs.N_PARAMS, int(outcome.n_params))
+    trial.set_user_attr(attrs.PREDICT_MS, round(outcome.predict_ms, 4))
     for key, seconds in ((attrs.SECONDS, outcome.seconds), (attrs.FIT_SECONDS, outcome.fit_seconds),
                          (attrs.EVALUATE_SECONDS, outcome.evaluate_seconds)):
         trial.set_user_attr(key, round(seconds, 3))
@@ -276,10 +313,64 @@ def judged(trial: FrozenTrial) -> bool:
         and attrs.NOT_CHARGED not in trial.user_attrs
 
 
-def best_value(study: optuna.Study) -> float:
-    """The best validation accuracy so far (-inf before any trial completed)."""
+def best_value(study: optuna.Study, gate_cfg: Mapping[str, Any] | None = None) -> float:
+    """The best validation accuracy so far of a trial within the gate's deployment limits (-inf before any)."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max((t.value for t in done if t.value is not None), default=-math.inf)
+    return max((t.value for t in done if t.value is not None and not gate.violations(t, gate_cfg or {})),
+               default=-math.inf)
+
+
+def gate_met(study: optuna.Study, gate_cfg: Mapping[str, Any]) -> bool:
+    return any(gate.meets(t, gate_cfg) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def study_for_data(storage: optuna.storages.BaseStorage, name: str, fingerprint: str, policy: str) -> str:
+    """The study to run on this data: ``name``, unless the stored study of that name ran on other
+    data; then ``<name>-data-<fingerprint>`` (the old study left as it is) or, with
+    ``study.on_data_change=fail``, exit 2."""
+    try:
+        stored = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get(attrs.DATA_FINGERPRINT)
+    except KeyError:  # no such study yet
+        return name
+    if not fingerprint or stored in (None, fingerprint):  # an older study without one: adopts this data
+        return name
+    if policy == "fail":
+        raise UsageError(f"study.name: study '{name}' ran on other data (fingerprint {stored}, now {fingerprint}); "
+                         "set study.on_data_change=new_study or another study.name")
+    new = f"{name}-data-{fingerprint[:8]}"
+    try:
+        storage.get_study_id_from_name(new)
+        print(f"study '{name}' ran on other data (fingerprint {stored}); this data ({fingerprint}) "
+              f"continues study '{new}'", flush=True)
+    except KeyError:
+        print(f"study '{name}': the data changed since it ran (fingerprint {stored} -> {fingerprint}): "
+              f"this is a new study '{new}' (the old study is left as it is)", flush=True)
+    return new
+
+
+def confirm(trial: optuna.Trial, trial_cfg: Mapping[str, Any], outcome: TrialOutcome, context: TrialContext,
+            gate_cfg: Mapping[str, Any], study_name: str) -> None:
+    """``gate.confirm`` = K: retrain a trial that reached the threshold with K-1 more seeds on the
+    same split (in this process, each a child run tagged ``mlops_tune.confirm_of``); record every
+    value, the mean and the spread on the trial and its run. Its Optuna value stays the first."""
+    import statistics
+
+    values = [outcome.val_accuracy]
+    for extra in range(1, int(gate_cfg["confirm"])):
+        seed = int(trial_cfg["seed"]) + extra
+        again = run_trial({**trial_cfg, "seed": seed}, experiment_id=context.experiment_id, splits=context.splits,
+                          parent_run_id=context.parent_run_id, run_name=f"trial-{trial.number}-seed-{seed}",
+                          tags={tracking.TAG_STUDY: study_name, TAG_CONFIRM_OF: str(trial.number)},
+                          evaluate_test=False, should_log_model=lambda _value: False)
+        values.append(again.val_accuracy)
+    mean, spread = statistics.fmean(values), max(values) - min(values)
+    trial.set_user_attr(attrs.CONFIRM_VALUES, [round(v, 6) for v in values])
+    trial.set_user_attr(attrs.CONFIRMED_MEAN, mean)
+    tracking.log_to(outcome.run_id, {"confirm_mean": mean, "confirm_spread": spread},
+                    series={"seed_val_accuracy": values})
+    verdict = "confirmed" if mean >= float(gate_cfg["threshold"]) else "NOT confirmed"
+    print(f"[trial {trial.number:3d}] {verdict} over {len(values)} seeds: val_accuracy "
+          f"{', '.join(f'{v:.4f}' for v in values)} (mean {mean:.4f}, spread {spread:.4f})", flush=True)
 
 
 def study_params(cfg: Mapping[str, Any]) -> dict[str, str]:
@@ -334,9 +425,11 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
     trials = study.get_trials(deepcopy=False)
     n_judged = sum(judged(t) for t in trials)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = max(done, key=lambda t: t.value or 0.0, default=None)
+    passing = [t for t in done if gate.meets(t, cfg["gate"])]
+    feasible = [t for t in done if not gate.violations(t, cfg["gate"])]
+    best = max(passing or feasible or done, key=lambda t: t.value or 0.0, default=None)
     threshold = float(cfg["gate"]["threshold"])
-    passed = best is not None and best.value is not None and best.value >= threshold
+    passed = bool(passing)
     metrics: dict[str, float] = {"n_trials": float(n_judged)}
     best_cfg = test_accuracy = model_uri = None
     if best is not None:
@@ -355,10 +448,11 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
         study_name=study.study_name, gate_passed=passed, best_value=best.value if best else None,
         best_trial=best.number if best else None, test_accuracy=test_accuracy, n_trials=n_judged,
         threshold=threshold, parent_run_id=parent_run_id, best_config=best_cfg,
+        gate_note="" if passed else gate.missed_because(done, cfg["gate"]),
         trials_csv=report.log_study_artifacts(study, best_cfg, str(cfg["gate"]["metric"]), threshold),
     )
     if passed and cfg["registry"]["promote"] and best is not None:
-        result = _promote(best, result, str(cfg["registry"]["name"]), budget, worker)
+        result = _promote(best, result, str(cfg["registry"]["name"]), budget, worker, family, splits)
     result = replace(result, report_html=report.log_study_page(study, cfg, space, result))
     tracking.describe_study_run(study.study_name, report.verdict_line(result),
                                 str(best.user_attrs.get(attrs.RUN, "")) if best else "")
@@ -366,7 +460,8 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
     return result
 
 
-def _promote(best: FrozenTrial, result: StudyResult, name: str, budget: claims.Budget, worker: str) -> StudyResult:
+def _promote(best: FrozenTrial, result: StudyResult, name: str, budget: claims.Budget, worker: str,
+             family: Any, splits: Splits) -> StudyResult:
     """Exactly one promotion per study, however many workers finish at once."""
     if budget.claim("promotion", worker) != worker:
         print("registry: the study's model was already promoted (by another worker or an earlier run)", flush=True)
@@ -376,9 +471,26 @@ def _promote(best: FrozenTrial, result: StudyResult, name: str, budget: claims.B
         print("registry: the best trial logged no model; nothing registered", flush=True)
         return result
     try:
-        version, champion = registry.promote(model_uri, name, result.test_accuracy, {
-            "study": result.study_name, "trial": str(best.number), "val_accuracy": f"{best.value:.6f}"})
+        version, champion, previous = registry.promote(model_uri, name, result.test_accuracy, {
+            "study": result.study_name, "trial": str(best.number), "val_accuracy": f"{best.value:.6f}"},
+            judge=lambda version: judge_on(version, splits))
     except BaseException:  # a failed promotion must not use up the study's claim
         budget.release("promotion", worker)
         raise
+    if previous is not None:  # both figures on the same test split, on the study's run
+        tracking.log_batch(metrics={"previous_champion_test_accuracy": previous})
     return replace(result, registered_version=version, champion=champion)
+
+
+def judge_on(version: Any, splits: Splits) -> float:
+    """A registered model version's accuracy on this study's test split (its family from its run)."""
+    import mlflow
+
+    family_name = mlflow.MlflowClient().get_run(version.run_id).data.tags.get(tracking.TAG_FAMILY) if version.run_id \
+        else None
+    family = get_family(family_name) if family_name else None
+    if family is None:
+        raise ValueError("its run records no model family")
+    inputs = splits.as_input(family.input_kind)
+    return family.accuracy(family.load_model(f"models:/{version.name}/{version.version}"), inputs.x_test,
+                           inputs.y_test)

@@ -226,6 +226,21 @@ def log_batch(
         client.log_batch(run_id, params=params_list[i:i + 100])
 
 
+#: the data fingerprint (``data.fingerprint``) of a run and of its study
+TAG_DATA = "mlops_tune.data_fingerprint"
+
+
+def log_data(name: str, fingerprint: str, x: Any, y: Any, source: str) -> None:
+    """Record the training data on the active run the MLflow way (the UI's Datasets column):
+    a dataset named after ``data.name`` whose digest is the fingerprint of the loaded data."""
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    dataset = mlflow.data.from_numpy(x, targets=y, name=name, digest=fingerprint,
+                                     source=CodeDatasetSource({"mlops_tune.data": source}))
+    mlflow.log_input(dataset, context="training")
+
+
 #: the study's best trial run (moved to a newer best by a resumed study)
 TAG_BEST = "mlops_tune.best"
 
@@ -252,6 +267,18 @@ def describe_study_run(study_name: str, verdict: str, best_run_id: str) -> None:
         if other.info.run_id != best_run_id:
             client.set_tag(other.info.run_id, TAG_BEST, "false")
     client.set_tag(best_run_id, TAG_BEST, "true")
+
+
+def log_to(run_id: str, metrics: Mapping[str, float], series: Mapping[str, Sequence[float]] | None = None) -> None:
+    """Log metrics (and per-step series, ``step`` = index) to a run that need not be active or running."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    rows = [Metric(key, float(value), now, 0) for key, value in metrics.items() if math.isfinite(value)]
+    rows += [Metric(key, float(value), now, step) for key, values in (series or {}).items()
+             for step, value in enumerate(values) if math.isfinite(value)]
+    mlflow.MlflowClient().log_batch(run_id, metrics=rows)
 
 
 def log_config(cfg: Mapping[str, Any], artifact: str = "config.yaml") -> None:

@@ -65,11 +65,18 @@ class TrialOutcome:
     seconds: float
     model_uri: str | None
     evaluate_seconds: float = 0.0
+    predict_ms: float = 0.0
 
     @property
     def overhead_seconds(self) -> float:
         """Wall time spent outside fit and evaluation (tracking, building, bookkeeping)."""
         return self.seconds - self.fit_seconds - self.evaluate_seconds
+
+
+def data_source(data_cfg: Mapping[str, Any]) -> str:
+    """Where the data came from, in words: ``sklearn digits``, ``csv /data/iris.csv``."""
+    where = data_cfg.get("path") or data_cfg.get("dataset") or data_cfg.get("name")
+    return f"{data_cfg.get('loader', '')} {where}".strip()
 
 
 def trial_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,7 +139,10 @@ def run_trial(
             on_run_started(run_id)
         params = {**tracking.flatten("model", model_cfg), **tracking.flatten("data", cfg["data"]),
                   "seed": str(seed)}
-        tracking.log_batch(params=params)
+        tracking.log_batch(params=params, tags={tracking.TAG_DATA: inputs.fingerprint} if inputs.fingerprint else None)
+        if inputs.fingerprint:
+            tracking.log_data(str(cfg["data"]["name"]), inputs.fingerprint, inputs.x_train, inputs.y_train,
+                              data_source(cfg["data"]))
         tracking.log_config(trial_config(cfg))
         random.seed(seed)
         np.random.seed(seed)
@@ -149,11 +159,13 @@ def run_trial(
             fit_seconds = time.perf_counter() - fit_started
             evaluate_started = time.perf_counter()
             val_accuracy = family.accuracy(fit.model, inputs.x_val, inputs.y_val)
+            # the prediction latency the gate may limit (gate.max_predict_ms): per sample, one batch
+            predict_ms = (time.perf_counter() - evaluate_started) * 1000 / max(1, len(inputs.y_val))
             test_accuracy = (family.accuracy(fit.model, inputs.x_test, inputs.y_test)
                              if evaluate_test else None)
             evaluate_seconds = time.perf_counter() - evaluate_started
             n_params = family.n_params(fit.model)
-            metrics = {"val_accuracy": val_accuracy, "fit_seconds": fit_seconds,
+            metrics = {"val_accuracy": val_accuracy, "fit_seconds": fit_seconds, "predict_ms": predict_ms,
                        "n_params": float(n_params), "epochs": float(len(fit.history))}
             if test_accuracy is not None:
                 metrics["test_accuracy"] = test_accuracy
@@ -175,6 +187,7 @@ def run_trial(
         evaluate_seconds=evaluate_seconds,
         seconds=time.perf_counter() - started,
         model_uri=model_uri,
+        predict_ms=predict_ms,
     )
 
 

@@ -149,7 +149,7 @@ class ProjectRunner(Runner):
             train_accuracy=metrics.get("train_accuracy", math.nan), test_accuracy=None,
             n_params=int(metrics.get("n_params", 0)), epochs=int(metrics.get("epochs", 0)),
             fit_seconds=metrics.get("fit_seconds", 0.0), seconds=time.perf_counter() - started,
-            model_uri=run.data.tags.get(tracking.TAG_MODEL_URI),
+            model_uri=run.data.tags.get(tracking.TAG_MODEL_URI), predict_ms=metrics.get("predict_ms", 0.0),
         )
 
     def close(self) -> None:

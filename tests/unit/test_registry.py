@@ -35,9 +35,42 @@ def test_promote_moves_the_alias_only_on_a_better_model(workdir: Path) -> None:
             with mlflow.start_run():
                 uris.append(mlflow.sklearn.log_model(model, name="model", pip_requirements=[]).model_uri)
         assert registry.champion_test_accuracy("m") is None
-        assert registry.promote(uris[0], "m", 0.8, {"study": "s"}) == ("1", True)
-        assert registry.promote(uris[1], "m", 0.7, {"study": "s"}) == ("2", False)
-        assert registry.promote(uris[2], "m", 0.85, {"study": "s"}) == ("3", True)
+        assert registry.promote(uris[0], "m", 0.8, {"study": "s"}) == ("1", True, None)
+        assert registry.promote(uris[1], "m", 0.7, {"study": "s"}) == ("2", False, pytest.approx(0.8))
+        assert registry.promote(uris[2], "m", 0.85, {"study": "s"}) == ("3", True, pytest.approx(0.8))
         assert registry.champion_test_accuracy("m") == pytest.approx(0.85)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_the_champion_is_judged_on_todays_test_split(workdir: Path) -> None:
+    """Its recorded test accuracy came from its own data: the judge's figure decides."""
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    try:
+        model = KNeighborsClassifier(1).fit(np.eye(3), [0, 1, 2])
+        uris = []
+        for _ in range(4):
+            with mlflow.start_run():
+                uris.append(mlflow.sklearn.log_model(model, name="model", pip_requirements=[]).model_uri)
+        judged = []
+
+        def judge(score: float):
+            def evaluate(version) -> float:
+                judged.append(str(version.version))
+                return score
+            return evaluate
+
+        registry.promote(uris[0], "m", 0.99, {})  # champion v1, recorded 0.99 on its old data
+        # on today's split v1 scores 0.5: a new model at 0.7 replaces it (the tags alone would keep v1)
+        assert registry.promote(uris[1], "m", 0.7, {}, judge=judge(0.5)) == ("2", True, 0.5)
+        # today v2 scores 0.9: a new 0.8 model does not replace it
+        assert registry.promote(uris[2], "m", 0.8, {}, judge=judge(0.9)) == ("3", False, 0.9)
+        assert judged == ["1", "2"]
+
+        def cannot(version) -> float:
+            raise ValueError("X has 4 features, but the model expects 3")
+
+        assert registry.promote(uris[3], "m", 0.1, {}, judge=cannot) == ("4", True, None)
+        assert str(registry.champion_version("m").version) == "4"
     finally:
         mlflow.set_tracking_uri(None)
