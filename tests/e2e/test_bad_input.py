@@ -183,6 +183,11 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "unreachable storage": ("tune", ["model=knn", "study.storage=postgresql+psycopg2://u:secret@127.0.0.1:9/db"],
                             "127.0.0.1"),
     "read-only study storage": ("tune", ["model=knn", "study.storage=sqlite:///{readonly}/optuna.db"], "read-only"),
+    "zero confirmation seeds": ("tune", ["model=knn", "gate.confirm=0"], "gate.confirm"),
+    "zero parameter limit": ("tune", ["model=knn", "gate.max_params=0"], "gate.max_params"),
+    "negative latency limit": ("tune", ["model=knn", "gate.max_predict_ms=-1"], "gate.max_predict_ms"),
+    "unknown start": ("tune", ["model=knn", "study.start_from=latest"], "study.start_from"),
+    "unknown data-change policy": ("tune", ["model=knn", "study.on_data_change=ignore"], "study.on_data_change"),
 }
 
 
