@@ -24,7 +24,8 @@ def test_the_shipped_defaults_pass_and_are_typed() -> None:
 
 
 @pytest.mark.parametrize(("overrides", "words"), [
-    (["+gate.treshold=0.9"], "gate.treshold: unknown config key (known: metric, threshold)"),
+    (["+gate.treshold=0.9"],
+     "gate.treshold: unknown config key (known: confirm, max_params, max_predict_ms, metric, threshold)"),
     (["+bogus=1"], "bogus: unknown config key"),
     (["study.n_trials=abc"], "study.n_trials: Value 'abc'"),
     (["registry.promote=maybe"], "registry.promote:"),
