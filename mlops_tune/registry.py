@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mlops_tune.errors import UsageError, first_line
+from mlops_tune.errors import EnvironmentFault, UsageError, first_line
 
 CHAMPION_ALIAS = "champion"
 #: test accuracies are stored and compared at this many decimals
@@ -120,6 +120,8 @@ def promote(model_uri: str, name: str, test_accuracy: float, tags: Mapping[str, 
         else:
             try:
                 current = judge(current_version)
+            except EnvironmentFault:  # the store failed, not the champion: nothing moves (exit 3)
+                raise
             except Exception as exc:
                 print(f"registry: the champion ({name} version {current_version.version}) cannot be evaluated on "
                       f"this data ({first_line(exc)}): it is replaced", flush=True)

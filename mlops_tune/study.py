@@ -196,6 +196,11 @@ class Study:
                   "trial 0 is the base model", flush=True)
             return dict(self.space.base), ""
         champion_cfg, origin = found
+        family = (champion_cfg.get("model") or {}).get("family")
+        if family != self.cfg["model"]["family"]:
+            print(f"study '{self.name}': the champion {origin} is a {family} model, not "
+                  f"{self.cfg['model']['family']}: trial 0 is the base model", flush=True)
+            return dict(self.space.base), ""
         point = self.space.point_of(champion_cfg)
         self.space = self.space.including(point)
         self.sampler = make_sampler(self.cfg["study"], self.space, int(self.cfg["seed"]), self.gate)
@@ -483,7 +488,23 @@ def _promote(best: FrozenTrial, result: StudyResult, name: str, budget: claims.B
 
 
 def judge_on(version: Any, splits: Splits) -> float:
-    """A registered model version's accuracy on this study's test split (its family from its run)."""
+    """A registered model version's accuracy on this study's test split (its family from its run).
+
+    Raises:
+        EnvironmentFault: the store failed while loading it (not a reason to replace it).
+    """
+    import mlflow
+
+    try:
+        return _accuracy_of_version(version, splits)
+    except Exception as exc:
+        fault = faults.classify(exc, tracking_uri=mlflow.get_tracking_uri())
+        if fault is not None:
+            raise fault from exc
+        raise
+
+
+def _accuracy_of_version(version: Any, splits: Splits) -> float:
     import mlflow
 
     family_name = mlflow.MlflowClient().get_run(version.run_id).data.tags.get(tracking.TAG_FAMILY) if version.run_id \

@@ -74,3 +74,27 @@ def test_the_champion_is_judged_on_todays_test_split(workdir: Path) -> None:
         assert str(registry.champion_version("m").version) == "4"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_store_failing_while_the_champion_is_judged_moves_nothing(workdir: Path) -> None:
+    """An environment fault is not a reason to replace the champion: no version, no alias change."""
+    from mlops_tune.errors import EnvironmentFault
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    try:
+        model = KNeighborsClassifier(1).fit(np.eye(3), [0, 1, 2])
+        uris = []
+        for _ in range(2):
+            with mlflow.start_run():
+                uris.append(mlflow.sklearn.log_model(model, name="model", pip_requirements=[]).model_uri)
+        registry.promote(uris[0], "m", 0.9, {})
+
+        def store_down(version) -> float:
+            raise EnvironmentFault("tracking", "the MLflow server stopped answering")
+
+        with pytest.raises(EnvironmentFault):
+            registry.promote(uris[1], "m", 0.99, {}, judge=store_down)
+        assert [str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='m'")] == ["1"]
+        assert str(registry.champion_version("m").version) == "1"
+    finally:
+        mlflow.set_tracking_uri(None)
