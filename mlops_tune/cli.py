@@ -191,7 +191,8 @@ def record_job(task: Task, cfg: Any, prog: str) -> int:
     if codes_path:
         with open(codes_path, "a", encoding="utf-8") as codes:
             outcome = secrets.redact_text(_job_summary.get("outcome", "")).replace("\t", " ").replace("\n", " ")
-            codes.write(f"{code}\t{_job_summary['label']}\t{outcome}\n")
+            label = secrets.redact_text(_job_summary["label"]).replace("\t", " ")
+            codes.write(f"{code}\t{label}\t{outcome}\n")
     if code in (130, 143):
         raise _StopAll(code)
     return code
