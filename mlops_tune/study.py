@@ -81,10 +81,11 @@ class Study:
             print(f"study '{self.name}': opening the stores (Optuna {redact_text(self.storage_url)}, "
                   f"MLflow {redact_text(self.tracking_uri)}) ...", flush=True)
             storage = make_storage(self.cfg["study"])
-            self.name = study_for_data(storage, self.name, self.splits.fingerprint, self.cfg["study"]["on_data_change"])
             experiment_id = tracking.connect(self.tracking_uri, self.cfg["tracking"]["experiment"])
-            self.start, self.start_origin = self._start_point()
             with faults.classified(tracking_uri=self.tracking_uri, storage_url=self.storage_url):
+                self.name = study_for_data(storage, self.name, self.splits.fingerprint,
+                                           self.cfg["study"]["on_data_change"])
+                self.start, self.start_origin = self._start_point()
                 return self._run(storage, experiment_id)
         finally:
             self.runner.close()
