@@ -95,9 +95,9 @@ class Study:
                                                       sampler=self.sampler, pruner=self.pruner, load_if_exists=True))
         existing = len(study.get_trials(deepcopy=False))
         self.budget.key = f"{self.name}#{storage.get_study_id_from_name(self.name)}"  # a recreated study: afresh
-        if self.splits.fingerprint and attrs.DATA_FINGERPRINT not in study.user_attrs:
-            study.set_user_attr(attrs.DATA_FINGERPRINT, self.splits.fingerprint)
-        if self.budget.claim("base_trial", self.worker) == self.worker:
+        if self.budget.claim("base_trial", self.worker) == self.worker:  # one writer, however many start at once
+            if self.splits.fingerprint and attrs.DATA_FINGERPRINT not in study.user_attrs:
+                study.set_user_attr(attrs.DATA_FINGERPRINT, self.splits.fingerprint)
             study.enqueue_trial(self.space.encode(self.start), user_attrs={
                 attrs.PARENT: attrs.ROOT, **({attrs.START: self.start_origin} if self.start_origin else {})})
         else:  # joining (another worker, a resume): workers seeded alike must not propose the same points

@@ -238,7 +238,18 @@ def log_data(name: str, fingerprint: str, x: Any, y: Any, source: str) -> None:
 
     dataset = mlflow.data.from_numpy(x, targets=y, name=name, digest=fingerprint,
                                      source=CodeDatasetSource({"mlops_tune.data": source}))
-    mlflow.log_input(dataset, context="training")
+    # MLflow's SQL store looks the dataset up, then inserts it: workers of one study logging the
+    # same new dataset at once collide on its key; the loser's retry finds it and only links it
+    for attempt in range(4):
+        try:
+            mlflow.log_input(dataset, context="training")
+            return
+        except Exception as exc:
+            text = str(exc)
+            if attempt == 3 or not any(word in text for word in ("UNIQUE constraint", "IntegrityError",
+                                                                 "duplicate key")):
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 #: the study's best trial run (moved to a newer best by a resumed study)

@@ -33,3 +33,39 @@ def test_batches_over_the_store_limits_are_chunked_and_the_final_value_is_latest
         assert len(mlflow.MlflowClient().get_metric_history(run_id, "loss")) == 700
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_workers_logging_the_same_new_dataset_at_once_all_succeed(workdir: Path) -> None:
+    """MLflow's store looks a dataset up, then inserts it: concurrent first loggers collide."""
+    import threading
+
+    import numpy as np
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment_id = tracking.connect(uri, "datasets")
+        client = mlflow.MlflowClient()
+        run_ids = [client.create_run(experiment_id).info.run_id for _ in range(8)]
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(8)
+
+        def log(run_id: str) -> None:
+            try:
+                with mlflow.start_run(run_id=run_id, nested=True):
+                    barrier.wait()
+                    tracking.log_data("iris", "feedfacecafebeef", np.zeros((4, 2)), np.arange(4), "test")
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=log, args=(run_id,)) for run_id in run_ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        for run_id in run_ids:
+            [dataset_input] = client.get_run(run_id).inputs.dataset_inputs
+            assert dataset_input.dataset.digest == "feedfacecafebeef"
+    finally:
+        mlflow.set_tracking_uri(None)
