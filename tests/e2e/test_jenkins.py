@@ -156,6 +156,7 @@ def test_pipeline_with_a_reachable_threshold_succeeds(workspace: Path) -> None:
     for model in ("knn", "logreg"):  # what the post stage archives
         job = workspace / "reports" / "multirun" / f"{model}-iris" / "worker-0"
         assert (job / "best_config.yaml").exists() and (job / "trials.csv").exists()
+        assert (job / "report.html").read_text().startswith("<!DOCTYPE html>")
 
 
 def test_pipeline_with_an_unreachable_threshold_is_unstable(workspace: Path) -> None:
