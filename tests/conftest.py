@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,16 @@ def read_only(folder: Path) -> Iterator[None]:
     """``folder`` read-only: a read-only bind mount as root (even root cannot write it), modes elsewhere."""
     if IS_ROOT:
         subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        # a process writing there right now (a file opened on the new mount between these two
+        # calls) makes the remount "busy" for a moment: try again briefly
+        for attempt in range(50):
+            done = subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True, text=True)
+            if done.returncode == 0:
+                break
+            if attempt == 49 or "busy" not in done.stderr:
+                subprocess.run(["umount", str(folder)], check=False)
+                raise RuntimeError(f"cannot make {folder} read-only: {done.stderr.strip()}")
+            time.sleep(0.1)
         try:
             yield
         finally:
