@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -144,10 +146,36 @@ def signal_exit_code(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, Stopped) else 128 + signal.SIGINT
 
 
+#: modules whose code a signal must not cut in two: a store call interrupted half-way leaves its
+#: SQLite transaction open in this process, and every later write (closing the runs as KILLED)
+#: waits on it for ever. A signal arriving there is delivered again a moment later.
+ATOMIC_MODULES = ("sqlalchemy", "sqlite3", "alembic", "psycopg2", "mlflow.store", "optuna.storages",
+                  "mlops_tune.claims", "mlops_tune.locks")
+#: how often (every 20 ms) a signal is put off before it is raised wherever the code is
+MAX_DEFERRALS = 250
+
+
+def in_atomic_code(frame: Any) -> bool:
+    """Whether ``frame`` or a caller of it runs in one of :data:`ATOMIC_MODULES`."""
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(ATOMIC_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def install_signal_handlers() -> None:
-    """SIGTERM (Jenkins' abort, ``kill``) and SIGINT raise :class:`Stopped` in the main thread."""
+    """SIGTERM (Jenkins' abort, ``kill``) and SIGINT raise :class:`Stopped` in the main thread,
+    never inside a store call (see :data:`ATOMIC_MODULES`)."""
+    deferred = [0]
 
     def stop(signum: int, frame: Any) -> None:
+        if deferred[0] < MAX_DEFERRALS and in_atomic_code(frame):
+            deferred[0] += 1
+            timer = threading.Timer(0.02, os.kill, (os.getpid(), signum))
+            timer.daemon = True
+            timer.start()
+            return
         # a second signal while we close runs must not cut the closing short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
