@@ -73,11 +73,78 @@ def connect(uri: str, experiment: str) -> str:
     try:
         # processes starting together on a new SQLite file would race to create its schema
         with locks.sqlite_schema(uri):
+            seed_new_sqlite_store(uri)
             experiment_id = _set_experiment(experiment)
     except Exception as exc:
         raise UsageError(f"tracking.uri: cannot open {redact(uri)} ({first_line(exc)})") from None
     _check_artifact_folder(experiment_id)
     return experiment_id
+
+
+def template_folder() -> Path:
+    """Where migrated, empty MLflow SQLite stores are kept (one per MLflow version)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlops-tune"
+
+
+def seed_new_sqlite_store(uri: str) -> bool:
+    """A new local SQLite tracking store starts as a copy of a migrated, empty one.
+
+    MLflow creates a new store by running its ~60 schema migrations (3.3 s here, every first
+    run in a fresh CI workspace). The first such store on a machine is kept, without its
+    Default experiment (MLflow creates that on first use, with this store's artifact root),
+    in :func:`template_folder` and copied from then on. Anything unusual (another URI, an
+    existing file, an unwritable cache, a failed copy) leaves the store to MLflow.
+    Returns whether the store was seeded.
+    """
+    path = locks.sqlite_path(uri)
+    if path is None or path.exists() or not os.access(path.parent, os.W_OK):
+        return False
+    staging = path.with_name(f".{path.name}.{os.getpid()}.seed")
+    try:
+        import shutil
+
+        shutil.copyfile(_template(), staging)
+        os.replace(staging, path)
+        return True
+    except Exception:
+        with contextlib.suppress(OSError):
+            staging.unlink()
+        return False
+
+
+def _template() -> Path:
+    """The migrated, empty store for this MLflow version, made once per machine."""
+    import sqlite3
+
+    import mlflow
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = template_folder()
+    template = folder / f"mlflow-{mlflow.__version__}.db"
+    if template.exists():
+        try:  # a migrated store: a schema version and no experiment
+            with contextlib.closing(sqlite3.connect(f"file:{template}?mode=ro", uri=True)) as conn:
+                version = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+                experiments = conn.execute("SELECT COUNT(*) FROM experiments").fetchone()[0]
+            if version and experiments == 0:
+                return template
+        except sqlite3.Error:
+            pass
+        template.unlink()  # damaged: made again below
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".mlflow-{mlflow.__version__}.{os.getpid()}.db"
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{staging}", str(folder / "mlruns"))
+        store.engine.dispose()
+        with contextlib.closing(sqlite3.connect(staging)) as conn, conn:
+            conn.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
+            conn.execute("DELETE FROM experiments WHERE experiment_id = 0")
+        os.replace(staging, template)
+    finally:
+        with contextlib.suppress(OSError):
+            staging.unlink()
+    return template
 
 
 def _set_experiment(name: str, attempts: int = 3) -> str:

@@ -1,10 +1,12 @@
-"""tracking: flattening configs into params, and batches larger than one store call takes."""
+"""tracking: flattening configs into params, batches larger than one store call takes, new stores."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from mlops_tune import tracking
 
@@ -67,5 +69,54 @@ def test_workers_logging_the_same_new_dataset_at_once_all_succeed(workdir: Path)
         for run_id in run_ids:
             [dataset_input] = client.get_run(run_id).inputs.dataset_inputs
             assert dataset_input.dataset.digest == "feedfacecafebeef"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_a_new_sqlite_store_is_a_copy_of_a_migrated_one_with_its_own_default_experiment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first new store on a machine makes the template (MLflow's migrations), the next ones
+    copy it: same schema, and MLflow's Default experiment points at the new store's folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first, second = tmp_path / "one", tmp_path / "two"
+    for folder in (first, second):
+        folder.mkdir()
+    monkeypatch.chdir(first)
+    tracking.connect(f"sqlite:///{first / 'mlflow.db'}", "x")
+    templates = list((tmp_path / "cache" / "mlops-tune").glob("mlflow-*.db"))
+    assert len(templates) == 1
+    monkeypatch.chdir(second)
+    try:
+        assert tracking.seed_new_sqlite_store(f"sqlite:///{second / 'mlflow.db'}")
+        assert not tracking.seed_new_sqlite_store(f"sqlite:///{second / 'mlflow.db'}")  # exists: left alone
+        experiment_id = tracking.connect(f"sqlite:///{second / 'mlflow.db'}", "x")
+        client = mlflow.MlflowClient()
+        assert client.get_experiment("0").artifact_location == str(second / "mlruns" / "0")
+        with tracking.run(experiment_id, "r") as run_id:
+            tracking.log_batch(params={"p": "1"})
+        assert client.get_run(run_id).data.params == {"p": "1"}
+        schema = "SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name"
+        with sqlite3.connect(first / "mlflow.db") as a, sqlite3.connect(second / "mlflow.db") as b:
+            assert a.execute(schema).fetchall() == b.execute(schema).fetchall()
+            assert a.execute("SELECT * FROM alembic_version").fetchall() == \
+                b.execute("SELECT * FROM alembic_version").fetchall()
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_a_broken_template_leaves_the_new_store_to_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.version
+
+    cache = tmp_path / "cache" / "mlops-tune"
+    cache.mkdir(parents=True)
+    (cache / f"mlflow-{mlflow.version.VERSION}.db").write_text("not a database")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    try:
+        experiment_id = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "x")
+        assert mlflow.MlflowClient().get_experiment(experiment_id).name == "x"
+        # the damaged template was made again
+        with sqlite3.connect(cache / f"mlflow-{mlflow.version.VERSION}.db") as conn:
+            assert conn.execute("SELECT COUNT(*) FROM experiments").fetchone() == (0,)
     finally:
         mlflow.set_tracking_uri(None)
