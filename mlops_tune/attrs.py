@@ -30,6 +30,8 @@ RETRY_OF = "retry_of"
 SECONDS = "seconds"
 FIT_SECONDS = "fit_seconds"
 EVALUATE_SECONDS = "evaluate_seconds"
+#: of fit_seconds, the time spent reporting epochs to Optuna (and asking whether to prune)
+REPORT_SECONDS = "report_seconds"
 #: the trial's model size and prediction latency (ms per sample, validation split): gate constraints
 N_PARAMS = "n_params"
 PREDICT_MS = "predict_ms"
@@ -40,3 +42,5 @@ CONFIRMED_MEAN = "confirmed_mean"
 START = "start_from"
 #: study attribute: the fingerprint of the data the study ran on (data.fingerprint)
 DATA_FINGERPRINT = "data_fingerprint"
+#: a trial stopped at an epoch because a trial of another lane met the gate (study.n_jobs > 1)
+GATE_STOP = "stopped_by_gate"

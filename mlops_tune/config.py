@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from mlops_tune import threads
 from mlops_tune.errors import UsageError, check_int
 
 SAMPLERS = ("tpe", "random", "mutation")
@@ -157,6 +158,7 @@ def validate_tune(cfg: Mapping[str, Any]) -> None:
         if cfg["study"][key] not in choices:
             raise UsageError(f"study.{key}: '{cfg['study'][key]}' is not one of {', '.join(choices)}")
     study = cfg["study"]
+    threads.parse_n_jobs(study["n_jobs"])
     for key in ("n_trials", "max_consecutive_failures", "heartbeat_interval", "grace_period"):
         check_int(study[key], f"study.{key}")
     if study["heartbeat_interval"] >= study["grace_period"]:

@@ -8,8 +8,10 @@ client side (``grpc://HOST:PORT``).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -101,7 +103,10 @@ def make_sampler(study_cfg: Mapping[str, Any], space: SearchSpace, seed: int,
     """
     sampler = study_cfg["sampler"]
     if sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, group=True)
+        # constant_liar: trials still running in other lanes or workers count as poor, so
+        # parallel trials explore apart (with one trial at a time it changes nothing)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, group=True,
+                                          constant_liar=True)
     if sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if sampler == "mutation":
@@ -112,12 +117,47 @@ def make_sampler(study_cfg: Mapping[str, Any], space: SearchSpace, seed: int,
 def make_pruner(pruner: Any) -> optuna.pruners.BasePruner:
     """``study.pruner``: ``median`` (default), ``hyperband``, ``none`` or ``{_target_: optuna.pruners.X, ...}``."""
     if pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=4)
+        return LikeForLikeMedianPruner()
     if pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=2, reduction_factor=3)
     if pruner == "none":
         return optuna.pruners.NopPruner()
     return _instantiate(pruner, "study.pruner", optuna.pruners.BasePruner)
+
+
+class LikeForLikeMedianPruner(optuna.pruners.BasePruner):
+    """``study.pruner=median``: stop a trial whose val_accuracy at epoch e is below the median
+    of earlier trials at epoch e, comparing like with like.
+
+    Measured on digits (issue 16): Optuna's MedianPruner with a 4-epoch warm-up stopped 12 of
+    20 trials at epoch 4-5, several still climbing: trials with large batches take fewer steps
+    per epoch and learn slower per epoch, so they were judged against small-batch trials.
+    Here a trial is only compared with trials of the same ``group_by`` values (the batch
+    size), only from epoch ``n_warmup_steps`` on, and only once ``n_startup_trials`` such
+    trials reported that epoch."""
+
+    def __init__(self, n_startup_trials: int = 3, n_warmup_steps: int = 8,
+                 group_by: tuple[str, ...] = ("model.batch_size",)) -> None:
+        self.n_startup_trials, self.n_warmup_steps, self.group_by = n_startup_trials, n_warmup_steps, group_by
+
+    def _group(self, trial: optuna.trial.FrozenTrial) -> tuple[Any, ...]:
+        return tuple(trial.params.get(key) for key in self.group_by)
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.n_warmup_steps:
+            return False
+        value = trial.intermediate_values[step]
+        if math.isnan(value):
+            return True
+        group = self._group(trial)
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        peers = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=states)
+                 if t.number != trial.number and step in t.intermediate_values and self._group(t) == group]
+        peers = [v for v in peers if not math.isnan(v)]
+        if len(peers) < self.n_startup_trials:
+            return False
+        return value < statistics.median(peers)
 
 
 def _instantiate(spec: Any, key: str, base: type) -> Any:

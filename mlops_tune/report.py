@@ -103,7 +103,9 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapse
     elif trial.state == TrialState.FAIL and attrs.ERROR in trial.user_attrs:
         error = f"  error: {trial.user_attrs[attrs.ERROR]}"
     mark = ""
-    if trial.value is not None and trial.value >= threshold:
+    if trial.state == TrialState.PRUNED and trial.user_attrs.get(attrs.GATE_STOP):
+        mark = "  (stopped: another trial met the gate)"
+    elif trial.value is not None and trial.value >= threshold:
         broken = gate.violations(trial, gate_cfg or {})
         mark = f" (over the limits: {', '.join(broken)})" if broken else (
             "" if gate_cfg and not gate.meets(trial, gate_cfg) else " *gate*")

@@ -43,6 +43,7 @@ class StudyConfig:
     timeout: Optional[float] = None  # noqa: UP045 - OmegaConf needs Optional
     sampler: Any = "tpe"  # a name, or {_target_: optuna.samplers.X, ...}
     pruner: Any = "median"  # a name, or {_target_: optuna.pruners.X, ...}
+    n_jobs: str = "auto"  # trials at once: auto (one per core for Keras trials in the study's process) | N
     max_consecutive_failures: int = 5
     start_from: str = "base"  # base | champion: trial 0 is the base model or the registry's champion
     on_data_change: str = "new_study"  # new_study | fail: the stored study saw other data

@@ -24,9 +24,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import attrs, claims, faults, gate, registry, report, stores, tracking
+from mlops_tune import attrs, claims, faults, gate, registry, report, stores, threads, tracking
 from mlops_tune.data import Splits, load_splits
-from mlops_tune.errors import StudyAborted, TrialFailed, UsageError, WorkerLost, first_line
+from mlops_tune.errors import EnvironmentFault, StudyAborted, TrialFailed, UsageError, WorkerLost, first_line
 from mlops_tune.families import get_family
 from mlops_tune.optuna_setup import check_writable, make_pruner, make_sampler, make_storage
 from mlops_tune.progress import Progress
@@ -45,9 +45,14 @@ TAG_CONFIRM_OF = "mlops_tune.confirm_of"
 class Study:
     """One study of one base model; :meth:`run` is the whole loop."""
 
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
-        """Validate and prepare everything that can fail on bad input, writing nothing."""
+    def __init__(self, cfg: Mapping[str, Any], lane: int = 0) -> None:
+        """Validate and prepare everything that can fail on bad input, writing nothing.
+
+        ``lane`` > 0: this process is one of the study's extra trial lanes (``study.n_jobs``),
+        started by the study's own process (:meth:`run_lane`)."""
         self.cfg = cfg
+        self.lane = lane
+        self.helpers: HelperLanes | None = None
         self.name, self.threshold = str(cfg["study"]["name"]), float(cfg["gate"]["threshold"])
         if cfg["registry"]["promote"]:
             registry.check_name(cfg["registry"]["name"])
@@ -55,8 +60,15 @@ class Study:
         self.family = get_family(cfg["model"]["family"])
         self.gate = cfg["gate"]
         self.sampler = make_sampler(cfg["study"], self.space, int(cfg["seed"]), self.gate)
+        self.n_jobs = threads.resolve_n_jobs(cfg["study"]["n_jobs"], str(cfg["runner"]["name"]),
+                                             str(cfg["model"]["family"]), int(cfg["study"]["n_trials"]))
+        # TensorFlow's thread pools sized for the trials that share the cores (before it starts)
+        threads.limit_threads(self.n_jobs if self.n_jobs > 1 else int(cfg["runner"].get("workers") or 1))
         self.pruner = make_pruner(cfg["study"]["pruner"])
-        print(f"study '{self.name}': loading data '{cfg['data']['name']}' ...", flush=True)
+        if self.n_jobs > 1:  # a lane's trial in flight stops at its next epoch once another met the gate
+            self.pruner = GateAwarePruner(self.pruner, self.gate)
+        if not lane:
+            print(f"study '{self.name}': loading data '{cfg['data']['name']}' ...", flush=True)
         self.splits: Splits = load_splits(cfg["data"], int(cfg["seed"]))
         # rejects e.g. a CNN on tabular data, or a base model too large for model.max_params, now
         self.family.check_data(cfg["model"], self.splits.as_input(self.family.input_kind))
@@ -77,6 +89,8 @@ class Study:
 
     def run(self) -> StudyResult:
         """Run the study. Raises :class:`EnvironmentFault` when a store or the disk fails meanwhile."""
+        # the extra lanes import and load while this process opens the stores
+        self.helpers = HelperLanes(self.cfg, self.n_jobs - 1) if self.n_jobs > 1 else None
         try:
             print(f"study '{self.name}': opening the stores (Optuna {redact_text(self.storage_url)}, "
                   f"MLflow {redact_text(self.tracking_uri)}) ...", flush=True)
@@ -87,6 +101,10 @@ class Study:
                                            self.cfg["study"]["on_data_change"])
                 self.start, self.start_origin = self._start_point()
                 return self._run(storage, experiment_id)
+        except BaseException as exc:
+            if self.helpers is not None:
+                self.helpers.stop(exc)
+            raise
         finally:
             self.runner.close()
 
@@ -125,9 +143,50 @@ class Study:
             return finish(study, self.cfg, self.space, self.family, self.splits, run_id, self.budget, self.worker)
 
     def _optimize(self, study: optuna.Study, context: TrialContext) -> None:
-        """Run trials until the gate is met or the budget is spent; one lane per trial run at once."""
+        """Run trials until the gate is met or the budget is spent; one lane per trial run at once
+        (``study.n_jobs`` > 1: the other lanes are processes of their own, see :class:`HelperLanes`)."""
         started = time.perf_counter()
-        in_lanes(self.runner.lanes, lambda stop: self._lane(study, context, started, stop), self.runner.interrupt)
+        helpers = self.helpers
+        if helpers is not None:
+            helpers.release(self.name, context.parent_run_id, started_at=time.time())
+            print(f"study '{self.name}': {self.n_jobs} trials at once ({self.n_jobs - 1} more process"
+                  f"{'es' if self.n_jobs > 2 else ''}; TensorFlow threads per process: "
+                  f"{os.environ.get('TF_NUM_INTRAOP_THREADS')} intra-op, "
+                  f"{os.environ.get('TF_NUM_INTEROP_THREADS')} inter-op)", flush=True)
+        try:
+            in_lanes(self.runner.lanes, lambda stop: self._lane(study, context, started, stop),
+                     self.runner.interrupt)
+        except BaseException as exc:
+            if helpers is not None:
+                helpers.stop(exc)
+            raise
+        if helpers is not None:
+            self.helpers = None  # waited for: nothing left to stop
+            helpers.wait()
+
+    def run_lane(self, parent_run_id: str, started_at: float | None = None) -> None:
+        """Run this process's lane of a study that the study's own process opened (its
+        ``study.n_jobs`` > 1): trials until the gate is met or the budget is spent; no report,
+        no promotion (the study's process does both once every lane has ended)."""
+        try:
+            storage = make_storage(self.cfg["study"])
+            experiment_id = tracking.connect(self.tracking_uri, self.cfg["tracking"]["experiment"])
+            with faults.classified(tracking_uri=self.tracking_uri, storage_url=self.storage_url):
+                study = one_ask_at_a_time(optuna.load_study(study_name=self.name, storage=storage,
+                                                            sampler=self.sampler, pruner=self.pruner))
+                self.budget.key = f"{self.name}#{storage.get_study_id_from_name(self.name)}"
+                self.sampler.reseed_rng()  # lanes seeded alike must not propose the same points
+                self.progress = Progress(int(self.cfg["study"]["n_trials"]), self.threshold,
+                                         str(self.cfg["gate"]["metric"]), self.cfg["model"].get("epochs"),
+                                         live=False)
+                context = TrialContext(experiment_id, parent_run_id, self.splits,
+                                       lambda: best_value(study, self.gate), storage_url=self.storage_url,
+                                       pruner=self.cfg["study"]["pruner"])
+                # elapsed times in the trial lines count from the study's start, as its own lane's do
+                started = time.perf_counter() - (time.time() - started_at if started_at else 0.0)
+                self._lane(study, context, started, threading.Event())
+        finally:
+            self.runner.close()
 
     def _lane(self, study: optuna.Study, context: TrialContext, started: float, stop: threading.Event) -> None:
         n_total, timeout = int(self.cfg["study"]["n_trials"]), self.cfg["study"]["timeout"]
@@ -164,6 +223,8 @@ class Study:
         try:
             outcome = self.runner.run(trial_cfg, trial, context, trial_tags(self.name, trial))
         except optuna.TrialPruned:
+            if self.n_jobs > 1 and gate_met(trial.study, self.gate):  # not the model's doing: say so
+                trial.set_user_attr(attrs.GATE_STOP, True)
             raise
         except KeyboardInterrupt as exc:
             give_back(trial, str(exc) or "interrupted", budget)
@@ -228,6 +289,128 @@ def one_ask_at_a_time(study: optuna.Study) -> optuna.Study:
     return study
 
 
+class GateAwarePruner(optuna.pruners.BasePruner):
+    """``inner``, and once any trial of the study met the gate, every trial still running
+    (in another lane) stops at its next epoch: its result can no longer change the outcome."""
+
+    #: seconds between two looks at the study (one storage read), whatever the epochs' pace
+    CHECK_EVERY = 1.0
+
+    def __init__(self, inner: optuna.pruners.BasePruner, gate_cfg: Mapping[str, Any]) -> None:
+        self.inner, self.gate_cfg = inner, gate_cfg
+        self._checked, self._met = -math.inf, False
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if not self._met and time.monotonic() - self._checked >= self.CHECK_EVERY:
+            self._checked, self._met = time.monotonic(), gate_met(study, self.gate_cfg)
+        return self._met or self.inner.prune(study, trial)
+
+
+class HelperLanes:
+    """The extra lanes of a study with ``study.n_jobs`` > 1: ``python -m mlops_tune.lane``
+    processes on the same storage and parent run, as scale-out workers are, started by the
+    study's process and ended with it (a signal it gets is passed on; they die with it).
+
+    They start before the study opens its stores, import and load what they need meanwhile,
+    and wait until :meth:`release` names the study and its parent run. The config travels in
+    a file only this user can read; the passwords moved out of the URLs into the environment
+    (``mlops_tune.secrets``) reach the lanes through it."""
+
+    #: seconds a stopped lane has to close its runs before it is killed
+    STOP_GRACE = 20
+    SPEC, READY = "lane.json", "ready.json"
+
+    def __init__(self, cfg: Mapping[str, Any], n: int) -> None:
+        import subprocess
+        import sys
+        import tempfile
+
+        self.folder = tempfile.mkdtemp(prefix="mlops-tune-lanes-")
+        spec = os.path.join(self.folder, self.SPEC)
+        self._write(spec, {"cfg": dict(cfg)})
+        env = {**os.environ, **threads.thread_env(n + 1), "MLOPS_TUNE_LIVE": "0"}
+        self.procs = [subprocess.Popen([sys.executable, "-m", "mlops_tune.lane", spec, str(lane)], env=env,
+                                       preexec_fn=_die_with_parent)
+                      for lane in range(1, n + 1)]
+        self.released = False
+
+    @staticmethod
+    def _write(path: str, content: Mapping[str, Any]) -> None:
+        """Write JSON that appears whole, readable by this user only."""
+        import json
+
+        staging = f"{path}.tmp"
+        with open(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            json.dump(content, out)
+        os.replace(staging, path)
+
+    def release(self, study_name: str, parent_run_id: str, started_at: float) -> None:
+        """The stores are open and the parent run exists: the lanes start taking trials."""
+        self._write(os.path.join(self.folder, self.READY),
+                    {"name": study_name, "parent_run_id": parent_run_id, "started_at": started_at})
+        self.released = True
+
+    def wait(self) -> None:
+        """Wait for every lane; one that failed fails the study (exit 3), as the study's own lane would."""
+        try:
+            codes = [proc.wait() for proc in self.procs]
+        finally:
+            self._clean()
+        failed = [(lane, code) for lane, code in enumerate(codes, 1) if code != 0]
+        if failed:
+            lane, code = failed[0]
+            message = f"trial lane {lane} of {len(codes) + 1} ended with exit code {code} (its error is above)"
+            if code == 3:
+                raise EnvironmentFault("trial lane", message)
+            raise StudyAborted(message)
+
+    def stop(self, exc: BaseException) -> None:
+        """The study failed or was stopped: lanes still waiting are ended at once (they wrote
+        nothing); lanes at work get the signal and close their runs as KILLED."""
+        import signal
+        import subprocess
+
+        signum = getattr(exc, "signum", signal.SIGTERM)
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signum) if self.released else proc.kill()
+        for proc in self.procs:
+            try:
+                proc.wait(self.STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._clean()
+
+    def _clean(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def wait_for_release(spec: str, poll: float = 0.05) -> dict[str, Any] | None:
+    """In a lane: the study's :meth:`HelperLanes.release` (None when the study is gone)."""
+    import json
+
+    ready = os.path.join(os.path.dirname(spec), HelperLanes.READY)
+    while not os.path.exists(ready):
+        if not os.path.exists(spec):  # the study cleaned up without releasing us
+            return None
+        time.sleep(poll)
+    with open(ready) as source:
+        return dict(json.load(source))
+
+
+def _die_with_parent() -> None:
+    """In a lane's process before it starts: SIGTERM when the study's process dies (even by SIGKILL)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
 def in_lanes(n: int, lane: Callable[[threading.Event], None], interrupt: Callable[[BaseException], None]) -> None:
     """Run ``lane(stop)`` ``n`` times at once, each in a thread (in this thread when ``n`` is 1).
 
@@ -269,7 +452,8 @@ def record_outcome(trial: optuna.Trial, outcome: TrialOutcome) -> None:
     trial.set_user_attr(attrs.N_PARAMS, int(outcome.n_params))
     trial.set_user_attr(attrs.PREDICT_MS, round(outcome.predict_ms, 4))
     for key, seconds in ((attrs.SECONDS, outcome.seconds), (attrs.FIT_SECONDS, outcome.fit_seconds),
-                         (attrs.EVALUATE_SECONDS, outcome.evaluate_seconds)):
+                         (attrs.EVALUATE_SECONDS, outcome.evaluate_seconds),
+                         (attrs.REPORT_SECONDS, outcome.report_seconds)):
         trial.set_user_attr(key, round(seconds, 3))
     if outcome.model_uri:
         trial.set_user_attr(attrs.MODEL_URI, outcome.model_uri)

@@ -66,6 +66,7 @@ class TrialOutcome:
     model_uri: str | None
     evaluate_seconds: float = 0.0
     predict_ms: float = 0.0
+    report_seconds: float = 0.0  # of fit_seconds: reporting epochs to Optuna (pruning)
 
     @property
     def overhead_seconds(self) -> float:
@@ -124,11 +125,17 @@ def run_trial(
     family.check_data(model_cfg, inputs)  # e.g. a model too large to build: before any run exists
     history: list[dict[str, float]] = []
 
+    reporting = [0.0]
+
     def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
         if len(history) <= epoch:
             history.append(dict(metrics))
         if reporter is not None:
-            reporter.report(metrics["val_accuracy"], epoch)
+            reported = time.perf_counter()
+            try:
+                reporter.report(metrics["val_accuracy"], epoch)
+            finally:
+                reporting[0] += time.perf_counter() - reported
 
     run_tags = {tracking.TAG_FAMILY: family.name, **(tags or {})}
     name = run_name or f"{model_cfg['name']}-{cfg['data']['name']}"
@@ -188,6 +195,7 @@ def run_trial(
         seconds=time.perf_counter() - started,
         model_uri=model_uri,
         predict_ms=predict_ms,
+        report_seconds=reporting[0],
     )
 
 

@@ -28,6 +28,9 @@ BIN = Path(sys.executable).parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 #: CI runs as root: read-only mounts and tmpfs file systems are real there
 IS_ROOT = os.geteuid() == 0
+#: one trial at a time unless a test asks for more: trial order and counts stay deterministic.
+#: tests/e2e/test_parallel.py and the main job's test run the default (study.n_jobs=auto)
+os.environ.setdefault("MLOPS_TUNE_N_JOBS", "1")
 
 
 @dataclass

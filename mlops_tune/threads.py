@@ -1,0 +1,81 @@
+"""How many trials of a study run at once (``study.n_jobs``) and how many threads each gets.
+
+Measured on the 2-core machines this project runs on (``benchmarks/time_to_target.py``):
+TensorFlow's default thread pools (one inter-op and one intra-op thread per core) make a
+small dense network on digits train 2.2x slower than one inter-op thread, and two trials
+side by side with one thread each train in 1.05x the time of one: two trials at once is
+nearly twice the trials per minute. So, for Keras trials in the study's own process,
+``study.n_jobs=auto`` runs one trial per core (each in its own process, see
+``mlops_tune.lane``) and every process gets ``cores / n_jobs`` intra-op threads and one
+inter-op thread, unless ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` are set.
+
+Example::
+
+    n = resolve_n_jobs("auto", runner="inprocess", family="keras_dense", n_trials=20)  # 2 on 2 cores
+    limit_threads(n)  # before TensorFlow is imported
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlops_tune.errors import UsageError
+
+AUTO = "auto"
+#: families whose trials are long enough to be worth a process of their own
+PARALLEL_FAMILIES = ("keras_dense", "keras_cnn")
+#: environment variable giving the default of study.n_jobs (a CI host sharing its cores: 1)
+N_JOBS_ENV = "MLOPS_TUNE_N_JOBS"
+TF_THREAD_VARS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+def cpu_count() -> int:
+    """Cores this process may use: its CPU affinity, bounded by a cgroup v2 CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def parse_n_jobs(value: object) -> int | str:
+    """``auto`` or a positive integer (as Hydra may hand it over: ``2`` or ``"2"``)."""
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return AUTO
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise UsageError(f"study.n_jobs: must be 'auto' or a positive number of trials at once, got {value!r}")
+
+
+def resolve_n_jobs(value: object, runner: str, family: str, n_trials: int) -> int:
+    """Trials at once for this study. ``auto``: one per core for Keras trials in the study's
+    process, else 1 (sklearn trials take milliseconds to seconds: a process each would cost
+    more than it saves; runner=mlflow|docker run trials at once with ``runner.workers``)."""
+    n_jobs = parse_n_jobs(value)
+    if n_jobs == AUTO:
+        if runner != "inprocess" or family not in PARALLEL_FAMILIES:
+            return 1
+        return max(1, min(cpu_count(), n_trials))
+    if n_jobs > 1 and runner != "inprocess":
+        raise UsageError(f"study.n_jobs: {n_jobs} trials at once needs runner=inprocess; runner={runner} runs "
+                         "trials at once with runner.workers")
+    return min(int(n_jobs), max(1, n_trials))
+
+
+def thread_env(n_jobs: int) -> dict[str, str]:
+    """TensorFlow thread counts for one of ``n_jobs`` processes sharing this machine's cores."""
+    return {"TF_NUM_INTRAOP_THREADS": str(max(1, cpu_count() // max(1, n_jobs))), "TF_NUM_INTEROP_THREADS": "1"}
+
+
+def limit_threads(n_jobs: int) -> dict[str, str]:
+    """Set :func:`thread_env` in this process's environment (before TensorFlow starts),
+    keeping what the user set; returns what is now in force."""
+    for key, value in thread_env(n_jobs).items():
+        if not os.environ.get(key):
+            os.environ[key] = value
+    return {key: os.environ[key] for key in TF_THREAD_VARS}

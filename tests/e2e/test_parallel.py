@@ -1,0 +1,103 @@
+"""study.n_jobs: trials of one study at once, each extra lane a process of its own.
+
+Real processes, a real SQLite Optuna storage and MLflow store; Keras trials (the lanes are
+for Keras: ``auto`` gives sklearn trials one lane). Short trainings (``model.epochs``) keep
+the tests quick; the figures (time to target, trials per minute) are in benchmarks/.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from mlops_tune import threads
+from mlops_tune.study import judged
+from tests.conftest import BIN, command_env, mlflow_runs
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = command_env()
+    env.pop("MLOPS_TUNE_N_JOBS", None)
+    return env
+
+
+def _trials(workdir: Path, study: str = "ann-digits") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{workdir / 'optuna.db'}").get_trials()
+
+
+def _lanes_left() -> str:
+    return subprocess.run(["pgrep", "-f", "mlops_tune.lane"], capture_output=True, text=True).stdout.strip()
+
+
+def test_two_lanes_train_at_once_under_one_parent_run_within_the_budget(workdir: Path) -> None:
+    proc = subprocess.run([str(BIN / "mlops-tune"), "study.n_jobs=2", "study.n_trials=4", "gate.threshold=0.999",
+                           "model.epochs=4", "study.pruner=none"], cwd=workdir, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    intra = max(1, threads.cpu_count() // 2)
+    assert (f"2 trials at once (1 more process; TensorFlow threads per process: {intra} intra-op, 1 inter-op)"
+            in proc.stdout)
+    trials = _trials(workdir)
+    assert sum(judged(t) for t in trials) == 4  # the budget holds across the two processes
+    for number in range(4):  # every trial's line, whichever process ran it
+        assert f"[trial   {number}] COMPLETE" in proc.stdout
+    spans = [(t.datetime_start, t.datetime_complete) for t in trials]
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:]), spans
+    runs = mlflow_runs(workdir)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert _lanes_left() == ""
+
+
+def test_a_gate_met_in_one_lane_stops_the_other_lanes_trial(workdir: Path) -> None:
+    """The base model passes 0.5 after a few epochs; the other lane's trial (30 epochs) stops
+    at its next epoch instead of training on, and the study ends with nothing running."""
+    proc = subprocess.run([str(BIN / "mlops-tune"), "study.n_jobs=2", "study.n_trials=10", "gate.threshold=0.5",
+                           "study.pruner=none", "registry.promote=false"], cwd=workdir, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = _trials(workdir)
+    states = [t.state for t in trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert len(trials) <= 4, states  # not the 10 of the budget
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    # a trial still training when the gate was met stopped before its 30 epochs
+    assert all(max(t.intermediate_values) < 29 for t in stopped)
+    assert all(r.info.status == "FINISHED" for r in mlflow_runs(workdir))
+    assert _lanes_left() == ""
+
+
+def test_sigterm_stops_every_lane_and_closes_their_runs(workdir: Path) -> None:
+    proc = subprocess.Popen([str(BIN / "mlops-tune"), "study.n_jobs=2", "study.n_trials=10", "gate.threshold=0.999",
+                             "study.pruner=none"], cwd=workdir, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        running = [r for r in mlflow_runs(workdir)
+                   if r.info.status == "RUNNING" and "mlflow.parentRunId" in r.data.tags]
+        if len(running) >= 2:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    else:
+        pytest.fail("two trials never ran at once")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM" in err
+    statuses = {r.info.status for r in mlflow_runs(workdir)}
+    assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
+    assert _lanes_left() == ""
+    # the trials in flight were given back: a rerun trains them (nothing stays RUNNING in Optuna)
+    assert optuna.trial.TrialState.RUNNING not in {t.state for t in _trials(workdir)}

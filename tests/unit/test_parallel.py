@@ -1,0 +1,84 @@
+"""study.n_jobs resolution, TensorFlow thread counts, and the pruners a parallel study uses."""
+
+from __future__ import annotations
+
+import os
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+
+from mlops_tune import threads
+from mlops_tune.errors import UsageError
+from mlops_tune.optuna_setup import LikeForLikeMedianPruner
+from mlops_tune.study import GateAwarePruner
+
+
+def test_auto_is_one_trial_per_core_for_keras_in_process_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "cpu_count", lambda: 4)
+    assert threads.resolve_n_jobs("auto", "inprocess", "keras_dense", 20) == 4
+    assert threads.resolve_n_jobs("auto", "inprocess", "keras_cnn", 3) == 3  # never more than the budget
+    assert threads.resolve_n_jobs("auto", "inprocess", "sklearn", 20) == 1
+    assert threads.resolve_n_jobs("auto", "mlflow", "keras_dense", 20) == 1  # runner.workers does it there
+    assert threads.resolve_n_jobs("2", "inprocess", "sklearn", 20) == 2  # asked for: granted
+    assert threads.resolve_n_jobs(1, "docker", "keras_dense", 20) == 1
+    with pytest.raises(UsageError, match="needs runner=inprocess"):
+        threads.resolve_n_jobs(2, "docker", "keras_dense", 20)
+    for bad in ("0", "-1", "two", "1.5", ""):
+        with pytest.raises(UsageError, match=r"study\.n_jobs"):
+            threads.parse_n_jobs(bad)
+
+
+def test_threads_are_split_between_lanes_and_what_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "cpu_count", lambda: 4)
+    assert threads.thread_env(2) == {"TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "1"}
+    assert threads.thread_env(8) == {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")
+    monkeypatch.delenv("TF_NUM_INTEROP_THREADS", raising=False)
+    assert threads.limit_threads(2) == {"TF_NUM_INTRAOP_THREADS": "3", "TF_NUM_INTEROP_THREADS": "1"}
+    assert os.environ["TF_NUM_INTEROP_THREADS"] == "1"
+
+
+def test_cpu_count_respects_the_affinity() -> None:
+    assert 1 <= threads.cpu_count() <= len(os.sched_getaffinity(0))
+
+
+def _trial(study: optuna.Study, batch: int, curve: list[float], state: optuna.trial.TrialState) -> None:
+    study.add_trial(optuna.trial.create_trial(
+        params={"model.batch_size": batch}, distributions={"model.batch_size": CategoricalDistribution([16, 128])},
+        value=curve[-1] if state == optuna.trial.TrialState.COMPLETE else None,
+        intermediate_values=dict(enumerate(curve)), state=state))
+
+
+def _running(study: optuna.Study, batch: int, curve: list[float]) -> optuna.trial.FrozenTrial:
+    study.enqueue_trial({"model.batch_size": batch})
+    trial = study.ask({"model.batch_size": CategoricalDistribution([16, 128])})
+    for step, value in enumerate(curve):
+        trial.report(value, step)
+    return next(t for t in study.get_trials() if t.number == trial.number)  # the view pruners get
+
+
+def test_the_median_pruner_compares_like_with_like_and_waits_for_the_warm_up() -> None:
+    study = optuna.create_study(direction="maximize")
+    fast = [0.5 + 0.04 * e for e in range(12)]  # batch 16: climbs fast per epoch
+    for _ in range(3):
+        _trial(study, 16, fast, optuna.trial.TrialState.COMPLETE)
+    pruner = LikeForLikeMedianPruner(n_startup_trials=3, n_warmup_steps=8)
+    slow = [0.2 + 0.03 * e for e in range(10)]  # batch 128: slower per epoch, still climbing
+    trial = _running(study, 128, slow)
+    assert not pruner.prune(study, trial)  # no batch-128 peers: Optuna's MedianPruner would prune it
+    assert optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=8).prune(study, trial)
+    for _ in range(3):
+        _trial(study, 128, [0.3 + 0.03 * e for e in range(12)], optuna.trial.TrialState.COMPLETE)
+    assert pruner.prune(study, _running(study, 128, slow))  # below its own kind's median at epoch 9
+    assert not pruner.prune(study, _running(study, 128, slow[:8]))  # epoch 7: still warming up
+
+
+def test_a_met_gate_stops_the_trials_still_running() -> None:
+    study = optuna.create_study(direction="maximize")
+    pruner = GateAwarePruner(optuna.pruners.NopPruner(), {"threshold": 0.9, "metric": "val_accuracy"})
+    pruner.CHECK_EVERY = 0.0  # look at the study on every epoch (a study looks once a second)
+    running = _running(study, 16, [0.5])
+    assert not pruner.prune(study, running)
+    _trial(study, 16, [0.95], optuna.trial.TrialState.COMPLETE)
+    assert pruner.prune(study, running)
