@@ -125,6 +125,22 @@ def make_pruner(pruner: Any) -> optuna.pruners.BasePruner:
     return _instantiate(pruner, "study.pruner", optuna.pruners.BasePruner)
 
 
+def reporting(pruner: Any, lanes: bool) -> tuple[int | None, int | None]:
+    """For a trial in this process: the first epoch reported to Optuna and the first at which
+    the pruner is asked (see ``trial.OptunaReporter``). ``median`` looks from its warm-up on;
+    ``none`` needs no values (with lanes it is still asked, to stop once the gate is met);
+    any other pruner gets every epoch."""
+    if pruner == "median":
+        return MEDIAN_WARMUP, (0 if lanes else MEDIAN_WARMUP)
+    if pruner == "none":
+        return None, (0 if lanes else None)
+    return 0, 0
+
+
+#: ``study.pruner=median`` judges a trial from this epoch (0-based) on
+MEDIAN_WARMUP = 8
+
+
 class LikeForLikeMedianPruner(optuna.pruners.BasePruner):
     """``study.pruner=median``: stop a trial whose val_accuracy at epoch e is below the median
     of earlier trials at epoch e, comparing like with like.
@@ -136,9 +152,21 @@ class LikeForLikeMedianPruner(optuna.pruners.BasePruner):
     size), only from epoch ``n_warmup_steps`` on, and only once ``n_startup_trials`` such
     trials reported that epoch."""
 
-    def __init__(self, n_startup_trials: int = 3, n_warmup_steps: int = 8,
+    #: seconds a snapshot of the finished trials is reused (one storage read, not one per epoch)
+    REFRESH = 2.0
+
+    def __init__(self, n_startup_trials: int = 3, n_warmup_steps: int = MEDIAN_WARMUP,
                  group_by: tuple[str, ...] = ("model.batch_size",)) -> None:
         self.n_startup_trials, self.n_warmup_steps, self.group_by = n_startup_trials, n_warmup_steps, group_by
+        self._finished: list[optuna.trial.FrozenTrial] = []
+        self._read_at = -math.inf
+
+    def _finished_trials(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+        if time.monotonic() - self._read_at >= self.REFRESH:
+            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            self._finished = study.get_trials(deepcopy=False, states=states)
+            self._read_at = time.monotonic()
+        return self._finished
 
     def _group(self, trial: optuna.trial.FrozenTrial) -> tuple[Any, ...]:
         return tuple(trial.params.get(key) for key in self.group_by)
@@ -151,8 +179,7 @@ class LikeForLikeMedianPruner(optuna.pruners.BasePruner):
         if math.isnan(value):
             return True
         group = self._group(trial)
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        peers = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=states)
+        peers = [t.intermediate_values[step] for t in self._finished_trials(study)
                  if t.number != trial.number and step in t.intermediate_values and self._group(t) == group]
         peers = [v for v in peers if not math.isnan(v)]
         if len(peers) < self.n_startup_trials:

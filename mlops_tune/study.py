@@ -134,7 +134,7 @@ class Study:
                                 timeout=self.cfg["study"]["timeout"])
             context = TrialContext(experiment_id, run_id, self.splits, lambda: best_value(study, self.gate),
                                    storage_url=self.storage_url, pruner=self.cfg["study"]["pruner"],
-                                   on_epoch=progress.epoch)
+                                   lanes=self.n_jobs > 1, on_epoch=progress.epoch)
             report.study_header(self.name, self.cfg, self.space, existing)
             self.progress = progress
             with progress:
@@ -148,7 +148,7 @@ class Study:
         started = time.perf_counter()
         helpers = self.helpers
         if helpers is not None:
-            helpers.release(self.name, context.parent_run_id, started_at=time.time())
+            helpers.release(self.name, context.experiment_id, context.parent_run_id, started_at=time.time())
             print(f"study '{self.name}': {self.n_jobs} trials at once ({self.n_jobs - 1} more process"
                   f"{'es' if self.n_jobs > 2 else ''}; TensorFlow threads per process: "
                   f"{os.environ.get('TF_NUM_INTRAOP_THREADS')} intra-op, "
@@ -164,13 +164,13 @@ class Study:
             self.helpers = None  # waited for: nothing left to stop
             helpers.wait()
 
-    def run_lane(self, parent_run_id: str, started_at: float | None = None) -> None:
+    def run_lane(self, experiment_id: str, parent_run_id: str, started_at: float | None = None) -> None:
         """Run this process's lane of a study that the study's own process opened (its
         ``study.n_jobs`` > 1): trials until the gate is met or the budget is spent; no report,
         no promotion (the study's process does both once every lane has ended)."""
         try:
             storage = make_storage(self.cfg["study"])
-            experiment_id = tracking.connect(self.tracking_uri, self.cfg["tracking"]["experiment"])
+            tracking.connect(self.tracking_uri, self.cfg["tracking"]["experiment"])
             with faults.classified(tracking_uri=self.tracking_uri, storage_url=self.storage_url):
                 study = one_ask_at_a_time(optuna.load_study(study_name=self.name, storage=storage,
                                                             sampler=self.sampler, pruner=self.pruner))
@@ -181,7 +181,7 @@ class Study:
                                          live=False)
                 context = TrialContext(experiment_id, parent_run_id, self.splits,
                                        lambda: best_value(study, self.gate), storage_url=self.storage_url,
-                                       pruner=self.cfg["study"]["pruner"])
+                                       pruner=self.cfg["study"]["pruner"], lanes=True)
                 # elapsed times in the trial lines count from the study's start, as its own lane's do
                 started = time.perf_counter() - (time.time() - started_at if started_at else 0.0)
                 self._lane(study, context, started, threading.Event())
@@ -328,7 +328,9 @@ class HelperLanes:
         self.folder = tempfile.mkdtemp(prefix="mlops-tune-lanes-")
         spec = os.path.join(self.folder, self.SPEC)
         self._write(spec, {"cfg": dict(cfg)})
-        env = {**os.environ, **threads.thread_env(n + 1), "MLOPS_TUNE_LIVE": "0"}
+        # not MLFLOW_RUN_ID (under `mlflow run`: the study's own run, which a lane must not resume)
+        env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}, **threads.thread_env(n + 1),
+               "MLOPS_TUNE_LIVE": "0"}
         self.procs = [subprocess.Popen([sys.executable, "-m", "mlops_tune.lane", spec, str(lane)], env=env,
                                        preexec_fn=_die_with_parent)
                       for lane in range(1, n + 1)]
@@ -344,10 +346,11 @@ class HelperLanes:
             json.dump(content, out)
         os.replace(staging, path)
 
-    def release(self, study_name: str, parent_run_id: str, started_at: float) -> None:
+    def release(self, study_name: str, experiment_id: str, parent_run_id: str, started_at: float) -> None:
         """The stores are open and the parent run exists: the lanes start taking trials."""
         self._write(os.path.join(self.folder, self.READY),
-                    {"name": study_name, "parent_run_id": parent_run_id, "started_at": started_at})
+                    {"name": study_name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+                     "started_at": started_at})
         self.released = True
 
     def wait(self) -> None:

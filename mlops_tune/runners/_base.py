@@ -24,6 +24,8 @@ class TrialContext:
     #: the Optuna storage URL and pruner spec, for trials that run in another process
     storage_url: str = ""
     pruner: Any = "median"
+    #: other lanes run trials of the study at once (study.n_jobs > 1): ask the pruner every epoch
+    lanes: bool = False
     #: progress of a trial that runs in this process: (trial number, epoch, val_accuracy)
     on_epoch: Callable[[int, int, float], None] = lambda number, epoch, value: None
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mlops_tune import attrs
+from mlops_tune.optuna_setup import reporting
 from mlops_tune.runners._base import Runner, TrialContext
 from mlops_tune.trial import OptunaReporter, TrialOutcome, run_trial
 
@@ -22,7 +23,8 @@ class InProcessRunner(Runner):
             parent_run_id=context.parent_run_id,
             run_name=f"trial-{trial.number}",
             tags=tags,
-            reporter=OptunaReporter(trial, lambda value, epoch: context.on_epoch(trial.number, epoch, value)),
+            reporter=OptunaReporter(trial, lambda value, epoch: context.on_epoch(trial.number, epoch, value),
+                                    *reporting(context.pruner, context.lanes)),
             evaluate_test=False,
             should_log_model=lambda val_accuracy: val_accuracy > context.best_value(),
             on_run_started=lambda run_id: trial.set_user_attr(attrs.RUN, run_id),

@@ -17,7 +17,7 @@ import pytest
 
 from mlops_tune import threads
 from mlops_tune.study import judged
-from tests.conftest import BIN, command_env, mlflow_runs
+from tests.conftest import BIN, ROOT, command_env, mlflow_runs
 
 pytestmark = pytest.mark.slow
 
@@ -101,3 +101,23 @@ def test_sigterm_stops_every_lane_and_closes_their_runs(workdir: Path) -> None:
     assert _lanes_left() == ""
     # the trials in flight were given back: a rerun trains them (nothing stays RUNNING in Optuna)
     assert optuna.trial.TrialState.RUNNING not in {t.state for t in _trials(workdir)}
+
+
+def test_lanes_under_mlflow_run_log_into_the_project_runs_experiment(workdir: Path) -> None:
+    """`mlflow run -e tune` makes the Project run the study's parent run, in the experiment it
+    was given: the lane's trials go there too (not tracking.experiment) and none resumes it."""
+    overrides = (f"study.n_jobs=2 study.n_trials=2 model.epochs=2 gate.threshold=0.999 "
+                 f"study.storage=sqlite:///{workdir / 'optuna.db'} hydra.run.dir={workdir / 'outputs'}")
+    env = command_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
+    proc = subprocess.run([str(BIN / "mlflow"), "run", str(ROOT), "-e", "tune", "-P", f"overrides={overrides}",
+                           "--env-manager", "local", "--experiment-name", "builds"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2 trials at once" in proc.stdout
+    runs = mlflow_runs(workdir, experiment="builds")
+    [project_run] = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "tune"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == project_run.info.run_id]
+    assert len(trials) == 2 and {r.info.status for r in trials} == {"FINISHED"}
+    assert mlflow_runs(workdir, experiment="mlops-tune") == []
+    spans = [(t.datetime_start, t.datetime_complete) for t in _trials(workdir)]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans  # at once

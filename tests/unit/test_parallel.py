@@ -10,8 +10,9 @@ from optuna.distributions import CategoricalDistribution
 
 from mlops_tune import threads
 from mlops_tune.errors import UsageError
-from mlops_tune.optuna_setup import LikeForLikeMedianPruner
+from mlops_tune.optuna_setup import MEDIAN_WARMUP, LikeForLikeMedianPruner, reporting
 from mlops_tune.study import GateAwarePruner
+from mlops_tune.trial import OptunaReporter
 
 
 def test_auto_is_one_trial_per_core_for_keras_in_process_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,6 +65,7 @@ def test_the_median_pruner_compares_like_with_like_and_waits_for_the_warm_up() -
     for _ in range(3):
         _trial(study, 16, fast, optuna.trial.TrialState.COMPLETE)
     pruner = LikeForLikeMedianPruner(n_startup_trials=3, n_warmup_steps=8)
+    pruner.REFRESH = 0.0  # read the finished trials on every call (a study rereads every 2 s)
     slow = [0.2 + 0.03 * e for e in range(10)]  # batch 128: slower per epoch, still climbing
     trial = _running(study, 128, slow)
     assert not pruner.prune(study, trial)  # no batch-128 peers: Optuna's MedianPruner would prune it
@@ -82,3 +84,20 @@ def test_a_met_gate_stops_the_trials_still_running() -> None:
     assert not pruner.prune(study, running)
     _trial(study, 16, [0.95], optuna.trial.TrialState.COMPLETE)
     assert pruner.prune(study, running)
+
+
+def test_epochs_are_reported_only_where_the_pruner_can_use_them() -> None:
+    """Each report is a storage write: median reads from its warm-up on, none reads nothing
+    (with lanes it is still asked, to stop once another lane met the gate)."""
+    assert reporting("median", lanes=False) == (MEDIAN_WARMUP, MEDIAN_WARMUP)
+    assert reporting("median", lanes=True) == (MEDIAN_WARMUP, 0)
+    assert reporting("none", lanes=False) == (None, None)
+    assert reporting("none", lanes=True) == (None, 0)
+    assert reporting({"_target_": "optuna.pruners.ThresholdPruner"}, lanes=False) == (0, 0)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    for pruner, expected in (("median", set(range(MEDIAN_WARMUP, 12))), ("none", set()), ("hyperband", set(range(12)))):
+        trial = study.ask()
+        reporter = OptunaReporter(trial, None, *reporting(pruner, lanes=False))
+        for epoch in range(12):
+            reporter.report(0.5, epoch)
+        assert set(next(t for t in study.get_trials() if t.number == trial.number).intermediate_values) == expected
