@@ -77,7 +77,7 @@ def study_overheads(server: str, work: Path, overrides: list[str], n_trials: int
     storage = f"sqlite:///{work / 'optuna.db'}"
     args = [str(BIN / "mlops-tune"), *overrides, *mode, f"study.name={name}",
             f"study.n_trials={n_trials}", "study.sampler=random", "study.pruner=none", "gate.threshold=1.0",
-            "registry.promote=false", f"study.storage={storage}", f"tracking.uri={server}",
+            "registry.promote=false", "study.n_jobs=1", f"study.storage={storage}", f"tracking.uri={server}",
             f"tracking.experiment={name}"]
     started = time.perf_counter()
     proc = subprocess.run(args, cwd=work, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},

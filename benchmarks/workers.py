@@ -40,7 +40,7 @@ TARGET_ANN_SPEEDUP = 1.6
 def throughput(stores: dict[str, str], workdir: Path, overrides: list[str], n_trials: int, workers: int) -> float:
     study = f"bench-{uuid.uuid4().hex[:8]}"
     args = [str(BIN / "mlops-tune"), *overrides, f"study.name={study}", f"study.n_trials={n_trials}",
-            "gate.threshold=1.0", "study.sampler=random", "registry.promote=false",
+            "gate.threshold=1.0", "study.sampler=random", "registry.promote=false", "study.n_jobs=1",
             f"study.storage={stores['storage']}", f"tracking.uri={stores['tracking']}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     procs = [subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
