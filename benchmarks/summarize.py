@@ -45,6 +45,11 @@ def main() -> None:
             plain = outside.get("optuna tpe")
             rows.append(f"| time per trial outside training, mlops-tune (one at a time) / plain Optuna TPE | "
                         f"{outside['mlops-tune n_jobs=1']:.0f} ms / {plain:.0f} ms | <= 150 ms added |")
+        pace = ttt.get("trials_per_minute_median") or {}
+        if "mlops-tune" in pace and "mlops-tune n_jobs=1" in pace:
+            rows.append(f"| digits ANN trials/min, mlops-tune two lanes (`n_jobs=auto`) / one lane / plain Optuna "
+                        f"TPE | {pace['mlops-tune']:.1f} / {pace['mlops-tune n_jobs=1']:.1f} / "
+                        f"{pace.get('optuna tpe', float('nan')):.1f} | |")
         if ttt.get("start_up_seconds_median") is not None:
             rows.append(f"| mlops-tune start-up: process start to trial 0 (new stores) | "
                         f"{ttt['start_up_seconds_median']:.1f} s | |")

@@ -333,6 +333,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]], target: float) -> dict[str,
     return summary
 
 
+def pace(rs: list[dict[str, Any]]) -> float | None:
+    rates = [(len(r["curve"]) - 1) * 60 / (r["curve"][-1][0] - r["curve"][0][0])
+             for r in rs if len(r["curve"]) >= 4 and r["curve"][-1][0] > r["curve"][0][0]]
+    return round(statistics.median(rates), 1) if rates else None
+
+
 def merge() -> dict[str, Any]:
     files = sorted(SEED_DIR.glob("seed-*.json"))
     seeds = [json.loads(f.read_text()) for f in files]
@@ -364,6 +370,8 @@ def merge() -> dict[str, Any]:
         "at_lower_target": {"target": LOWER_TARGET, "summary": lower,
                             "median_time_ratio_vs_optuna_tpe": ratio("optuna tpe", lower),
                             "median_time_ratio_vs_kt_random": ratio("kt random", lower)},
+        # first to last finished trial of each run (4 trials or more), median over seeds
+        "trials_per_minute_median": {m: pace(rs) for m, rs in runs.items() if pace(rs) is not None},
         "start_up_seconds_median": round(statistics.median(r["start_up_seconds"] for r in ours), 2) if ours else None,
         # per trial, outside training and evaluation, one trial at a time (TPE's sampling included)
         "time_outside_training_ms_median": {"mlops-tune n_jobs=1": overhead("mlops-tune n_jobs=1"),
