@@ -150,7 +150,7 @@ class Study:
         if helpers is not None:
             helpers.release(self.name, context.experiment_id, context.parent_run_id, started_at=time.time())
             print(f"study '{self.name}': {self.n_jobs} trials at once ({self.n_jobs - 1} more process"
-                  f"{'es' if self.n_jobs > 2 else ''}; TensorFlow threads per process: "
+                  f"{'es' if self.n_jobs > 2 else ''}; TF threads per process: "
                   f"{os.environ.get('TF_NUM_INTRAOP_THREADS')} intra-op, "
                   f"{os.environ.get('TF_NUM_INTEROP_THREADS')} inter-op)", flush=True)
         try:

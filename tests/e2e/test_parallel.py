@@ -12,10 +12,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 
-from mlops_tune import threads
+from mlops_tune import attrs, threads
 from mlops_tune.study import judged
 from tests.conftest import BIN, ROOT, command_env, mlflow_runs
 
@@ -23,8 +24,11 @@ pytestmark = pytest.mark.slow
 
 
 def _env() -> dict[str, str]:
+    """The defaults: no n_jobs pinned, no TensorFlow thread counts (an in-process study earlier
+    in the test session set them in this process's environment; a user's are kept)."""
     env = command_env()
-    env.pop("MLOPS_TUNE_N_JOBS", None)
+    for key in ("MLOPS_TUNE_N_JOBS", *threads.TF_THREAD_VARS):
+        env.pop(key, None)
     return env
 
 
@@ -42,7 +46,7 @@ def test_two_lanes_train_at_once_under_one_parent_run_within_the_budget(workdir:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     intra = max(1, threads.cpu_count() // 2)
-    assert (f"2 trials at once (1 more process; TensorFlow threads per process: {intra} intra-op, 1 inter-op)"
+    assert (f"2 trials at once (1 more process; TF threads per process: {intra} intra-op, 1 inter-op)"
             in proc.stdout)
     trials = _trials(workdir)
     assert sum(judged(t) for t in trials) == 4  # the budget holds across the two processes
@@ -72,8 +76,12 @@ def test_a_gate_met_in_one_lane_stops_the_other_lanes_trial(workdir: Path) -> No
     assert optuna.trial.TrialState.RUNNING not in states
     assert len(trials) <= 4, states  # not the 10 of the budget
     stopped = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
-    # a trial still training when the gate was met stopped before its 30 epochs
-    assert all(max(t.intermediate_values) < 29 for t in stopped)
+    # a trial still training when the gate was met stopped before its 30 epochs, and says why
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    for trial in stopped:
+        assert trial.user_attrs[attrs.GATE_STOP] is True
+        assert len(client.get_metric_history(trial.user_attrs[attrs.RUN], "val_accuracy")) < 30
+    assert proc.stdout.count("(stopped: another trial met the gate)") == len(stopped)
     assert all(r.info.status == "FINISHED" for r in mlflow_runs(workdir))
     assert _lanes_left() == ""
 

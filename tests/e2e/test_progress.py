@@ -28,6 +28,8 @@ def test_the_main_job_prints_progress_and_no_library_noise(workdir: Path) -> Non
     env = command_env()
     env.pop("TF_CPP_MIN_LOG_LEVEL")
     env.pop("MLOPS_TUNE_N_JOBS")  # the real default: study.n_jobs=auto (its extra lane prints no noise either)
+    for key in threads.TF_THREAD_VARS:  # set in this process by in-process studies of other tests
+        env.pop(key, None)
     proc = subprocess.run([str(BIN / "mlops-tune")], cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode in (0, 1), proc.stderr
