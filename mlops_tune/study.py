@@ -51,7 +51,6 @@ class Study:
         ``lane`` > 0: this process is one of the study's extra trial lanes (``study.n_jobs``),
         started by the study's own process (:meth:`run_lane`)."""
         self.cfg = cfg
-        self.lane = lane
         self.helpers: HelperLanes | None = None
         self.name, self.threshold = str(cfg["study"]["name"]), float(cfg["gate"]["threshold"])
         if cfg["registry"]["promote"]:
@@ -153,13 +152,8 @@ class Study:
                   f"{'es' if self.n_jobs > 2 else ''}; TF threads per process: "
                   f"{os.environ.get('TF_NUM_INTRAOP_THREADS')} intra-op, "
                   f"{os.environ.get('TF_NUM_INTEROP_THREADS')} inter-op)", flush=True)
-        try:
-            in_lanes(self.runner.lanes, lambda stop: self._lane(study, context, started, stop),
-                     self.runner.interrupt)
-        except BaseException as exc:
-            if helpers is not None:
-                helpers.stop(exc)
-            raise
+        # a failure or a signal here reaches Study.run, which stops the other lanes
+        in_lanes(self.runner.lanes, lambda stop: self._lane(study, context, started, stop), self.runner.interrupt)
         if helpers is not None:
             self.helpers = None  # waited for: nothing left to stop
             helpers.wait()
