@@ -336,6 +336,32 @@ def load_splits(data_cfg: Mapping[str, Any], seed: int) -> Splits:
     return replace(splits, fingerprint=fingerprint(dataset))
 
 
+def save_splits(splits: Splits, path: str) -> None:
+    """Write ``splits`` to ``path`` (a ``.npz``) for :func:`read_splits` in another process of the
+    same study: a study's extra lanes take the arrays its own process loaded and checked."""
+    import json
+
+    meta = {"classes": [str(c) for c in splits.classes], "feature_names": splits.feature_names,
+            "image_shape": list(splits.image_shape) if splits.image_shape else None,
+            "dataset_name": splits.dataset_name, "fingerprint": splits.fingerprint}
+    arrays = {name: getattr(splits, name) for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+    with open(path, "wb") as out:
+        np.savez(out, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def read_splits(path: str) -> Splits:
+    """The splits :func:`save_splits` wrote (no loader runs: no scikit-learn import, no re-split)."""
+    import json
+
+    with np.load(path, allow_pickle=False) as stored:
+        meta = json.loads(str(stored["meta"]))
+        arrays = {name: stored[name] for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+    shape = meta["image_shape"]
+    return Splits(**arrays, classes=list(meta["classes"]), feature_names=meta["feature_names"],
+                  image_shape=(int(shape[0]), int(shape[1]), int(shape[2])) if shape else None,
+                  dataset_name=str(meta["dataset_name"]), fingerprint=str(meta["fingerprint"]))
+
+
 def fingerprint(dataset: Dataset) -> str:
     """A digest of the loaded samples, labels and class names (not of the file: a CSV saved
     again with the same rows is the same data; one row changed is other data)."""

@@ -34,14 +34,23 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(spec_path: str, lane: int) -> int:
+    from mlops_tune import tracking
+    from mlops_tune.data import read_splits
+    from mlops_tune.families import get_family
     from mlops_tune.logs import quiet_libraries, set_verbose
-    from mlops_tune.study import Study, wait_for_release
+    from mlops_tune.study import HelperLanes, Study, wait_for_release
 
     cfg = json.loads(Path(spec_path).read_text())["cfg"]
     set_verbose(bool(cfg.get("verbose")))
     quiet_libraries()
-    study = Study(cfg, lane=lane)  # the data, the checks
-    study.family.preload()  # the framework, while the study opens its stores
+    # imports first, while the study checks the config and loads the data (this lane's
+    # critical path is CPU: the framework and MLflow's store take most of it)
+    get_family(cfg["model"]["family"]).preload()
+    tracking.preload(str(cfg["tracking"]["uri"]))
+    checked = wait_for_release(spec_path, what=HelperLanes.CHECKED)
+    if checked is None:  # a check failed: the study says why and ends us
+        return 0
+    study = Study(cfg, lane=lane, splits=read_splits(str(checked["splits"])))
     ready = wait_for_release(spec_path)
     if ready is None:
         return 0

@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mlops_tune import attrs, claims, faults, gate, registry, report, stores, threads, tracking
-from mlops_tune.data import Splits, load_splits
+from mlops_tune.data import Splits, load_splits, save_splits
 from mlops_tune.errors import EnvironmentFault, StudyAborted, TrialFailed, UsageError, WorkerLost, first_line
 from mlops_tune.families import get_family
 from mlops_tune.optuna_setup import check_writable, make_pruner, make_sampler, make_storage
@@ -45,13 +45,32 @@ TAG_CONFIRM_OF = "mlops_tune.confirm_of"
 class Study:
     """One study of one base model; :meth:`run` is the whole loop."""
 
-    def __init__(self, cfg: Mapping[str, Any], lane: int = 0) -> None:
+    def __init__(self, cfg: Mapping[str, Any], lane: int = 0, splits: Splits | None = None) -> None:
         """Validate and prepare everything that can fail on bad input, writing nothing.
 
-        ``lane`` > 0: this process is one of the study's extra trial lanes (``study.n_jobs``),
-        started by the study's own process (:meth:`run_lane`)."""
+        With ``study.n_jobs`` > 1 the extra lanes' processes start first, so that they import
+        while this one checks; they are ended when a check fails, and :meth:`run` releases them.
+
+        ``lane`` > 0: this process is one of the study's extra trial lanes, started by the
+        study's own process (:meth:`run_lane`), with the ``splits`` that process loaded."""
         self.cfg = cfg
         self.helpers: HelperLanes | None = None
+        self.n_jobs = threads.resolve_n_jobs(cfg["study"]["n_jobs"], str(cfg["runner"]["name"]),
+                                             str(cfg["model"]["family"]), int(cfg["study"]["n_trials"]))
+        # TensorFlow's thread pools sized for the trials that share the cores (before it starts)
+        threads.limit_threads(self.n_jobs if self.n_jobs > 1 else int(cfg["runner"].get("workers") or 1))
+        if self.n_jobs > 1 and not lane:
+            self.helpers = HelperLanes(cfg, self.n_jobs - 1)
+        try:
+            self._check(cfg, lane, splits)
+        except BaseException as exc:
+            if self.helpers is not None:
+                self.helpers.stop(exc)
+            raise
+        if self.helpers is not None:
+            self.helpers.checked(self.splits)
+
+    def _check(self, cfg: Mapping[str, Any], lane: int, splits: Splits | None) -> None:
         self.name, self.threshold = str(cfg["study"]["name"]), float(cfg["gate"]["threshold"])
         if cfg["registry"]["promote"]:
             registry.check_name(cfg["registry"]["name"])
@@ -59,16 +78,13 @@ class Study:
         self.family = get_family(cfg["model"]["family"])
         self.gate = cfg["gate"]
         self.sampler = make_sampler(cfg["study"], self.space, int(cfg["seed"]), self.gate)
-        self.n_jobs = threads.resolve_n_jobs(cfg["study"]["n_jobs"], str(cfg["runner"]["name"]),
-                                             str(cfg["model"]["family"]), int(cfg["study"]["n_trials"]))
-        # TensorFlow's thread pools sized for the trials that share the cores (before it starts)
-        threads.limit_threads(self.n_jobs if self.n_jobs > 1 else int(cfg["runner"].get("workers") or 1))
         self.pruner = make_pruner(cfg["study"]["pruner"])
         if self.n_jobs > 1:  # a lane's trial in flight stops at its next epoch once another met the gate
             self.pruner = GateAwarePruner(self.pruner, self.gate)
-        if not lane:
+        if splits is None:
             print(f"study '{self.name}': loading data '{cfg['data']['name']}' ...", flush=True)
-        self.splits: Splits = load_splits(cfg["data"], int(cfg["seed"]))
+            splits = load_splits(cfg["data"], int(cfg["seed"]))
+        self.splits: Splits = splits
         # rejects e.g. a CNN on tabular data, or a base model too large for model.max_params, now
         self.family.check_data(cfg["model"], self.splits.as_input(self.family.input_kind))
         self.storage_url, self.tracking_uri = str(cfg["study"]["storage"]), str(cfg["tracking"]["uri"])
@@ -88,8 +104,6 @@ class Study:
 
     def run(self) -> StudyResult:
         """Run the study. Raises :class:`EnvironmentFault` when a store or the disk fails meanwhile."""
-        # the extra lanes import and load while this process opens the stores
-        self.helpers = HelperLanes(self.cfg, self.n_jobs - 1) if self.n_jobs > 1 else None
         try:
             print(f"study '{self.name}': opening the stores (Optuna {redact_text(self.storage_url)}, "
                   f"MLflow {redact_text(self.tracking_uri)}) ...", flush=True)
@@ -305,14 +319,15 @@ class HelperLanes:
     processes on the same storage and parent run, as scale-out workers are, started by the
     study's process and ended with it (a signal it gets is passed on; they die with it).
 
-    They start before the study opens its stores, import and load what they need meanwhile,
-    and wait until :meth:`release` names the study and its parent run. The config travels in
-    a file only this user can read; the passwords moved out of the URLs into the environment
+    They start before the study checks its config and data, import what they need meanwhile,
+    take the checked data from :meth:`checked` (written by the study, not loaded again) and wait
+    until :meth:`release` names the study and its parent run. The config travels in a file only
+    this user can read; the passwords moved out of the URLs into the environment
     (``mlops_tune.secrets``) reach the lanes through it."""
 
     #: seconds a stopped lane has to close its runs before it is killed
     STOP_GRACE = 20
-    SPEC, READY = "lane.json", "ready.json"
+    SPEC, CHECKED, SPLITS, READY = "lane.json", "checked.json", "splits.npz", "ready.json"
 
     def __init__(self, cfg: Mapping[str, Any], n: int) -> None:
         import subprocess
@@ -339,6 +354,12 @@ class HelperLanes:
         with open(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
             json.dump(content, out)
         os.replace(staging, path)
+
+    def checked(self, splits: Splits) -> None:
+        """The config and the data passed every check: the lanes may build their study on ``splits``."""
+        path = os.path.join(self.folder, self.SPLITS)
+        save_splits(splits, path)
+        self._write(os.path.join(self.folder, self.CHECKED), {"splits": path})
 
     def release(self, study_name: str, experiment_id: str, parent_run_id: str, started_at: float) -> None:
         """The stores are open and the parent run exists: the lanes start taking trials."""
@@ -386,11 +407,12 @@ class HelperLanes:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def wait_for_release(spec: str, poll: float = 0.05) -> dict[str, Any] | None:
-    """In a lane: the study's :meth:`HelperLanes.release` (None when the study is gone)."""
+def wait_for_release(spec: str, poll: float = 0.05, what: str = HelperLanes.READY) -> dict[str, Any] | None:
+    """In a lane: the study's :meth:`HelperLanes.release` (with ``what=HelperLanes.CHECKED``: its
+    :meth:`HelperLanes.checked`); None when the study is gone."""
     import json
 
-    ready = os.path.join(os.path.dirname(spec), HelperLanes.READY)
+    ready = os.path.join(os.path.dirname(spec), what)
     while not os.path.exists(ready):
         if not os.path.exists(spec):  # the study cleaned up without releasing us
             return None

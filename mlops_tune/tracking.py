@@ -81,6 +81,19 @@ def connect(uri: str, experiment: str) -> str:
     return experiment_id
 
 
+def preload(uri: str) -> None:
+    """Import what :func:`connect` and the runs will need for ``uri`` (some 3 s here), touching
+    no store: a study's extra lane does while the study checks its config and data."""
+    import importlib
+
+    import mlflow  # noqa: F401
+
+    scheme = urlsplit(uri).scheme.split("+", 1)[0] or "file"
+    store = {"http": "rest_store", "https": "rest_store", "file": "file_store"}.get(scheme, "sqlalchemy_store")
+    with contextlib.suppress(ImportError):  # only a head start: connect imports what it needs anyway
+        importlib.import_module(f"mlflow.store.tracking.{store}")
+
+
 def template_folder() -> Path:
     """Where migrated, empty MLflow SQLite stores are kept (one per MLflow version)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

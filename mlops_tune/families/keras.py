@@ -60,8 +60,11 @@ class _KerasFamily(Family):
     image = "keras"
 
     def preload(self) -> None:
-        """Import TensorFlow and Keras now (some 5 s here)."""
+        """Import TensorFlow and Keras now (some 5 s here), and MLflow's Keras flavour (the
+        first logged model's import)."""
         _keras()
+        import mlflow.keras  # noqa: F401
+
     keys: ClassVar[frozenset[str]] = frozenset({
         "name", "family", "hidden_units", "activation", "dropout", "optimizer",
         "learning_rate", "batch_size", "epochs", "early_stopping_patience",

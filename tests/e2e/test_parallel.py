@@ -86,6 +86,19 @@ def test_a_gate_met_in_one_lane_stops_the_other_lanes_trial(workdir: Path) -> No
     assert _lanes_left() == ""
 
 
+def test_a_check_that_fails_ends_the_lanes_started_before_it(workdir: Path) -> None:
+    """The lanes start before the config and data are checked (they import meanwhile): a bad
+    input is still one line and exit 2 from the study alone, with no lane left and nothing written."""
+    (workdir / "bad.csv").write_text("a,b,label\n1,2,x\n3,nan,y\n4,5,x\n6,7,y\n")
+    proc = subprocess.run([str(BIN / "mlops-tune"), "study.n_jobs=2", "data=csv", f"data.path={workdir / 'bad.csv'}",
+                           "data.target=label"], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing values in column(s) 'b'" in lines[0], lines
+    assert _lanes_left() == ""
+    assert not (workdir / "optuna.db").exists() and mlflow_runs(workdir) == []
+
+
 def test_sigterm_stops_every_lane_and_closes_their_runs(workdir: Path) -> None:
     proc = subprocess.Popen([str(BIN / "mlops-tune"), "study.n_jobs=2", "study.n_trials=10", "gate.threshold=0.999",
                              "study.pruner=none"], cwd=workdir, env=_env(), stdout=subprocess.PIPE,

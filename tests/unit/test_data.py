@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops_tune.data import load_csv, load_keras, load_npz, load_sklearn, load_splits, split
+from mlops_tune.data import load_csv, load_keras, load_npz, load_sklearn, load_splits, read_splits, save_splits, split
 from mlops_tune.errors import UsageError
 
 
@@ -131,3 +131,20 @@ def test_split_rejects_one_class_and_too_few_samples() -> None:
     few = Dataset(x=np.zeros((6, 2), np.float32), y=np.array([0, 1] * 3), classes=["a", "b"])
     with pytest.raises(UsageError, match="too few"):
         split(few, 0.2, 0.2, 0)
+
+
+@pytest.mark.parametrize("name", ["digits", "wine"])
+def test_splits_saved_for_a_lane_read_back_equal(name: str, tmp_path: Path) -> None:
+    """A study's extra lanes take the splits its process checked: every array, label and field alike."""
+    splits = load_splits({"name": name, "loader": "sklearn", "dataset": name, "val_size": 0.2, "test_size": 0.2,
+                          **({"image_shape": [8, 8, 1]} if name == "digits" else {})}, seed=3)
+    save_splits(splits, str(tmp_path / "splits.npz"))
+    back = read_splits(str(tmp_path / "splits.npz"))
+    for field in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(splits, field))
+        assert getattr(back, field).dtype == getattr(splits, field).dtype
+    assert (back.classes, back.feature_names, back.image_shape, back.dataset_name, back.fingerprint) == (
+        splits.classes, splits.feature_names, splits.image_shape, splits.dataset_name, splits.fingerprint)
+    assert back.fingerprint  # a loaded dataset has one
+    if name == "digits":  # the CNN's view of them too
+        np.testing.assert_array_equal(back.as_input("image").x_val, splits.as_input("image").x_val)
