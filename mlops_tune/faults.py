@@ -155,10 +155,20 @@ ATOMIC_MODULES = ("sqlalchemy", "sqlite3", "alembic", "psycopg2", "mlflow.store"
 MAX_DEFERRALS = 250
 
 
+#: where Python prints an exception and goes on ("Exception ignored in ..."): a finalizer, and
+#: the weak-reference callbacks the garbage collector runs wherever the code happens to be
+SWALLOWING = ("__del__",)
+SWALLOWING_FILES = ("weakref.py", "_weakrefset.py")
+
+
 def in_atomic_code(frame: Any) -> bool:
-    """Whether ``frame`` or a caller of it runs in one of :data:`ATOMIC_MODULES`."""
+    """Whether ``frame`` or a caller of it runs in one of :data:`ATOMIC_MODULES`, or in code
+    whose exceptions Python ignores (:data:`SWALLOWING`: a signal raised there would be lost,
+    and the process would go on with SIGTERM ignored)."""
     while frame is not None:
-        if str(frame.f_globals.get("__name__", "")).startswith(ATOMIC_MODULES):
+        code = frame.f_code
+        if (str(frame.f_globals.get("__name__", "")).startswith(ATOMIC_MODULES) or code.co_name in SWALLOWING
+                or code.co_filename.endswith(SWALLOWING_FILES)):
             return True
         frame = frame.f_back
     return False

@@ -74,3 +74,32 @@ def test_a_signal_outside_store_code_is_raised_at_once(handlers: None) -> None:
     assert time.perf_counter() - started < 2
     # the first signal ignores the next ones: closing runs is not cut short
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def test_a_signal_inside_a_weakref_callback_is_not_lost(handlers: None) -> None:
+    """The garbage collector runs weak-reference callbacks wherever the code is; an exception
+    raised in one is printed and dropped ("Exception ignored in ..."). A SIGTERM landing there
+    was lost, and as the handler then ignores further signals, a study's lane trained on after
+    SIGTERM until it was killed (its trial's run left RUNNING)."""
+    import weakref
+
+    class Thing:
+        pass
+
+    def callback(_ref: object) -> None:  # stands for weakref.py's own callbacks
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.perf_counter() + 0.2
+        while time.perf_counter() < deadline:  # the handler runs here, inside the callback
+            sum(range(100))
+
+    callback.__code__ = callback.__code__.replace(co_filename=weakref.__file__)
+    faults.install_signal_handlers()
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    started = time.perf_counter()
+    with pytest.raises(faults.Stopped) as stopped:
+        del thing  # the callback runs; the signal is put off until it has returned
+        while time.perf_counter() - started < 5:
+            sum(range(1000))
+    assert stopped.value.exit_code == 143
+    assert ref() is None and time.perf_counter() - started < 2
