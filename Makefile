@@ -63,4 +63,4 @@ base-image:
 	docker/base-image.sh mlops-tune-base:bookworm
 
 clean:
-	rm -rf outputs multirun mlruns mlflow.db optuna.db mlflow.db.lock optuna.db.lock
+	rm -rf outputs multirun mlruns mlflow.db optuna.db mlflow.db.lock optuna.db.lock mlflow.db-wal mlflow.db-shm optuna.db-wal optuna.db-shm

@@ -28,6 +28,7 @@ from mlops_tune.errors import UsageError, first_line
 from mlops_tune.mutate import MutationSampler
 from mlops_tune.search import SearchSpace
 from mlops_tune.secrets import redact
+from mlops_tune.stores import write_ahead_sqlite
 
 
 def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
@@ -44,6 +45,7 @@ def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
             return JournalStorage(JournalFileBackend(claims.journal_path(url)))
+        write_ahead_sqlite()
         with locks.sqlite_schema(url):  # processes starting together on a new file
             return _open_rdb(url, study_cfg)
     except Exception as exc:

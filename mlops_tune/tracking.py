@@ -23,7 +23,7 @@ from mlops_tune.errors import UsageError, first_line
 from mlops_tune.faults import classify
 from mlops_tune.logs import quiet_libraries
 from mlops_tune.secrets import redact, redact_config, redact_text
-from mlops_tune.stores import check_reachable, configure_http, fail_fast
+from mlops_tune.stores import check_reachable, configure_http, fail_fast, write_ahead_sqlite
 
 TAG_STUDY = "mlops_tune.study"
 TAG_GATE = "mlops_tune.gate"
@@ -55,6 +55,7 @@ def connect(uri: str, experiment: str) -> str:
     quiet_libraries()
     configure_http()
     check_reachable(uri)
+    write_ahead_sqlite()
     # where `mlflow run` created its Project run (set_tracking_uri overwrites the variable)
     project_store = os.environ.get("MLFLOW_TRACKING_URI", "")
     mlflow.set_tracking_uri(uri)
@@ -150,9 +151,11 @@ def _template() -> Path:
     try:
         store = SqlAlchemyStore(f"sqlite:///{staging}", str(folder / "mlruns"))
         store.engine.dispose()
-        with contextlib.closing(sqlite3.connect(staging)) as conn, conn:
-            conn.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
-            conn.execute("DELETE FROM experiments WHERE experiment_id = 0")
+        with contextlib.closing(sqlite3.connect(staging)) as conn:
+            with conn:
+                conn.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
+                conn.execute("DELETE FROM experiments WHERE experiment_id = 0")
+            conn.execute("PRAGMA journal_mode=DELETE")  # the file alone holds it all: safe to copy
         os.replace(staging, template)
     finally:
         with contextlib.suppress(OSError):
