@@ -45,7 +45,8 @@ def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
             return JournalStorage(JournalFileBackend(claims.journal_path(url)))
-        write_ahead_sqlite()
+        if url.startswith("sqlite:"):
+            write_ahead_sqlite()
         with locks.sqlite_schema(url):  # processes starting together on a new file
             return _open_rdb(url, study_cfg)
     except Exception as exc:

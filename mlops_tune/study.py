@@ -63,12 +63,12 @@ class Study:
             self.helpers = HelperLanes(cfg, self.n_jobs - 1)
         try:
             self._check(cfg, lane, splits)
+            if self.helpers is not None:
+                self.helpers.checked(self.splits)
         except BaseException as exc:
             if self.helpers is not None:
                 self.helpers.stop(exc)
             raise
-        if self.helpers is not None:
-            self.helpers.checked(self.splits)
 
     def _check(self, cfg: Mapping[str, Any], lane: int, splits: Splits | None) -> None:
         self.name, self.threshold = str(cfg["study"]["name"]), float(cfg["gate"]["threshold"])

@@ -55,7 +55,8 @@ def connect(uri: str, experiment: str) -> str:
     quiet_libraries()
     configure_http()
     check_reachable(uri)
-    write_ahead_sqlite()
+    if uri.startswith("sqlite:"):
+        write_ahead_sqlite()
     # where `mlflow run` created its Project run (set_tracking_uri overwrites the variable)
     project_store = os.environ.get("MLFLOW_TRACKING_URI", "")
     mlflow.set_tracking_uri(uri)
