@@ -336,6 +336,10 @@ def load_splits(data_cfg: Mapping[str, Any], seed: int) -> Splits:
     return replace(splits, fingerprint=fingerprint(dataset))
 
 
+#: the arrays of a :class:`Splits`, as :func:`save_splits` stores them
+_SPLIT_ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
 def save_splits(splits: Splits, path: str) -> None:
     """Write ``splits`` to ``path`` (a ``.npz``) for :func:`read_splits` in another process of the
     same study: a study's extra lanes take the arrays its own process loaded and checked."""
@@ -344,7 +348,7 @@ def save_splits(splits: Splits, path: str) -> None:
     meta = {"classes": [str(c) for c in splits.classes], "feature_names": splits.feature_names,
             "image_shape": list(splits.image_shape) if splits.image_shape else None,
             "dataset_name": splits.dataset_name, "fingerprint": splits.fingerprint}
-    arrays = {name: getattr(splits, name) for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+    arrays = {name: getattr(splits, name) for name in _SPLIT_ARRAYS}
     with open(path, "wb") as out:
         np.savez(out, meta=np.array(json.dumps(meta)), **arrays)
 
@@ -355,7 +359,7 @@ def read_splits(path: str) -> Splits:
 
     with np.load(path, allow_pickle=False) as stored:
         meta = json.loads(str(stored["meta"]))
-        arrays = {name: stored[name] for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        arrays = {name: stored[name] for name in _SPLIT_ARRAYS}
     shape = meta["image_shape"]
     return Splits(**arrays, classes=list(meta["classes"]), feature_names=meta["feature_names"],
                   image_shape=(int(shape[0]), int(shape[1]), int(shape[2])) if shape else None,

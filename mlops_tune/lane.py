@@ -38,7 +38,7 @@ def _run(spec_path: str, lane: int) -> int:
     from mlops_tune.data import read_splits
     from mlops_tune.families import get_family
     from mlops_tune.logs import quiet_libraries, set_verbose
-    from mlops_tune.study import HelperLanes, Study, wait_for_release
+    from mlops_tune.study import HelperLanes, Study, wait_for_study
 
     cfg = json.loads(Path(spec_path).read_text())["cfg"]
     set_verbose(bool(cfg.get("verbose")))
@@ -47,11 +47,11 @@ def _run(spec_path: str, lane: int) -> int:
     # critical path is CPU: the framework and MLflow's store take most of it)
     get_family(cfg["model"]["family"]).preload()
     tracking.preload(str(cfg["tracking"]["uri"]))
-    checked = wait_for_release(spec_path, what=HelperLanes.CHECKED)
+    checked = wait_for_study(spec_path, HelperLanes.CHECKED)
     if checked is None:  # a check failed: the study says why and ends us
         return 0
     study = Study(cfg, lane=lane, splits=read_splits(str(checked["splits"])))
-    ready = wait_for_release(spec_path)
+    ready = wait_for_study(spec_path)
     if ready is None:
         return 0
     study.name = str(ready["name"])

@@ -45,8 +45,7 @@ def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
             return JournalStorage(JournalFileBackend(claims.journal_path(url)))
-        if url.startswith("sqlite:"):
-            write_ahead_sqlite()
+        write_ahead_sqlite(url)
         with locks.sqlite_schema(url):  # processes starting together on a new file
             return _open_rdb(url, study_cfg)
     except Exception as exc:

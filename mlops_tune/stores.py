@@ -110,9 +110,10 @@ _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs"
 _wal_installed = False
 
 
-def write_ahead_sqlite() -> None:
-    """SQLite files this process opens through SQLAlchemy (MLflow's store, Optuna's storage, the
-    budget claims) use a write-ahead log with ``synchronous=NORMAL``.
+def write_ahead_sqlite(url: str) -> None:
+    """With ``url`` a SQLite URL: the SQLite files this process opens through SQLAlchemy
+    (MLflow's store, Optuna's storage, the budget claims) use a write-ahead log with
+    ``synchronous=NORMAL``.
 
     A trial makes some 40 small transactions (run, params, attributes, the Optuna trial); in
     SQLite's default rollback journal each one waits for two fsyncs, and readers wait for
@@ -121,7 +122,7 @@ def write_ahead_sqlite() -> None:
     Files on network file systems keep their mode (WAL needs one host); ``MLOPS_TUNE_SQLITE_WAL=0``
     turns this off. Idempotent."""
     global _wal_installed
-    if _wal_installed or os.environ.get(WAL_SWITCH, "1") == "0":
+    if _wal_installed or not url.startswith("sqlite:") or os.environ.get(WAL_SWITCH, "1") == "0":
         return
     import sqlite3
 

@@ -62,7 +62,7 @@ class Study:
         if self.n_jobs > 1 and not lane:
             self.helpers = HelperLanes(cfg, self.n_jobs - 1)
         try:
-            self._check(cfg, lane, splits)
+            self._check(cfg, splits)
             if self.helpers is not None:
                 self.helpers.checked(self.splits)
         except BaseException as exc:
@@ -70,7 +70,7 @@ class Study:
                 self.helpers.stop(exc)
             raise
 
-    def _check(self, cfg: Mapping[str, Any], lane: int, splits: Splits | None) -> None:
+    def _check(self, cfg: Mapping[str, Any], splits: Splits | None) -> None:
         self.name, self.threshold = str(cfg["study"]["name"]), float(cfg["gate"]["threshold"])
         if cfg["registry"]["promote"]:
             registry.check_name(cfg["registry"]["name"])
@@ -407,8 +407,8 @@ class HelperLanes:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def wait_for_release(spec: str, poll: float = 0.05, what: str = HelperLanes.READY) -> dict[str, Any] | None:
-    """In a lane: the study's :meth:`HelperLanes.release` (with ``what=HelperLanes.CHECKED``: its
+def wait_for_study(spec: str, what: str = HelperLanes.READY, poll: float = 0.05) -> dict[str, Any] | None:
+    """In a lane: the study's :meth:`HelperLanes.release` (``what=HelperLanes.CHECKED``: its
     :meth:`HelperLanes.checked`); None when the study is gone."""
     import json
 

@@ -55,8 +55,7 @@ def connect(uri: str, experiment: str) -> str:
     quiet_libraries()
     configure_http()
     check_reachable(uri)
-    if uri.startswith("sqlite:"):
-        write_ahead_sqlite()
+    write_ahead_sqlite(uri)
     # where `mlflow run` created its Project run (set_tracking_uri overwrites the variable)
     project_store = os.environ.get("MLFLOW_TRACKING_URI", "")
     mlflow.set_tracking_uri(uri)
