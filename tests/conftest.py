@@ -68,7 +68,9 @@ def workdir(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPat
 
 
 def command_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+    # not the experiment an in-process test left behind (mlflow.set_experiment sets
+    # MLFLOW_EXPERIMENT_ID; `mlflow run --experiment-name` then refuses both)
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_EXPERIMENT_ID"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     env.update(extra)
