@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import optuna
 import pytest
@@ -101,3 +102,63 @@ def test_epochs_are_reported_only_where_the_pruner_can_use_them() -> None:
         for epoch in range(12):
             reporter.report(0.5, epoch)
         assert set(next(t for t in study.get_trials() if t.number == trial.number).intermediate_values) == expected
+
+
+def _intermediate(study: optuna.Study, number: int) -> dict[int, float]:
+    return next(t for t in study.get_trials() if t.number == number).intermediate_values
+
+
+def test_a_background_reporter_writes_what_an_inline_one_writes() -> None:
+    """The reports leave the training's path, not the storage: close() has them all written."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    values = [0.1 * (epoch % 7) for epoch in range(20)]
+    written = {}
+    for background in (False, True):
+        trial = study.ask()
+        reporter = OptunaReporter(trial, None, 5, 5, background=background)
+        for epoch, value in enumerate(values):
+            reporter.report(value, epoch)
+        reporter.close()
+        written[background] = _intermediate(study, trial.number)
+    assert written[True] == written[False] == {epoch: values[epoch] for epoch in range(5, 20)}
+
+
+def test_a_background_verdict_stops_the_next_epoch_and_writes_no_more() -> None:
+    """The pruner's word on epoch k stops the training at a later epoch's report, naming epoch k."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    trial = study.ask()
+    reporter = OptunaReporter(trial, None, 0, 0, background=True)
+    stopped_at = None
+    for epoch in range(200):
+        try:
+            reporter.report(0.9 if epoch < 3 else 0.1, epoch)  # below the threshold from epoch 3
+        except optuna.TrialPruned as exc:
+            stopped_at = epoch
+            assert "pruned at epoch 3 with val_accuracy=0.1000" in str(exc)
+            break
+        time.sleep(0.01)
+    reporter.close()
+    assert stopped_at is not None and stopped_at > 3
+    assert sorted(_intermediate(study, trial.number)) == [0, 1, 2, 3]  # none after the verdict
+
+
+def test_a_verdict_after_the_last_epoch_leaves_the_trial_complete() -> None:
+    """A trial that trained to its end keeps its value: close() does not prune it."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    trial = study.ask()
+    reporter = OptunaReporter(trial, None, 0, 0, background=True)
+    reporter.report(0.1, 0)
+    reporter.close()  # no TrialPruned
+    assert _intermediate(study, trial.number) == {0: 0.1}
+
+
+def test_a_storage_error_in_the_background_reaches_the_training_thread() -> None:
+    """A write the storage refuses is raised by close() (or the next report), not lost."""
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    study.tell(trial, 0.5)  # a finished trial: the storage refuses intermediate values
+    reporter = OptunaReporter(trial, None, 0, 0, background=True)
+    reporter.report(0.7, 0)
+    with pytest.raises(RuntimeError, match="finished"):
+        reporter.close()
+    reporter.close()  # raised once
