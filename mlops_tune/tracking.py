@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -373,6 +374,37 @@ def log_to(run_id: str, metrics: Mapping[str, float], series: Mapping[str, Seque
     rows += [Metric(key, float(value), now, step) for key, values in (series or {}).items()
              for step, value in enumerate(values) if math.isfinite(value)]
     mlflow.MlflowClient().log_batch(run_id, metrics=rows)
+
+
+_warming: list[threading.Thread] = []
+
+
+def warm_model_logging() -> None:
+    """Once per process, in a thread: do now what MLflow's first ``log_model`` would.
+
+    It checks the requirements a model is logged with against the installed packages, and to
+    do so maps every installed distribution to its modules once per process: 1.2 s here, on
+    the first trial that logs a model (a study's first trial always does). Started while a
+    Keras model trains (its epochs run outside Python's lock), it costs that trial nothing;
+    :func:`wait_model_logging` waits for it before a model is logged, so it is never done twice.
+    """
+    if _warming:
+        return
+
+    def work() -> None:
+        with contextlib.suppress(Exception):  # MLflow's own helper: if it moved, log_model does it
+            from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+
+            _init_packages_to_modules_map()
+
+    _warming.append(threading.Thread(target=work, name="mlops-tune-warm-mlflow", daemon=True))
+    _warming[0].start()
+
+
+def wait_model_logging() -> None:
+    """Wait for :func:`warm_model_logging`, if it was started."""
+    for thread in _warming:
+        thread.join()
 
 
 def log_config(cfg: Mapping[str, Any], artifact: str = "config.yaml") -> None:

@@ -192,6 +192,8 @@ def run_trial(
     reporting = [0.0]
 
     def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
+        if epoch == 1:  # a model that trains for epochs: its later ones leave Python's lock free
+            tracking.warm_model_logging()
         if len(history) <= epoch:
             history.append(dict(metrics))
         if reporter is not None:
@@ -244,7 +246,10 @@ def run_trial(
                        "n_params": float(n_params), "epochs": float(len(fit.history))}
             if test_accuracy is not None:
                 metrics["test_accuracy"] = test_accuracy
-            model_uri = family.log_model(fit.model, inputs, "model") if should_log_model(val_accuracy) else None
+            model_uri = None
+            if should_log_model(val_accuracy):
+                tracking.wait_model_logging()
+                model_uri = family.log_model(fit.model, inputs, "model")
             tracking.log_batch(
                 metrics=metrics, history=history,
                 tags={tracking.TAG_STATE: "COMPLETE", **({tracking.TAG_MODEL_URI: model_uri} if model_uri else {})},

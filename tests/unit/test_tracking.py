@@ -120,3 +120,25 @@ def test_a_broken_template_leaves_the_new_store_to_mlflow(tmp_path: Path, monkey
             assert conn.execute("SELECT COUNT(*) FROM experiments").fetchone() == (0,)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_model_logging_is_warmed_once_in_a_thread_of_its_own() -> None:
+    """What MLflow's first log_model does once per process (map the installed distributions to
+    their modules) is done by warm_model_logging, in a fresh process, and only once."""
+    import subprocess
+    import sys
+
+    script = (
+        "import threading\n"
+        "from mlflow.utils import requirements_utils as r\n"
+        "from mlops_tune import tracking\n"
+        "assert r._MODULES_TO_PACKAGES is None\n"
+        "tracking.warm_model_logging(); tracking.warm_model_logging()\n"
+        "assert [t.name for t in threading.enumerate()].count('mlops-tune-warm-mlflow') <= 1\n"
+        "tracking.wait_model_logging()\n"
+        "assert r._MODULES_TO_PACKAGES and r._PACKAGES_TO_MODULES['mlflow'] == 'mlflow'\n"
+        "print('warm')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "warm"
