@@ -53,11 +53,15 @@ sys.path.insert(0, str(ROOT))
 RESULTS = HERE / "results"
 SEED_DIR = RESULTS / "time_to_target"
 
-#: reached on every seed 0-4 by plain Optuna TPE and mlops-tune within 20 trials (the per-seed
-#: best of every method is in the results; 0.98 was out of reach on some splits for everyone)
-TARGET = 0.975
-#: also reported, from the same runs: the highest target every seed's split allows comfortably
-LOWER_TARGET = 0.97
+#: chosen on the data, not guessed: in the run of 2026-11-27 (target 0.975, 8 methods x 20 trials
+#: per seed) the best any method reached per seed was 0.975, 0.986, 0.983, 0.981 and 0.969
+#: (seed 4: nobody reached 0.975). The lowest, seed 4's 0.969 (349 of 360 validation samples),
+#: less one sample of margin: 0.965 (348 of 360). Plain Optuna TPE, mlops-tune's mutation
+#: sampler and pruner=none reached it on every seed; Keras Tuner RandomSearch on 4 (0.964 on
+#: seed 4). ``ceilings`` in the results re-checks it on each run.
+TARGET = 0.965
+#: also reported, read off the same runs' curves: a lower target (a run stops at TARGET)
+LOWER_TARGET = 0.96
 BUDGET = 20
 SEEDS = 5
 DATA = {"name": "digits", "loader": "sklearn", "dataset": "digits", "val_size": 0.2, "test_size": 0.2}
@@ -364,6 +368,8 @@ def merge() -> dict[str, Any]:
         "date": max((s["date"] for s in seeds), default=None), "machine": {"cpus": os.cpu_count()},
         "target_reached_by_some_method": {s["seed"]: any(r["reached"] for r in s["methods"].values())
                                           for s in seeds},
+        # per seed: the best val_accuracy any method reached before it stopped (at the target)
+        "ceilings": {s["seed"]: round(max(r["best"] for r in s["methods"].values()), 4) for s in seeds},
         "summary": summary,
         "median_time_ratio_vs_optuna_tpe": ratio("optuna tpe"),
         "median_time_ratio_vs_kt_random": ratio("kt random"),
