@@ -50,8 +50,9 @@ class OptunaReporter:
     and asks while the next epoch trains, and the pruner's "stop" is acted on at the next
     epoch's report (one epoch later than in line: some 40 ms of a small Keras model). A
     storage error met there is raised on the training thread at the next report, or by
-    :meth:`close`. :meth:`close` waits for what was handed over; a verdict that comes after
-    the last epoch leaves the trial complete (it trained to the end: its value is real)."""
+    :meth:`close`, which waits for what was handed over. A "stop" on the last epoch (the only
+    one of a scikit-learn trial) is raised by :meth:`raise_verdict` once training returned:
+    the decisions are the ones made in line."""
 
     def __init__(self, trial: Any, on_report: Callable[[float, int], None] | None = None,
                  report_from: int | None = 0, ask_from: int | None = 0, background: bool = False) -> None:
@@ -90,6 +91,11 @@ class OptunaReporter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def raise_verdict(self) -> None:
+        """After :meth:`close`: raise ``TrialPruned`` if the pruner said stop (on the last epoch)."""
+        if self._verdict is not None:
+            raise TrialPruned(self._verdict)
 
     def _judge(self, value: float, step: int, writes: bool, asks: bool) -> str | None:
         if writes:
@@ -226,6 +232,8 @@ def run_trial(
             finally:
                 if isinstance(reporter, OptunaReporter):
                     reporter.close()  # may raise a storage error met by its thread
+            if isinstance(reporter, OptunaReporter):
+                reporter.raise_verdict()  # a stop on the last epoch, decided beside the training
         except TrialPruned as exc:
             tracking.log_batch(history=history, tags={tracking.TAG_STATE: "PRUNED"})
             pruned = exc

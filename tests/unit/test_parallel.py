@@ -142,14 +142,20 @@ def test_a_background_verdict_stops_the_next_epoch_and_writes_no_more() -> None:
     assert sorted(_intermediate(study, trial.number)) == [0, 1, 2, 3]  # none after the verdict
 
 
-def test_a_verdict_after_the_last_epoch_leaves_the_trial_complete() -> None:
-    """A trial that trained to its end keeps its value: close() does not prune it."""
+def test_a_verdict_on_the_last_epoch_is_raised_once_training_returned() -> None:
+    """A one-epoch (scikit-learn) trial is pruned as in line: close() waits, raise_verdict() stops it."""
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
-    trial = study.ask()
-    reporter = OptunaReporter(trial, None, 0, 0, background=True)
-    reporter.report(0.1, 0)
-    reporter.close()  # no TrialPruned
-    assert _intermediate(study, trial.number) == {0: 0.1}
+    for value, pruned in ((0.1, True), (0.9, False)):
+        trial = study.ask()
+        reporter = OptunaReporter(trial, None, 0, 0, background=True)
+        reporter.report(value, 0)  # returns at once: the verdict is the thread's
+        reporter.close()
+        if pruned:
+            with pytest.raises(optuna.TrialPruned, match=r"pruned at epoch 0 with val_accuracy=0\.1000"):
+                reporter.raise_verdict()
+        else:
+            reporter.raise_verdict()
+        assert _intermediate(study, trial.number) == {0: value}
 
 
 def test_a_storage_error_in_the_background_reaches_the_training_thread() -> None:
