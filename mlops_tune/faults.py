@@ -174,10 +174,31 @@ def in_atomic_code(frame: Any) -> bool:
     return False
 
 
+#: the signal of a stop already raised (see :func:`check_stopped`)
+_stopped: list[int] = []
+
+
+def check_stopped() -> None:
+    """Raise :class:`Stopped` again where work would go on after a stop signal (an epoch's end,
+    a lane's next trial). Its first raise was lost: some code dropped it (a bare ``except``,
+    a callback whose errors Python ignores), and SIGTERM is ignored since, so the process
+    would train on until it is killed, its runs left RUNNING. Call it only on forward paths,
+    never where a study unwinds."""
+    if _stopped:
+        raise Stopped(_stopped[0])
+
+
+def reset_stop() -> None:
+    """Forget a stop (a process that installs the handlers anew, tests)."""
+    _stopped.clear()
+
+
 def install_signal_handlers() -> None:
     """SIGTERM (Jenkins' abort, ``kill``) and SIGINT raise :class:`Stopped` in the main thread,
-    never inside a store call (see :data:`ATOMIC_MODULES`)."""
+    never inside a store call (see :data:`ATOMIC_MODULES`); :func:`check_stopped` raises it
+    again if that raise was lost."""
     deferred = [0]
+    reset_stop()
 
     def stop(signum: int, frame: Any) -> None:
         if deferred[0] < MAX_DEFERRALS and in_atomic_code(frame):
@@ -189,6 +210,7 @@ def install_signal_handlers() -> None:
         # a second signal while we close runs must not cut the closing short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _stopped.append(signum)
         raise Stopped(signum)
 
     signal.signal(signal.SIGTERM, stop)

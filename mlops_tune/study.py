@@ -208,6 +208,7 @@ class Study:
 
         # one trial per optimize(): every worker of the study stops at its next trial once the gate is met
         while not stop.is_set() and not gate_met(study, self.gate):
+            faults.check_stopped()  # a stop whose first raise was lost: no next trial
             if len(self.failures) >= limit:
                 raise StudyAborted(f"study '{self.name}' stopped after {limit} failed trials in a row "
                                    f"(last error: {self.failures[-1]})")

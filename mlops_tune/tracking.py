@@ -397,7 +397,9 @@ def warm_model_logging() -> None:
 
             _init_packages_to_modules_map()
 
-    _warming.append(threading.Thread(target=work, name="mlops-tune-warm-mlflow", daemon=True))
+    # not a daemon: the interpreter's exit waits for it (a second at most) rather than
+    # finalizing under a thread that is still inside C code
+    _warming.append(threading.Thread(target=work, name="mlops-tune-warm-mlflow"))
     _warming[0].start()
 
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 from optuna.exceptions import TrialPruned
 
-from mlops_tune import tracking
+from mlops_tune import faults, tracking
 from mlops_tune.data import Splits, load_splits
 from mlops_tune.families import get_family
 
@@ -66,6 +66,7 @@ class OptunaReporter:
         self._error: BaseException | None = None
 
     def report(self, value: float, step: int) -> None:
+        faults.check_stopped()  # a stop signal whose first raise was lost ends the training here
         if self.on_report is not None:
             self.on_report(value, step)
         self._raise_found()
@@ -78,7 +79,9 @@ class OptunaReporter:
             self._raise_found()
             return
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="mlops-tune-optuna-report", daemon=True)
+            # not a daemon: the interpreter must not finalize while it is inside the storage's C code
+            # (a SIGTERM'd study aborted at exit: "PyThreadState_Get ... the GIL is released")
+            self._thread = threading.Thread(target=self._work, name="mlops-tune-optuna-report")
             self._thread.start()
         self._queue.put((value, step, writes, asks))
 
@@ -112,7 +115,15 @@ class OptunaReporter:
             raise TrialPruned(self._verdict)
 
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if threading.main_thread().is_alive():
+                    continue
+                return  # never closed: do not hold the interpreter's exit
+            if item is None:
+                return
             if self._verdict is not None or self._error is not None:
                 continue  # decided: what is left goes unwritten, as in line
             try:

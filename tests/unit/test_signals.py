@@ -27,6 +27,7 @@ def handlers() -> Iterator[None]:
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+    faults.reset_stop()
 
 
 def _later(seconds: float, signum: int) -> None:
@@ -103,3 +104,29 @@ def test_a_signal_inside_a_weakref_callback_is_not_lost(handlers: None) -> None:
             sum(range(1000))
     assert stopped.value.exit_code == 143
     assert ref() is None and time.perf_counter() - started < 2
+
+
+def test_a_stop_that_some_code_dropped_is_raised_again_at_the_next_epoch(handlers: None) -> None:
+    """A Stopped swallowed where SWALLOWING does not look (here a bare except) must not leave the
+    process training on with SIGTERM ignored: the next epoch's report raises it again."""
+    import optuna
+
+    from mlops_tune.trial import OptunaReporter
+
+    faults.install_signal_handlers()
+    faults.check_stopped()  # nothing yet
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.perf_counter() + 2
+        while time.perf_counter() < deadline:
+            sum(range(100))
+    except BaseException:  # the library code that drops it
+        pass
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    study = optuna.create_study(direction="maximize")
+    reporter = OptunaReporter(study.ask(), None, None, None)
+    with pytest.raises(faults.Stopped) as stopped:
+        reporter.report(0.5, 0)
+    assert stopped.value.exit_code == 143
+    faults.install_signal_handlers()  # a new start forgets it
+    faults.check_stopped()
