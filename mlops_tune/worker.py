@@ -104,7 +104,7 @@ class TrialProcess:
             self._studies[key] = (study, storage, storage.get_study_id_from_name(study.study_name))
         study, storage, study_id = self._studies[key]
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(link["trial"]))
-        reporter = OptunaReporter(optuna.trial.Trial(study, trial_id), background=True)
+        reporter = OptunaReporter(optuna.trial.Trial(study, trial_id))
         above = float(link.get("log_model_above", -math.inf))
         return reporter, lambda val_accuracy: val_accuracy > above
 
