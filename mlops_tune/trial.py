@@ -69,14 +69,15 @@ class OptunaReporter:
         faults.check_stopped()  # a stop signal whose first raise was lost ends the training here
         if self.on_report is not None:
             self.on_report(value, step)
-        self._raise_found()
+        self._raise_error()
+        self.raise_verdict()
         writes = self.report_from is not None and step >= self.report_from
         asks = self.ask_from is not None and step >= self.ask_from
         if not (writes or asks):
             return
         if not self.background:
             self._verdict = self._judge(value, step, writes, asks)
-            self._raise_found()
+            self.raise_verdict()
             return
         if self._thread is None:
             # not a daemon: the interpreter must not finalize while it is inside the storage's C code
@@ -91,12 +92,10 @@ class OptunaReporter:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        self._raise_error()
 
     def raise_verdict(self) -> None:
-        """After :meth:`close`: raise ``TrialPruned`` if the pruner said stop (on the last epoch)."""
+        """Raise ``TrialPruned`` if the pruner said stop (after :meth:`close`: a stop on the last epoch)."""
         if self._verdict is not None:
             raise TrialPruned(self._verdict)
 
@@ -107,12 +106,10 @@ class OptunaReporter:
             return f"pruned at epoch {step} with val_accuracy={value:.4f}"
         return None
 
-    def _raise_found(self) -> None:
+    def _raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-        if self._verdict is not None:
-            raise TrialPruned(self._verdict)
 
     def _work(self) -> None:
         while True:
