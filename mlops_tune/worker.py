@@ -64,6 +64,7 @@ class TrialProcess:
         from mlops_tune import faults, tracking
         from mlops_tune.config import load_train
         from mlops_tune.data import load_splits
+        from mlops_tune.families import settle_imports
         from mlops_tune.trial import run_trial
 
         plain = load_train(OmegaConf.load(folder / TRIAL_CONFIG_FILE))  # ${oc.env:...} in a container
@@ -74,6 +75,7 @@ class TrialProcess:
         uri, experiment = plain["tracking"]["uri"], plain["tracking"]["experiment"]
         if (uri, experiment) not in self._experiments:
             self._experiments[(uri, experiment)] = tracking.connect(uri, experiment)
+        settle_imports(str(plain["model"]["family"]))
         tags = container_tags()
         if self.worker_run:
             tags[tracking.TAG_WORKER_RUN] = self.worker_run

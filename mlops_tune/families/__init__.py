@@ -9,10 +9,12 @@ else in mlops-tune branches on family names.
 
 from __future__ import annotations
 
+import gc
+
 from mlops_tune.errors import UsageError, first_line
 from mlops_tune.families._base import EpochCallback, Family, FitResult
 
-__all__ = ["BUILTIN_FAMILIES", "EpochCallback", "Family", "FitResult", "get_family", "load_class"]
+__all__ = ["BUILTIN_FAMILIES", "EpochCallback", "Family", "FitResult", "get_family", "load_class", "settle_imports"]
 
 BUILTIN_FAMILIES = {
     "keras_dense": "mlops_tune.families.keras:DenseFamily",
@@ -61,3 +63,26 @@ def get_family(name: str) -> Family:
     if not issubclass(cls, Family):
         raise UsageError(f"model.family: '{target}' is not a mlops_tune Family subclass")
     return cls()
+
+
+_settled: set[str] = set()
+
+
+def settle_imports(family: str) -> None:
+    """Import the framework of ``family`` once in this process, then take every object alive
+    at that point (the modules of TensorFlow, MLflow, SQLAlchemy, Optuna ..., some 600 000)
+    out of the cyclic garbage collector's sweeps (:func:`gc.freeze`). Called before each trial
+    by the processes that run many (the study's lanes, warm workers).
+
+    Keras' ``clear_session``, called before each model, runs a full collection: over that
+    heap it took 0.37-0.44 s of every Keras trial here (0.28 s in a plain script, which
+    imports less); with the imports frozen, 12-19 ms. Frozen objects are still freed by
+    reference counting; only a cycle among them stays, and they are modules and the state
+    of the study, alive as long as the process.
+    """
+    if family in _settled:
+        return
+    get_family(family).preload()
+    gc.collect()
+    gc.freeze()
+    _settled.add(family)

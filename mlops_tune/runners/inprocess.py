@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mlops_tune import attrs
+from mlops_tune.families import settle_imports
 from mlops_tune.optuna_setup import reporting
 from mlops_tune.runners._base import Runner, TrialContext
 from mlops_tune.trial import OptunaReporter, TrialOutcome, run_trial
@@ -16,6 +17,7 @@ class InProcessRunner(Runner):
 
     def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,
             tags: Mapping[str, str]) -> TrialOutcome:
+        settle_imports(str(trial_cfg["model"]["family"]))
         return run_trial(
             trial_cfg,
             experiment_id=context.experiment_id,

@@ -124,3 +124,27 @@ def test_logged_val_loss_is_the_validation_loss(experiment: str) -> None:
     assert logged[-1] == pytest.approx(evaluated_loss, rel=1e-4)
     assert logged[-1] == pytest.approx(cross_entropy, rel=1e-3)
     assert evaluated_accuracy == pytest.approx(outcome.val_accuracy)
+
+
+def test_a_process_running_trials_takes_its_imports_out_of_the_garbage_collector() -> None:
+    """settle_imports imports the family's framework once and freezes what is alive then: a full
+    collection afterwards (Keras' clear_session runs one before every model) sweeps only what
+    was made since, and the second call does nothing."""
+    import subprocess
+    import sys
+
+    script = (
+        "import gc\n"
+        "from mlops_tune.families import settle_imports\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "settle_imports('sklearn')\n"
+        "frozen = gc.get_freeze_count()\n"
+        "swept = len(gc.get_objects())\n"
+        "assert frozen > 20 * swept, (frozen, swept)\n"
+        "settle_imports('sklearn')\n"
+        "assert gc.get_freeze_count() == frozen\n"
+        "print('settled')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "settled"
