@@ -18,7 +18,7 @@ PROG = "mlops-tune lane"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mlops_tune import faults, secrets
+    from mlops_tune import faults, heap, secrets
     from mlops_tune.cli import run_task
     from mlops_tune.errors import EXIT_USAGE
 
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: python -m mlops_tune.lane SPEC LANE (started by a study with study.n_jobs > 1)",
               file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    heap.defer()  # until the first trial: see mlops_tune.heap
     faults.install_signal_handlers()
     faults.quiet_background_faults()
     secrets.guard_streams()

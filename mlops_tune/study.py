@@ -166,6 +166,7 @@ class Study:
                   f"{'es' if self.n_jobs > 2 else ''}; TF threads per process: "
                   f"{os.environ.get('TF_NUM_INTRAOP_THREADS')} intra-op, "
                   f"{os.environ.get('TF_NUM_INTEROP_THREADS')} inter-op)", flush=True)
+        self.runner.start(self.cfg)
         # a failure or a signal here reaches Study.run, which stops the other lanes
         in_lanes(self.runner.lanes, lambda stop: self._lane(study, context, started, stop), self.runner.interrupt)
         if helpers is not None:
@@ -192,6 +193,7 @@ class Study:
                                        pruner=self.cfg["study"]["pruner"], lanes=True)
                 # elapsed times in the trial lines count from the study's start, as its own lane's do
                 started = time.perf_counter() - (time.time() - started_at if started_at else 0.0)
+                self.runner.start(self.cfg)
                 self._lane(study, context, started, threading.Event())
         finally:
             self.runner.close()

@@ -82,6 +82,9 @@ def _job(cfg: Any) -> int:
 
 
 def main() -> None:
+    from mlops_tune import heap
+
+    heap.defer()  # until the first trial: see mlops_tune.heap
     hydra_main("tune", _job, PROG)
 
 

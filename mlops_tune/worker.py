@@ -201,7 +201,7 @@ def container_tags() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mlops_tune import faults, secrets
+    from mlops_tune import faults, heap, secrets
     from mlops_tune.cli import run_task
     from mlops_tune.errors import EXIT_USAGE
 
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{TRIAL_CONFIG_FILE} and {TRIAL_LINK_FILE}, written by a study with runner=mlflow or "
               "runner=docker; INBOX: a warm worker's folder of such trial folders)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    heap.defer()  # until the first trial: see mlops_tune.heap
     faults.install_signal_handlers()
     faults.quiet_background_faults()
     secrets.guard_streams()

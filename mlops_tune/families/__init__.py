@@ -9,8 +9,7 @@ else in mlops-tune branches on family names.
 
 from __future__ import annotations
 
-import gc
-
+from mlops_tune import heap
 from mlops_tune.errors import UsageError, first_line
 from mlops_tune.families._base import EpochCallback, Family, FitResult
 
@@ -69,20 +68,12 @@ _settled: set[str] = set()
 
 
 def settle_imports(family: str) -> None:
-    """Import the framework of ``family`` once in this process, then take every object alive
-    at that point (the modules of TensorFlow, MLflow, SQLAlchemy, Optuna ..., some 600 000)
-    out of the cyclic garbage collector's sweeps (:func:`gc.freeze`). Called before each trial
-    by the processes that run many (the study's lanes, warm workers).
-
-    Keras' ``clear_session``, called before each model, runs a full collection: over that
-    heap it took 0.37-0.44 s of every Keras trial here (0.28 s in a plain script, which
-    imports less); with the imports frozen, 12-19 ms. Frozen objects are still freed by
-    reference counting; only a cycle among them stays, and they are modules and the state
-    of the study, alive as long as the process.
-    """
+    """Import the framework of ``family`` once in this process, then :func:`mlops_tune.heap.settle`
+    (in a process mlops-tune started: its imports leave the garbage collector's sweeps, so
+    Keras' ``clear_session`` before each model takes 12-19 ms instead of 0.37-0.44 s). Called
+    before the first trial by the processes that run trials (the study's lanes, workers)."""
     if family in _settled:
         return
     get_family(family).preload()
-    gc.collect()
-    gc.freeze()
+    heap.settle()
     _settled.add(family)

@@ -42,6 +42,13 @@ class Runner(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the runner started for the study (processes, servers, temp files)."""
 
+    def start(self, cfg: Mapping[str, Any]) -> None:
+        """The study's trials are next: what is worth doing once, before them (in a process
+        mlops-tune started, the imports leave the garbage collector's sweeps: ``mlops_tune.heap``)."""
+        from mlops_tune import heap
+
+        heap.settle()
+
     @property
     def lanes(self) -> int:
         """How many trials the runner runs at once (the study runs one lane, a thread, per trial)."""

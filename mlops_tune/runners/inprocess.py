@@ -15,9 +15,13 @@ from mlops_tune.trial import OptunaReporter, TrialOutcome, run_trial
 class InProcessRunner(Runner):
     """Calls :func:`~mlops_tune.trial.run_trial` directly."""
 
+    def start(self, cfg: Mapping[str, Any]) -> None:
+        """Import the model's framework now, not in trial 0 (in a process mlops-tune started,
+        with the garbage collector still off: some 1 s less for TensorFlow here)."""
+        settle_imports(str(cfg["model"]["family"]))
+
     def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,
             tags: Mapping[str, str]) -> TrialOutcome:
-        settle_imports(str(trial_cfg["model"]["family"]))
         return run_trial(
             trial_cfg,
             experiment_id=context.experiment_id,

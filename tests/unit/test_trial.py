@@ -127,24 +127,33 @@ def test_logged_val_loss_is_the_validation_loss(experiment: str) -> None:
 
 
 def test_a_process_running_trials_takes_its_imports_out_of_the_garbage_collector() -> None:
-    """settle_imports imports the family's framework once and freezes what is alive then: a full
-    collection afterwards (Keras' clear_session runs one before every model) sweeps only what
-    was made since, and the second call does nothing."""
+    """In a process mlops-tune started (heap.defer: the collector off during the imports),
+    settle_imports imports the family's framework once, freezes what is alive then and turns
+    the collector back on: a full collection afterwards (Keras' clear_session runs one before
+    every model) sweeps only what was made since; a second call does nothing. A process that
+    did not call defer (mlops-tune used as a library) keeps its collector as it was."""
     import subprocess
     import sys
 
     script = (
-        "import gc\n"
+        "import gc, sys\n"
+        "from mlops_tune import heap\n"
         "from mlops_tune.families import settle_imports\n"
-        "assert gc.get_freeze_count() == 0\n"
+        "if sys.argv[1] == 'library':\n"
+        "    settle_imports('sklearn')\n"
+        "    assert gc.get_freeze_count() == 0 and gc.isenabled()\n"
+        "    print('untouched'); sys.exit()\n"
+        "heap.defer()\n"
+        "assert not gc.isenabled()\n"
         "settle_imports('sklearn')\n"
         "frozen = gc.get_freeze_count()\n"
         "swept = len(gc.get_objects())\n"
-        "assert frozen > 20 * swept, (frozen, swept)\n"
+        "assert gc.isenabled() and frozen > 20 * swept, (frozen, swept)\n"
         "settle_imports('sklearn')\n"
         "assert gc.get_freeze_count() == frozen\n"
         "print('settled')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "settled"
+    for mode, expected in (("owned", "settled"), ("library", "untouched")):
+        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == expected
