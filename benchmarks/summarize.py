@@ -53,6 +53,10 @@ def main() -> None:
         if ttt.get("start_up_seconds_median") is not None:
             rows.append(f"| mlops-tune start-up: process start to trial 0 (new stores) | "
                         f"{ttt['start_up_seconds_median']:.1f} s | |")
+        first = ttt.get("first_result_seconds_median") or {}
+        if "mlops-tune" in first and "optuna tpe" in first:
+            rows.append(f"| first finished trial after process start, mlops-tune / plain Optuna TPE | "
+                        f"{first['mlops-tune']:.1f} s / {first['optuna tpe']:.1f} s | |")
     if workers := _load("workers"):
         for model, by_storage in workers["results"].items():
             for storage, r in by_storage.items():

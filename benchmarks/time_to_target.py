@@ -378,7 +378,11 @@ def merge() -> dict[str, Any]:
                             "median_time_ratio_vs_kt_random": ratio("kt random", lower)},
         # first to last finished trial of each run (4 trials or more), median over seeds
         "trials_per_minute_median": {m: pace(rs) for m, rs in runs.items() if pace(rs) is not None},
+        # process start to the first trial's start (since 2026-11-27 TensorFlow is imported before it)
         "start_up_seconds_median": round(statistics.median(r["start_up_seconds"] for r in ours), 2) if ours else None,
+        # process start to the first finished trial, every method (what start-up costs a user)
+        "first_result_seconds_median": {m: round(statistics.median(r["curve"][0][0] for r in rs), 2)
+                                        for m, rs in runs.items() if rs and all(r["curve"] for r in rs)},
         # per trial, outside training and evaluation, one trial at a time (TPE's sampling included)
         "time_outside_training_ms_median": {"mlops-tune n_jobs=1": overhead("mlops-tune n_jobs=1"),
                                             "optuna tpe": overhead("optuna tpe")},
