@@ -74,6 +74,8 @@ def settle_imports(family: str) -> None:
     before the first trial by the processes that run trials (the study's lanes, workers)."""
     if family in _settled:
         return
-    get_family(family).preload()
-    heap.settle()
+    try:
+        get_family(family).preload()
+    finally:  # a framework that failed to import leaves the collector on all the same
+        heap.settle()
     _settled.add(family)
