@@ -140,9 +140,19 @@ def _env_file(workdir: Path) -> str | None:
         return None
     path = workdir / "credentials.env"
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.writelines(f"{key}={value}\n" for key, value in values.items())
+        # written whole under a name of its own, then renamed: the warm workers of a study
+        # (runner.workers > 1) start at once, and a second one must neither fail on the file
+        # the first just made (a KNN study lost its trial 0 that way) nor read it half-written
+        import tempfile
+
+        fd, staging = tempfile.mkstemp(dir=workdir, prefix=".credentials-", suffix=".env")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.writelines(f"{key}={value}\n" for key, value in values.items())
+            os.replace(staging, path)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
     return str(path)
 
 
