@@ -97,6 +97,22 @@ def move_credentials(text: str) -> str:
     return _USERINFO.sub(move, text)
 
 
+def write_private(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by this user only and appearing whole: written under
+    a name of its own beside it, then renamed. Writers of the same file at once (the warm
+    workers of a study starting together) neither fail on each other's file nor read one
+    half-written."""
+    path = Path(path)
+    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
 def _add_pgpass(tail: str, user: str, password: str) -> None:
     """Add ``host:port:db:user:password`` for the URL whose rest (``host:port/db...``) is ``tail``."""
     global _pgpass

@@ -33,7 +33,7 @@ from mlops_tune.progress import Progress
 from mlops_tune.report import StudyResult
 from mlops_tune.runners import Runner, TrialContext, get_runner
 from mlops_tune.search import SearchSpace
-from mlops_tune.secrets import redact_text
+from mlops_tune.secrets import redact_text, write_private
 from mlops_tune.trial import TrialOutcome, data_source, run_trial, trial_config
 
 #: a study's parent run: what trial 0 was (``base`` or the champion it started from)
@@ -353,10 +353,7 @@ class HelperLanes:
         """Write JSON that appears whole, readable by this user only."""
         import json
 
-        staging = f"{path}.tmp"
-        with open(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
-            json.dump(content, out)
-        os.replace(staging, path)
+        write_private(path, json.dumps(content))
 
     def checked(self, splits: Splits) -> None:
         """The config and the data passed every check: the lanes may build their study on ``splits``."""

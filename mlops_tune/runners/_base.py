@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mlops_tune import heap
 from mlops_tune.data import Splits
 from mlops_tune.trial import TrialOutcome
 
@@ -45,8 +46,6 @@ class Runner(abc.ABC):
     def start(self, cfg: Mapping[str, Any]) -> None:
         """The study's trials are next: what is worth doing once, before them (in a process
         mlops-tune started, the imports leave the garbage collector's sweeps: ``mlops_tune.heap``)."""
-        from mlops_tune import heap
-
         heap.settle()
 
     @property

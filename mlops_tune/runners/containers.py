@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mlops_tune.errors import UsageError
-from mlops_tune.secrets import redact
+from mlops_tune.secrets import redact, write_private
 from mlops_tune.stores import check_reachable
 
 #: environment variables a trial may need for the tracking server or the artifact store
@@ -139,20 +139,8 @@ def _env_file(workdir: Path) -> str | None:
     if not values:
         return None
     path = workdir / "credentials.env"
-    if not path.exists():
-        # written whole under a name of its own, then renamed: the warm workers of a study
-        # (runner.workers > 1) start at once, and a second one must neither fail on the file
-        # the first just made (a KNN study lost its trial 0 that way) nor read it half-written
-        import tempfile
-
-        fd, staging = tempfile.mkstemp(dir=workdir, prefix=".credentials-", suffix=".env")  # mode 0600
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.writelines(f"{key}={value}\n" for key, value in values.items())
-            os.replace(staging, path)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
+    if not path.exists():  # the warm workers of a study may start at once: see write_private
+        write_private(path, "".join(f"{key}={value}\n" for key, value in values.items()))
     return str(path)
 
 
