@@ -169,6 +169,7 @@ class Study:
         self.runner.start(self.cfg)
         # a failure or a signal here reaches Study.run, which stops the other lanes
         in_lanes(self.runner.lanes, lambda stop: self._lane(study, context, started, stop), self.runner.interrupt)
+        self.runner.drain()  # the models its trials logged are written: the best is judged next
         if helpers is not None:
             self.helpers = None  # waited for: nothing left to stop
             helpers.wait()
@@ -195,6 +196,7 @@ class Study:
                 started = time.perf_counter() - (time.time() - started_at if started_at else 0.0)
                 self.runner.start(self.cfg)
                 self._lane(study, context, started, threading.Event())
+                self.runner.drain()
         finally:
             self.runner.close()
 
@@ -645,6 +647,10 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
         best_cfg = trial_config(space.apply(cfg, space.decode(best.params)))
         model_uri = best.user_attrs.get(attrs.MODEL_URI)
         metrics["best_val_accuracy"] = float(best.value or 0.0)
+        if model_uri and not tracking.model_ready(model_uri):  # written by another worker of the study
+            print(f"study '{study.study_name}': the model of trial {best.number} was not written "
+                  f"({model_uri}); it is not judged on the test split", flush=True)
+            model_uri = None
         if model_uri:
             inputs = splits.as_input(family.input_kind)
             test_accuracy = family.accuracy(family.load_model(model_uri), inputs.x_test, inputs.y_test)

@@ -314,19 +314,29 @@ def log_batch(
 TAG_DATA = "mlops_tune.data_fingerprint"
 
 
-def log_data(name: str, fingerprint: str, x: Any, y: Any, source: str) -> None:
-    """Record the training data on the active run the MLflow way (the UI's Datasets column):
-    a dataset named after ``data.name`` whose digest is the fingerprint of the loaded data."""
+def log_data(name: str, fingerprint: str, x: Any, y: Any, source: str, run_id: str | None = None) -> None:
+    """Record the training data on ``run_id`` (else the active run) the MLflow way (the UI's
+    Datasets column): a dataset named after ``data.name`` whose digest is the fingerprint of
+    the loaded data."""
     import mlflow
     from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     dataset = mlflow.data.from_numpy(x, targets=y, name=name, digest=fingerprint,
                                      source=CodeDatasetSource({"mlops_tune.data": source}))
+    if run_id is None:
+        def log() -> None:
+            mlflow.log_input(dataset, context="training")
+    else:  # what mlflow.log_input does for the active run (MLflow's own example of log_inputs)
+        def log() -> None:
+            mlflow.MlflowClient().log_inputs(run_id, [DatasetInput(
+                dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
     # MLflow's SQL store looks the dataset up, then inserts it: workers of one study logging the
     # same new dataset at once collide on its key; the loser's retry finds it and only links it
     for attempt in range(4):
         try:
-            mlflow.log_input(dataset, context="training")
+            log()
             return
         except Exception as exc:
             text = str(exc)
@@ -409,12 +419,69 @@ def wait_model_logging() -> None:
         thread.join()
 
 
-def log_config(cfg: Mapping[str, Any], artifact: str = "config.yaml") -> None:
-    """Log a resolved config as YAML, with passwords in URLs redacted."""
+def log_config(cfg: Mapping[str, Any], artifact: str = "config.yaml", run_id: str | None = None) -> None:
+    """Log a resolved config as YAML, with passwords in URLs redacted (to ``run_id``, else the active run)."""
     import mlflow
     import yaml
 
-    mlflow.log_text(yaml.safe_dump(redact_config(cfg), sort_keys=False), artifact)
+    text = yaml.safe_dump(redact_config(cfg), sort_keys=False)
+    if run_id is None:
+        mlflow.log_text(text, artifact)
+    else:
+        mlflow.MlflowClient().log_text(run_id, text, artifact)
+
+
+def start_model(run_id: str, experiment_id: str, name: str, params: Mapping[str, str]) -> str:
+    """A model of ``run_id`` that is yet to be written (MLflow's PENDING logged model, linked to
+    the run as its output); returns its ``models:/`` URI. A flavor's ``log_model(model_id=...)``
+    writes and finalizes it (``Family.log_model``), in the background (``mlops_tune.backlog``)."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+
+    model = mlflow.initialize_logged_model(name=name, source_run_id=run_id, params=dict(params),
+                                           experiment_id=experiment_id)
+    mlflow.MlflowClient().log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step=0)])
+    return f"models:/{model.model_id}"
+
+
+def model_id_of(model_uri: str) -> str | None:
+    """The logged model id of a ``models:/m-...`` URI (None for a registry or a run URI)."""
+    rest = model_uri.removeprefix("models:/")
+    return rest if rest != model_uri and "/" not in rest and rest.startswith("m-") else None
+
+
+def fail_model(model_uri: str) -> None:
+    """Mark a model whose writing failed as FAILED (best effort: the store may be what failed)."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    model_id = model_id_of(model_uri)
+    if model_id is not None:
+        with contextlib.suppress(Exception):
+            mlflow.MlflowClient().finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+
+
+def model_ready(model_uri: str, grace: float = 30.0, poll: float = 0.2) -> bool:
+    """Whether the model behind ``model_uri`` is written. While it is PENDING and less than
+    ``grace`` seconds old this waits (another worker of the study may be writing it, see
+    ``mlops_tune.backlog``: its writes start within seconds); False when its writing failed,
+    or it is still PENDING after that (its writer died, or the store failed under it before
+    the writer could mark it FAILED). Other URIs: True."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    model_id = model_id_of(model_uri)
+    if model_id is None:
+        return True
+    client = mlflow.MlflowClient()
+    while True:
+        model = client.get_logged_model(model_id)
+        if model.status == LoggedModelStatus.READY:
+            return True
+        age = time.time() - model.creation_timestamp / 1000
+        if model.status != LoggedModelStatus.PENDING or age >= grace:
+            return False
+        time.sleep(min(poll, grace - age))
 
 
 def close_orphan_runs(experiment_id: str, parent_run_id: str, live_run_ids: set[str]) -> list[str]:

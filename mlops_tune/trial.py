@@ -8,6 +8,7 @@ once, the study calls it per trial in this process, and the trial's own process
 
 from __future__ import annotations
 
+import functools
 import queue
 import random
 import threading
@@ -21,6 +22,7 @@ import numpy as np
 from optuna.exceptions import TrialPruned
 
 from mlops_tune import faults, tracking
+from mlops_tune.backlog import Backlog
 from mlops_tune.data import Splits, load_splits
 from mlops_tune.families import get_family
 
@@ -176,6 +178,7 @@ def run_trial(
     should_log_model: Callable[[float], bool] = lambda _val_accuracy: True,
     on_run_started: Callable[[str], None] | None = None,
     run_id: str | None = None,
+    backlog: Backlog | None = None,
 ) -> TrialOutcome:
     """Train, evaluate and track one model described by a validated, plain ``cfg``.
 
@@ -189,6 +192,8 @@ def run_trial(
         should_log_model: decides from the validation accuracy whether to log the model.
         on_run_started: called with the run id as soon as the run exists.
         run_id: an existing run to log into (created by the study for a trial in another process).
+        backlog: writes the config and the model in its thread, while the caller goes on (its
+            ``wait()`` says when they are written); None: written here, before this returns.
 
     Raises:
         optuna.TrialPruned: the reporter pruned the trial (the run ends FINISHED, tagged PRUNED).
@@ -208,6 +213,8 @@ def run_trial(
     def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
         if epoch == 1:  # a model that trains for epochs: its later ones leave Python's lock free
             tracking.warm_model_logging()
+            if backlog is not None:
+                backlog.resume()
         if len(history) <= epoch:
             history.append(dict(metrics))
         if reporter is not None:
@@ -227,10 +234,17 @@ def run_trial(
         params = {**tracking.flatten("model", model_cfg), **tracking.flatten("data", cfg["data"]),
                   "seed": str(seed)}
         tracking.log_batch(params=params, tags={tracking.TAG_DATA: inputs.fingerprint} if inputs.fingerprint else None)
-        if inputs.fingerprint:
-            tracking.log_data(str(cfg["data"]["name"]), inputs.fingerprint, inputs.x_train, inputs.y_train,
-                              data_source(cfg["data"]))
-        tracking.log_config(trial_config(cfg))
+        log_data = functools.partial(tracking.log_data, str(cfg["data"]["name"]), inputs.fingerprint,
+                                     inputs.x_train, inputs.y_train, data_source(cfg["data"]))
+        if backlog is None:
+            if inputs.fingerprint:
+                log_data()
+            tracking.log_config(trial_config(cfg))
+        else:  # written while this trial trains
+            if inputs.fingerprint:
+                backlog.submit(f"the dataset of run {run_id}", functools.partial(log_data, run_id=run_id))
+            backlog.submit(f"the config of run {run_id}", functools.partial(
+                tracking.log_config, trial_config(cfg), run_id=run_id))
         random.seed(seed)
         np.random.seed(seed)
         fit_started = time.perf_counter()
@@ -238,6 +252,8 @@ def run_trial(
             try:
                 fit = family.fit(model_cfg, inputs, seed, on_epoch)
             finally:
+                if backlog is not None and len(history) > 1:
+                    backlog.pause()  # until the next trial's epoch 1: see mlops_tune.backlog
                 if isinstance(reporter, OptunaReporter):
                     reporter.close()  # may raise a storage error met by its thread
             if isinstance(reporter, OptunaReporter):
@@ -263,9 +279,15 @@ def run_trial(
             if test_accuracy is not None:
                 metrics["test_accuracy"] = test_accuracy
             model_uri = None
-            if should_log_model(val_accuracy):
+            log_model = should_log_model(val_accuracy)
+            if log_model and backlog is None:
                 tracking.wait_model_logging()
                 model_uri = family.log_model(fit.model, inputs, "model")
+            elif log_model and backlog is not None:
+                # the model's URI now (the trial's result names it), its files while the next trial trains
+                model_uri = tracking.start_model(run_id, experiment_id, "model", params)
+                backlog.submit(f"the model of run {run_id}", functools.partial(
+                    write_model, family, fit.model, inputs, model_uri))
             tracking.log_batch(
                 metrics=metrics, history=history,
                 tags={tracking.TAG_STATE: "COMPLETE", **({tracking.TAG_MODEL_URI: model_uri} if model_uri else {})},
@@ -286,6 +308,16 @@ def run_trial(
         predict_ms=predict_ms,
         report_seconds=reporting[0],
     )
+
+
+def write_model(family: Any, model: Any, inputs: Splits, model_uri: str) -> None:
+    """Write a model :func:`tracking.start_model` began (in a :class:`Backlog`'s thread)."""
+    tracking.wait_model_logging()
+    try:
+        family.log_model(model, inputs, "model", model_id=tracking.model_id_of(model_uri))
+    except BaseException:
+        tracking.fail_model(model_uri)
+        raise
 
 
 def write_trial_dir(folder: Path, trial_cfg: Mapping[str, Any], link: Mapping[str, Any]) -> None:

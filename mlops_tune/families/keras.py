@@ -171,11 +171,12 @@ class _KerasFamily(Family):
         return int(model.count_params())
 
     # ------------------------------------------------------------------ MLflow
-    def log_model(self, model: Any, splits: Splits, name: str) -> str:
+    def log_model(self, model: Any, splits: Splits, name: str, model_id: str | None = None) -> str:
         import mlflow.keras
 
         info = mlflow.keras.log_model(
-            model, name=name, signature=tensor_signature(splits), metadata={"classes": splits.classes},
+            model, name=name, model_id=model_id, signature=tensor_signature(splits),
+            metadata={"classes": splits.classes},
             pip_requirements=pinned_requirements("keras", "tensorflow|tensorflow-cpu", "numpy"),
         )
         return str(info.model_uri)

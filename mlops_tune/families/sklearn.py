@@ -91,14 +91,14 @@ class SklearnFamily(Family):
     def n_params(self, model: Any) -> int:
         return sum(_stored_numbers(step) for _, step in model.steps)
 
-    def log_model(self, model: Any, splits: Splits, name: str) -> str:
+    def log_model(self, model: Any, splits: Splits, name: str, model_id: str | None = None) -> str:
         import mlflow.sklearn
         from mlflow.models import infer_signature
 
         sample = splits.x_val[:5]
         signature = infer_signature(sample, model.predict(sample))
         info = mlflow.sklearn.log_model(
-            model, name=name, signature=signature, metadata={"classes": splits.classes},
+            model, name=name, model_id=model_id, signature=signature, metadata={"classes": splits.classes},
             serialization_format="cloudpickle",
             pip_requirements=pinned_requirements("scikit-learn", "numpy", "cloudpickle"),
         )

@@ -48,6 +48,10 @@ class Runner(abc.ABC):
         mlops-tune started, the imports leave the garbage collector's sweeps: ``mlops_tune.heap``)."""
         heap.settle()
 
+    def drain(self) -> None:  # noqa: B027 - optional hook
+        """The lane's trials are over: wait for what they left to write (the in-process runner's
+        models, see ``mlops_tune.backlog``); raise a write that failed."""
+
     @property
     def lanes(self) -> int:
         """How many trials the runner runs at once (the study runs one lane, a thread, per trial)."""

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mlops_tune import attrs
+from mlops_tune.backlog import Backlog
 from mlops_tune.families import settle_imports
 from mlops_tune.optuna_setup import reporting
 from mlops_tune.runners._base import Runner, TrialContext
@@ -13,7 +14,18 @@ from mlops_tune.trial import OptunaReporter, TrialOutcome, run_trial
 
 
 class InProcessRunner(Runner):
-    """Calls :func:`~mlops_tune.trial.run_trial` directly."""
+    """Calls :func:`~mlops_tune.trial.run_trial` directly; a trial's model and config are written
+    by a thread while the next trial trains (``mlops_tune.backlog``)."""
+
+    def __init__(self, runner_cfg: Mapping[str, Any]) -> None:
+        super().__init__(runner_cfg)
+        self.backlog = Backlog()
+
+    def drain(self) -> None:
+        self.backlog.wait()
+
+    def close(self) -> None:
+        self.backlog.close()
 
     def start(self, cfg: Mapping[str, Any]) -> None:
         """Import the model's framework now, not in trial 0 (in a process mlops-tune started,
@@ -34,4 +46,5 @@ class InProcessRunner(Runner):
             evaluate_test=False,
             should_log_model=lambda val_accuracy: val_accuracy > context.best_value(),
             on_run_started=lambda run_id: trial.set_user_attr(attrs.RUN, run_id),
+            backlog=self.backlog,
         )
