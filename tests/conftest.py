@@ -63,8 +63,13 @@ def workdir(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)
     yield tmp_path
     import mlflow
+    import mlflow.tracking.fluent
 
     mlflow.set_tracking_uri(None)
+    # nor the experiment it set (tracking.connect -> mlflow.set_experiment): a later test's
+    # mlflow.start_run() would look for it in another store ("No Experiment with id=1 exists")
+    mlflow.tracking.fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 def command_env(**extra: str) -> dict[str, str]:
