@@ -281,8 +281,10 @@ def log_batch(
     metrics: Mapping[str, float] | None = None,
     history: Sequence[Mapping[str, float]] = (),
     tags: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> None:
-    """Log params, final metrics, per-epoch metrics (``step`` = epoch) and tags in one call."""
+    """Log params, final metrics, per-epoch metrics (``step`` = epoch) and tags in one call
+    (to ``run_id``, else the active run)."""
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
@@ -298,7 +300,7 @@ def log_batch(
     final_step = max(len(history) - 1, 0)
     metric_rows += [Metric(k, float(v), now + 1, final_step)
                     for k, v in (metrics or {}).items() if math.isfinite(v)]
-    run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+    run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
     client = mlflow.MlflowClient()
     # The store caps one batch at 1000 metrics / 100 params.
     params_list = [Param(k, v[:6000]) for k, v in (params or {}).items()]

@@ -104,9 +104,12 @@ def test_a_keras_trials_model_is_written_while_the_next_trial_trains(experiment:
     import mlflow
 
     client = mlflow.MlflowClient()
-    for outcome in (first, second):  # the config and the dataset, written by the thread too
+    for outcome in (first, second):  # the params, the config and the dataset, written by the thread too
         assert [a.path for a in client.list_artifacts(outcome.run_id)] == ["config.yaml"]
         assert len(runs[outcome.run_id].inputs.dataset_inputs) == 1
+        params = runs[outcome.run_id].data.params
+        assert params["seed"] == str(cfg["seed"]) and params["model.hidden_units"] == "[16]"
+        assert runs[outcome.run_id].data.tags[tracking.TAG_DATA]
     [output] = runs[first.run_id].outputs.model_outputs
     assert f"models:/{output.model_id}" == first.model_uri == runs[first.run_id].data.tags[tracking.TAG_MODEL_URI]
     backlog.close()
