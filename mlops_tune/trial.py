@@ -192,8 +192,9 @@ def run_trial(
         should_log_model: decides from the validation accuracy whether to log the model.
         on_run_started: called with the run id as soon as the run exists.
         run_id: an existing run to log into (created by the study for a trial in another process).
-        backlog: writes the config and the model in its thread, while the caller goes on (its
-            ``wait()`` says when they are written); None: written here, before this returns.
+        backlog: writes the params, the config, the dataset input and the model's files in its
+            thread, while the caller goes on (its ``wait()`` says when they are written; the
+            model's URI is fixed here); None: all written here, before this returns.
 
     Raises:
         optuna.TrialPruned: the reporter pruned the trial (the run ends FINISHED, tagged PRUNED).

@@ -14,8 +14,8 @@ from mlops_tune.trial import OptunaReporter, TrialOutcome, run_trial
 
 
 class InProcessRunner(Runner):
-    """Calls :func:`~mlops_tune.trial.run_trial` directly; a trial's model and config are written
-    by a thread while the next trial trains (``mlops_tune.backlog``)."""
+    """Calls :func:`~mlops_tune.trial.run_trial` directly; a trial's params, config, dataset input
+    and model are written by a thread while trials train (``mlops_tune.backlog``)."""
 
     def __init__(self, runner_cfg: Mapping[str, Any]) -> None:
         super().__init__(runner_cfg)
