@@ -34,6 +34,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from mlops_tune.faults import classify
 from mlops_tune.stores import fail_fast
@@ -42,6 +43,20 @@ from mlops_tune.stores import fail_fast
 PAUSE_LIMIT = 5.0
 
 _Item = tuple[str, Callable[[], None]] | threading.Event | None
+
+
+T = TypeVar("T")
+
+
+def take(items: queue.SimpleQueue[T | None]) -> T | None:
+    """The next item for a helper thread, or None: its owner put None (closed), or the main
+    thread is gone (never closed: the helper must not hold the interpreter's exit)."""
+    while True:
+        try:
+            return items.get(timeout=1.0)
+        except queue.Empty:
+            if not threading.main_thread().is_alive():
+                return None
 
 
 class Backlog:
@@ -110,12 +125,7 @@ class Backlog:
 
     def _work(self) -> None:
         while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                if threading.main_thread().is_alive():
-                    continue
-                return  # never closed: do not hold the interpreter's exit
+            item = take(self._queue)
             if item is None:
                 return
             if isinstance(item, threading.Event):

@@ -22,7 +22,7 @@ import numpy as np
 from optuna.exceptions import TrialPruned
 
 from mlops_tune import faults, tracking
-from mlops_tune.backlog import Backlog
+from mlops_tune.backlog import Backlog, take
 from mlops_tune.data import Splits, load_splits
 from mlops_tune.families import get_family
 
@@ -115,12 +115,7 @@ class OptunaReporter:
 
     def _work(self) -> None:
         while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                if threading.main_thread().is_alive():
-                    continue
-                return  # never closed: do not hold the interpreter's exit
+            item = take(self._queue)
             if item is None:
                 return
             if self._verdict is not None or self._error is not None:
