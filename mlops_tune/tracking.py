@@ -327,18 +327,14 @@ def log_data(name: str, fingerprint: str, x: Any, y: Any, source: str, run_id: s
 
     dataset = mlflow.data.from_numpy(x, targets=y, name=name, digest=fingerprint,
                                      source=CodeDatasetSource({"mlops_tune.data": source}))
-    if run_id is None:
-        def log() -> None:
-            mlflow.log_input(dataset, context="training")
-    else:  # what mlflow.log_input does for the active run (MLflow's own example of log_inputs)
-        def log() -> None:
-            mlflow.MlflowClient().log_inputs(run_id, [DatasetInput(
-                dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+    run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
+    # what mlflow.log_input does for the active run, for any run (MLflow's own example of log_inputs)
+    entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
     # MLflow's SQL store looks the dataset up, then inserts it: workers of one study logging the
     # same new dataset at once collide on its key; the loser's retry finds it and only links it
     for attempt in range(4):
         try:
-            log()
+            mlflow.MlflowClient().log_inputs(run_id, [entry])
             return
         except Exception as exc:
             text = str(exc)
@@ -426,11 +422,8 @@ def log_config(cfg: Mapping[str, Any], artifact: str = "config.yaml", run_id: st
     import mlflow
     import yaml
 
-    text = yaml.safe_dump(redact_config(cfg), sort_keys=False)
-    if run_id is None:
-        mlflow.log_text(text, artifact)
-    else:
-        mlflow.MlflowClient().log_text(run_id, text, artifact)
+    run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
+    mlflow.MlflowClient().log_text(run_id, yaml.safe_dump(redact_config(cfg), sort_keys=False), artifact)
 
 
 def start_model(run_id: str, experiment_id: str, name: str, params: Mapping[str, str]) -> str:

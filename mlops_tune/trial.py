@@ -229,21 +229,19 @@ def run_trial(
             on_run_started(run_id)
         params = {**tracking.flatten("model", model_cfg), **tracking.flatten("data", cfg["data"]),
                   "seed": str(seed)}
-        log_params = functools.partial(tracking.log_batch, params=params,
-                                       tags={tracking.TAG_DATA: inputs.fingerprint} if inputs.fingerprint else None)
-        log_data = functools.partial(tracking.log_data, str(cfg["data"]["name"]), inputs.fingerprint,
-                                     inputs.x_train, inputs.y_train, data_source(cfg["data"]))
-        log_config = functools.partial(tracking.log_config, trial_config(cfg))
-        if backlog is None:
-            log_params()
-            if inputs.fingerprint:
-                log_data()
-            log_config()
-        else:  # written while this trial trains
-            backlog.submit(f"the params of run {run_id}", functools.partial(log_params, run_id=run_id))
-            if inputs.fingerprint:
-                backlog.submit(f"the dataset of run {run_id}", functools.partial(log_data, run_id=run_id))
-            backlog.submit(f"the config of run {run_id}", functools.partial(log_config, run_id=run_id))
+        writes = {
+            "params": functools.partial(tracking.log_batch, params=params, run_id=run_id,
+                                        tags={tracking.TAG_DATA: inputs.fingerprint} if inputs.fingerprint else None),
+            "dataset": functools.partial(tracking.log_data, str(cfg["data"]["name"]), inputs.fingerprint,
+                                         inputs.x_train, inputs.y_train, data_source(cfg["data"]), run_id=run_id)
+            if inputs.fingerprint else None,
+            "config": functools.partial(tracking.log_config, trial_config(cfg), run_id=run_id),
+        }
+        for what, write in writes.items():  # with a backlog: written while this trial trains
+            if write is not None and backlog is None:
+                write()
+            elif write is not None and backlog is not None:
+                backlog.submit(f"the {what} of run {run_id}", write)
         random.seed(seed)
         np.random.seed(seed)
         fit_started = time.perf_counter()
