@@ -8,9 +8,11 @@ with patience 5), a budget of 20 trials:
 
 * ``mlops-tune``            the real ``mlops-tune`` command with its defaults (study.n_jobs=auto,
                             pruner=median, TPE, MLflow tracking, Optuna SQLite storage, the
-                            base model as trial 0, promotion in the registry)
+                            base model as trial 0, the probe as trial 1, promotion in the registry)
 * ``mlops-tune n_jobs=1``   the same, one trial at a time (what the parallel lanes buy)
 * ``mlops-tune pruner=none`` the same without pruning (what the pruner buys, or costs)
+* ``mlops-tune probe=none``  the same without the probe (trial 1 = the base at its widest
+                            layers): what the probe buys, or costs
 * ``mlops-tune sampler=mutation`` the same with the mutation sampler (mutations of the best so
                             far, starting from the base model) instead of TPE
 * ``optuna tpe``            a plain Optuna TPE script: no tracking, no warm start, no pruning,
@@ -265,6 +267,7 @@ METHODS: dict[str, Callable[[int, float], dict[str, Any]]] = {
     "mlops-tune": lambda seed, at: run_mlops_tune(seed, at),
     "mlops-tune n_jobs=1": lambda seed, at: run_mlops_tune(seed, at, "study.n_jobs=1"),
     "mlops-tune pruner=none": lambda seed, at: run_mlops_tune(seed, at, "study.pruner=none"),
+    "mlops-tune probe=none": lambda seed, at: run_mlops_tune(seed, at, "study.probe=none"),
     "mlops-tune sampler=mutation": lambda seed, at: run_mlops_tune(seed, at, "study.sampler=mutation"),
     "optuna tpe": run_plain_optuna,
     "kt random": lambda seed, at: run_keras_tuner(seed, at, "random"),

@@ -154,7 +154,8 @@ def validate_tune(cfg: Mapping[str, Any]) -> None:
     limit = cfg["gate"]["max_predict_ms"]
     if limit is not None and not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit > 0):
         raise UsageError(f"gate.max_predict_ms: must be null or a positive number of milliseconds, got {limit!r}")
-    for key, choices in (("start_from", ("base", "champion")), ("on_data_change", ("new_study", "fail"))):
+    for key, choices in (("start_from", ("base", "champion")), ("on_data_change", ("new_study", "fail")),
+                         ("probe", ("widest", "none"))):
         if cfg["study"][key] not in choices:
             raise UsageError(f"study.{key}: '{cfg['study'][key]}' is not one of {', '.join(choices)}")
     study = cfg["study"]

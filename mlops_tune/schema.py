@@ -46,6 +46,7 @@ class StudyConfig:
     n_jobs: str = "auto"  # trials at once: auto (one per core for Keras trials in the study's process) | N
     max_consecutive_failures: int = 5
     start_from: str = "base"  # base | champion: trial 0 is the base model or the registry's champion
+    probe: str = "widest"  # widest | none: trial 1 is trial 0 with every layer as wide as the space allows
     on_data_change: str = "new_study"  # new_study | fail: the stored study saw other data
     heartbeat_interval: int = 5
     grace_period: int = 20

@@ -223,6 +223,23 @@ class SearchSpace:
             node[leaf] = value
         return new
 
+    def widest(self, point: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]] | None:
+        """``point`` with every layer of its layer lists as wide as the space allows (same depth,
+        every other setting as ``point``), and the operators as ``"<key>:widest"``; ``None`` when
+        the space has no layer list or ``point``'s layers are already at the top.
+
+        A study's probe (``study.probe=widest``): does capacity alone reach the gate?
+        """
+        child, applied = dict(point), []
+        for dim in self.dimensions:
+            if dim.type != "int_list" or dim.high is None:
+                continue
+            wide = [max(int(v), int(dim.high)) for v in point[dim.key]]
+            if wide != list(point[dim.key]):
+                child[dim.key] = wide
+                applied.append(f"{dim.key}:widest")
+        return (child, applied) if applied else None
+
     def mutate(self, point: Mapping[str, Any], rng: random.Random, n_ops: int,
                weights: Mapping[str, float] | None = None) -> tuple[dict[str, Any], list[str]]:
         """Apply ``n_ops`` operators to distinct dimensions of ``point``.

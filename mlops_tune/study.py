@@ -95,6 +95,8 @@ class Study:
         self.worker = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.budget = claims.Budget(self.storage_url, self.name)  # the key gets the storage's study id
         self.failures: list[str] = []  # errors of the failed trials since the last good one
+        #: the probe's params and lineage until it is enqueued (by the process that enqueued trial 0)
+        self.probe: tuple[dict[str, Any], dict[str, Any]] | None = None
         self.runner: Runner = get_runner(cfg["runner"])
         try:
             self.runner.check(cfg)
@@ -131,6 +133,13 @@ class Study:
                 study.set_user_attr(attrs.DATA_FINGERPRINT, self.splits.fingerprint)
             study.enqueue_trial(self.space.encode(self.start), user_attrs={
                 attrs.PARENT: attrs.ROOT, **({attrs.START: self.start_origin} if self.start_origin else {})})
+            probe = self._probe()
+            if probe is not None:
+                point, ops = probe
+                self.probe = (self.space.encode(point), {
+                    attrs.PARENT: attrs.BASE if not self.start_origin else existing, attrs.MUTATIONS: ",".join(ops)})
+                if self.n_jobs > 1:  # another lane takes it beside trial 0
+                    self._enqueue_probe(study)
         else:  # joining (another worker, a resume): workers seeded alike must not propose the same points
             self.sampler.reseed_rng()
         parent_run_id, created = parent_run(study, experiment_id, self.budget)
@@ -210,6 +219,7 @@ class Study:
             report.trial_line(study, trial, self.threshold, time.perf_counter() - started, self.gate)
             self.failures = failures_in_a_row(self.failures, trial)
 
+        ran = 0
         # one trial per optimize(): every worker of the study stops at its next trial once the gate is met
         while not stop.is_set() and not gate_met(study, self.gate):
             faults.check_stopped()  # a stop whose first raise was lost: no next trial
@@ -221,10 +231,13 @@ class Study:
             if not budget.take(n_total, self.worker):
                 break  # study.n_trials trials have been started, by this worker or others
             with budget.held():  # given back when no trial took it (stopped, failed before the trial)
+                if self.probe is not None and ran:  # one trial at a time: the probe follows trial 0
+                    self._enqueue_probe(study)
                 if hasattr(self.sampler, "propose"):  # the mutation sampler enqueues its child
                     self.sampler.propose(study)
                 study.optimize(lambda trial: self._run_trial(trial, context, budget), n_trials=1,
                                callbacks=[after_trial], catch=(TrialFailed,), gc_after_trial=False)
+            ran += 1
 
     def _run_trial(self, trial: optuna.Trial, context: TrialContext, budget: claims.Budget) -> float:
         """The objective: run one trial; judge a failure as the model's or the environment's."""
@@ -259,6 +272,34 @@ class Study:
         if gate.needs_confirmation(outcome.val_accuracy, gate.violations(trial, self.gate), self.gate):
             confirm(trial, trial_cfg, outcome, context, self.gate, self.name)
         return outcome.val_accuracy
+
+    def _enqueue_probe(self, study: optuna.Study) -> None:
+        assert self.probe is not None
+        params, lineage = self.probe
+        self.probe = None
+        study.enqueue_trial(params, user_attrs=lineage)
+
+    def _probe(self) -> tuple[dict[str, Any], list[str]] | None:
+        """Trial 1 (``study.probe=widest``): trial 0 with every layer as wide as the search space
+        allows, so the study learns early whether capacity alone reaches the gate (on digits it
+        did on every seed; ``docs/architecture.md``, "The probe"). None when the space has no
+        layers to widen, or when the widest model breaks ``model.max_params`` or ``gate.max_params``."""
+        if self.cfg["study"]["probe"] != "widest" or int(self.cfg["study"]["n_trials"]) < 2:
+            return None
+        probe = self.space.widest(self.start)
+        if probe is None:
+            return None
+        point, ops = probe
+        model_cfg = dict(self.space.apply(self.cfg, point)["model"])
+        if self.gate.get("max_params") is not None:
+            model_cfg["max_params"] = min(int(model_cfg.get("max_params") or self.gate["max_params"]),
+                                          int(self.gate["max_params"]))
+        try:
+            self.family.check_data(model_cfg, self.splits.as_input(self.family.input_kind))
+        except UsageError as exc:
+            print(f"study '{self.name}': no probe of the widest layers ({exc})", flush=True)
+            return None
+        return point, ops
 
     def _start_point(self) -> tuple[dict[str, Any], str]:
         """Trial 0: the base model, or with ``study.start_from=champion`` the registry's champion

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mlops_tune import tracking
+from mlops_tune import attrs, tracking
 from mlops_tune.study import judged
 from tests.conftest import BIN, command_env, heavy_imports_after, kill_when_a_trial_runs, mlflow_client, mlflow_runs
 
@@ -200,6 +200,33 @@ def test_sigkilled_run_leaves_nothing_running_after_a_rerun(workdir: Path) -> No
     assert [r for r in runs if r.info.status == "RUNNING"] == []
     killed = [r for r in runs if r.info.run_id == trials[0].user_attrs["mlflow_run_id"]]
     assert killed[0].info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_trial_1_probes_the_base_model_at_its_widest_layers(tune, workdir: Path) -> None:
+    common = ("model.epochs=1", "study.n_trials=2", "gate.threshold=0.9999", "study.n_jobs=1", "study.pruner=none")
+    result = tune(*common)
+    assert result.code == 1, result.stderr
+    base, probe = load_study(workdir, "ann-digits").trials
+    # the base model, then the same model with its Dense layer as wide as conf/search/ann.yaml allows
+    assert base.params["hidden_units_0"] == 8 and probe.params == {**base.params, "hidden_units_0": 256}
+    assert probe.user_attrs[attrs.PARENT] == attrs.BASE
+    assert probe.user_attrs[attrs.MUTATIONS] == "model.hidden_units:widest"
+    assert "<- #base model.hidden_units:widest" in result.stdout
+    _, children = parents_and_children(workdir)
+    [run] = [c for c in children if c.data.tags[tracking.TAG_TRIAL_NUMBER] == "1"]
+    assert run.data.tags[tracking.TAG_MUTATIONS] == "model.hidden_units:widest"
+    assert run.data.params["model.hidden_units"] == "[256]"
+    # switched off: trial 1 is the sampler's
+    result = tune(*common, "study.name=no-probe", "study.probe=none")
+    assert result.code == 1, result.stderr
+    assert attrs.MUTATIONS not in load_study(workdir, "no-probe").trials[1].user_attrs
+    # a widest model over model.max_params is not tried, and the study says so
+    result = tune(*common, "study.name=small", "model.max_params=2000")
+    assert result.code == 1, result.stderr
+    assert "no probe of the widest layers (model.hidden_units: this architecture has 19,210 parameters" \
+        in result.stdout
+    assert attrs.MUTATIONS not in load_study(workdir, "small").trials[1].user_attrs
 
 
 @pytest.mark.slow

@@ -123,3 +123,20 @@ def test_mutation_sampler_mutates_the_best_trial_and_records_lineage() -> None:
         best_before = max((t for t in trials[:trial.number] if t.value is not None), key=lambda t: t.value)
         assert trials[parent].value == best_before.value
     assert len({tuple(sorted(t.params.items(), key=str)) for t in trials}) == len(trials)  # no repeats
+
+
+def test_widest_widens_every_layer_list_to_its_top_and_nothing_else() -> None:
+    space, _ = _space("cnn")  # base: conv_filters [32, 32] (top 128), hidden_units [8] (top 256)
+    point, ops = space.widest(space.base)
+    assert point["model.conv_filters"] == [128, 128] and point["model.hidden_units"] == [256]
+    assert ops == ["model.conv_filters:widest", "model.hidden_units:widest"]
+    assert {k: v for k, v in point.items() if not k.endswith(("filters", "units"))} == \
+        {k: v for k, v in space.base.items() if not k.endswith(("filters", "units"))}
+    assert space.decode(space.encode(point)) == point  # a point of the space: Optuna can enqueue it
+    # a layer already wider than the top (a champion outside the space) is kept
+    wider = {**space.base, "model.conv_filters": [512, 16]}
+    assert space.including(wider).widest(wider)[0]["model.conv_filters"] == [512, 512]
+    # at the top already, or no layer list to widen: no probe
+    assert space.widest(point) is None
+    knn, _ = _space("knn")
+    assert knn.widest(knn.base) is None
