@@ -138,7 +138,7 @@ class Study:
                 point, ops = probe
                 self.probe = (self.space.encode(point), {
                     attrs.PARENT: attrs.BASE if not self.start_origin else existing, attrs.MUTATIONS: ",".join(ops)})
-                if self.n_jobs > 1:  # another lane takes it beside trial 0
+                if self.n_jobs > 1 or self.runner.lanes > 1:  # another lane takes it beside trial 0
                     self._enqueue_probe(study)
         else:  # joining (another worker, a resume): workers seeded alike must not propose the same points
             self.sampler.reseed_rng()
@@ -231,7 +231,7 @@ class Study:
             if not budget.take(n_total, self.worker):
                 break  # study.n_trials trials have been started, by this worker or others
             with budget.held():  # given back when no trial took it (stopped, failed before the trial)
-                if self.probe is not None and ran:  # one trial at a time: the probe follows trial 0
+                if self.probe is not None and ran:  # one lane: the probe follows trial 0
                     self._enqueue_probe(study)
                 if hasattr(self.sampler, "propose"):  # the mutation sampler enqueues its child
                     self.sampler.propose(study)
@@ -290,14 +290,19 @@ class Study:
         if probe is None:
             return None
         point, ops = probe
-        model_cfg = dict(self.space.apply(self.cfg, point)["model"])
-        if self.gate.get("max_params") is not None:
-            model_cfg["max_params"] = min(int(model_cfg.get("max_params") or self.gate["max_params"]),
-                                          int(self.gate["max_params"]))
+        model_cfg, inputs = self.space.apply(self.cfg, point)["model"], self.splits.as_input(self.family.input_kind)
+        limit = self.gate.get("max_params")
         try:
-            self.family.check_data(model_cfg, self.splits.as_input(self.family.input_kind))
+            self.family.check_data(model_cfg, inputs)
         except UsageError as exc:
             print(f"study '{self.name}': no probe of the widest layers ({exc})", flush=True)
+            return None
+        try:  # a model that cannot pass the gate is not worth a trial
+            if limit is not None:
+                self.family.check_data({**model_cfg, "max_params": int(limit)}, inputs)
+        except UsageError:
+            print(f"study '{self.name}': no probe of the widest layers (over gate.max_params={int(limit):,})",
+                  flush=True)
             return None
         return point, ops
 

@@ -227,6 +227,11 @@ def test_trial_1_probes_the_base_model_at_its_widest_layers(tune, workdir: Path)
     assert "no probe of the widest layers (model.hidden_units: this architecture has 19,210 parameters" \
         in result.stdout
     assert attrs.MUTATIONS not in load_study(workdir, "small").trials[1].user_attrs
+    # nor one over the gate's deployment limit: it could not pass
+    result = tune(*common, "study.name=deployable", "gate.max_params=2000")
+    assert result.code == 1, result.stderr
+    assert "no probe of the widest layers (over gate.max_params=2,000)" in result.stdout
+    assert attrs.MUTATIONS not in load_study(workdir, "deployable").trials[1].user_attrs
 
 
 @pytest.mark.slow
