@@ -188,6 +188,7 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "negative latency limit": ("tune", ["model=knn", "gate.max_predict_ms=-1"], "gate.max_predict_ms"),
     "unknown start": ("tune", ["model=knn", "study.start_from=latest"], "study.start_from"),
     "unknown data-change policy": ("tune", ["model=knn", "study.on_data_change=ignore"], "study.on_data_change"),
+    "unknown probe": ("tune", ["study.probe=wider"], "study.probe"),
     "zero trials at once": ("tune", ["model=knn", "study.n_jobs=0"], "study.n_jobs"),
     "trials at once with another runner": ("tune", ["model=knn", "study.n_jobs=2", "runner=mlflow"], "study.n_jobs"),
 }
