@@ -96,7 +96,7 @@ class Study:
         self.budget = claims.Budget(self.storage_url, self.name)  # the key gets the storage's study id
         self.failures: list[str] = []  # errors of the failed trials since the last good one
         #: the probe's params and lineage until it is enqueued (by the process that enqueued trial 0)
-        self.probe: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self.pending_probe: tuple[dict[str, Any], dict[str, Any]] | None = None
         self.runner: Runner = get_runner(cfg["runner"])
         try:
             self.runner.check(cfg)
@@ -136,7 +136,7 @@ class Study:
             probe = self._probe()
             if probe is not None:
                 point, ops = probe
-                self.probe = (self.space.encode(point), {
+                self.pending_probe = (self.space.encode(point), {
                     attrs.PARENT: attrs.BASE if not self.start_origin else existing, attrs.MUTATIONS: ",".join(ops)})
                 if self.n_jobs > 1 or self.runner.lanes > 1:  # another lane takes it beside trial 0
                     self._enqueue_probe(study)
@@ -231,7 +231,7 @@ class Study:
             if not budget.take(n_total, self.worker):
                 break  # study.n_trials trials have been started, by this worker or others
             with budget.held():  # given back when no trial took it (stopped, failed before the trial)
-                if self.probe is not None and ran:  # one lane: the probe follows trial 0
+                if self.pending_probe is not None and ran:  # one lane: the probe follows trial 0
                     self._enqueue_probe(study)
                 if hasattr(self.sampler, "propose"):  # the mutation sampler enqueues its child
                     self.sampler.propose(study)
@@ -274,9 +274,9 @@ class Study:
         return outcome.val_accuracy
 
     def _enqueue_probe(self, study: optuna.Study) -> None:
-        assert self.probe is not None
-        params, lineage = self.probe
-        self.probe = None
+        assert self.pending_probe is not None
+        params, lineage = self.pending_probe
+        self.pending_probe = None
         study.enqueue_trial(params, user_attrs=lineage)
 
     def _probe(self) -> tuple[dict[str, Any], list[str]] | None:
