@@ -62,13 +62,21 @@ def workdir(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPat
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _forget_mlflow_state() -> Iterator[None]:
+    """After every test that used MLflow in this process: no tracking URI, nor the experiment it
+    set (tracking.connect -> mlflow.set_experiment): a later test's mlflow.start_run() would look
+    for it in another store ("No Experiment with id=1 exists"), whatever folder the test used."""
+    yield
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is None:  # MLflow never imported: nothing to forget (and no import for it)
+        return
     import mlflow
-    import mlflow.tracking.fluent
 
     mlflow.set_tracking_uri(None)
-    # nor the experiment it set (tracking.connect -> mlflow.set_experiment): a later test's
-    # mlflow.start_run() would look for it in another store ("No Experiment with id=1 exists")
-    mlflow.tracking.fluent._active_experiment_id = None
+    fluent._active_experiment_id = None
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
