@@ -22,6 +22,10 @@ What the study relies on:
   before it judges the best model on the test split and before it promotes one); a write
   that failed is raised there, or by the next :meth:`Backlog.submit`, as it was raised in
   the thread (a full disk or a dead store stays an environment fault: exit 3).
+- A write whose answer the tracking server cut off mid-way (killed or restarted while it
+  answered) is sent once more: MLflow retries a refused connection, not a broken answer, and
+  every write handed over here is idempotent (params of the same value, files overwritten,
+  the pending model finalized).
 - After a failed write the writes still queued are dropped (the store that failed one
   would fail the others, each after its retries).
 - :meth:`Backlog.close` waits for what was handed over, and raises nothing: it runs when
@@ -36,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from mlops_tune.faults import classify
+from mlops_tune.faults import broken_response, classify
 from mlops_tune.stores import fail_fast
 
 #: the longest a write waits for the next trial's epoch 1 (a model others wait for: ``tracking.model_ready``)
@@ -139,11 +143,19 @@ class Backlog:
                     return
                 if time.monotonic() >= self._paused_at + PAUSE_LIMIT:
                     break
+            self._write(what, write)
+
+    def _write(self, what: str, write: Callable[[], None]) -> None:
+        for attempt in (1, 2):
             try:
                 write()
+                return
             except BaseException as exc:  # raised on the study's thread by wait() or submit()
+                if attempt == 1 and broken_response(exc):
+                    continue  # the server went away mid-answer: once more (every write here is idempotent)
                 fault = classify(exc)
                 if fault is not None and fault.component == "tracking":
                     fail_fast()  # the store is gone: no minutes of retries for what follows
                 exc.add_note(f"(while writing {what} in the background)")
                 self._failed, self._error = True, exc
+                return

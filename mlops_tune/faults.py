@@ -64,6 +64,15 @@ def _is_type(exc: BaseException, module_prefix: str, *names: str) -> bool:
                for cls in type(exc).__mro__)
 
 
+def broken_response(exc: BaseException) -> bool:
+    """Whether ``exc`` is a tracking server's answer cut off mid-way (the server was killed or
+    restarted while it answered: ``Connection broken: IncompleteRead``). MLflow's HTTP retries
+    cover a server that refuses connections, not an answer that stops: such a request, if
+    idempotent, is worth sending once more (MLflow's retries then wait for the server)."""
+    return any(_is_type(link, "requests", "ChunkedEncodingError") or _is_type(link, "urllib3", "ProtocolError")
+               or _is_type(link, "http.client", "IncompleteRead") for link in _chain(exc))
+
+
 def _sqlite_words(text: str) -> str | None:
     lowered = text.lower()
     return next((words for key, words in _SQLITE_TEXTS.items() if key in lowered), None)

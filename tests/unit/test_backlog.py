@@ -142,3 +142,36 @@ def test_model_ready_waits_for_a_model_another_worker_is_writing(experiment: str
     threading.Timer(0.3, release.set).start()
     assert tracking.model_ready(outcome.model_uri)  # within its 30 s
     backlog.close()
+
+
+def test_a_write_whose_answer_was_cut_off_is_sent_once_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracking server killed while it answered: MLflow's retries do not cover a broken
+    answer (``Connection broken: IncompleteRead``), the backlog sends the write again."""
+    import requests
+
+    # a tracking fault turns this process's HTTP retries off (stores.fail_fast): not for later tests
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+
+    def broken() -> None:
+        calls.append(1)
+        if len(calls) < times:
+            raise requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead(0 bytes read)")
+
+    backlog = Backlog()
+    calls, times = [], 2  # cut off once: written the second time, nothing raised
+    backlog.submit("params", broken)
+    backlog.wait()
+    assert len(calls) == 2 and not backlog.failed
+    calls, times = [], 5  # cut off again: raised as the tracking server's fault (exit 3), after 2 tries
+    backlog.submit("model", broken)
+    with pytest.raises(requests.exceptions.ChunkedEncodingError) as raised:
+        backlog.wait()
+    assert len(calls) == 2 and faults.classify(raised.value).component == "tracking"
+    backlog.close()
+    # any other failure is not sent again
+    other, calls = Backlog(), []
+    other.submit("config", lambda: (calls.append(1), (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))))
+    with pytest.raises(OSError):
+        other.wait()
+    assert len(calls) == 1
+    other.close()
