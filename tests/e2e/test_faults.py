@@ -176,6 +176,11 @@ def test_a_server_restarted_within_the_retries_does_not_stop_the_study(server: S
     proc = _start(args, workdir, MLOPS_TUNE_TEST_SLEEP="3", MLFLOW_HTTP_REQUEST_MAX_RETRIES="6",
                   MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     _wait_for(proc, lambda: any(t.state == TrialState.COMPLETE for t in _trials(storage, study)))
+    # down while a trial trains (its fit sleeps 3 s), not mid-answer: a server killed while it
+    # answers breaks that answer, which no HTTP retry mends (the study's background writes send
+    # theirs once more; a call in the study's own thread is an environment failure, exit 3)
+    _wait_for(proc, lambda: any(t.state == TrialState.RUNNING for t in _trials(storage, study)))
+    time.sleep(1.0)
     server.kill()
     time.sleep(4)
     server.start()
