@@ -124,8 +124,9 @@ class Study:
             self.runner.close()
 
     def _run(self, storage: optuna.storages.BaseStorage, experiment_id: str) -> StudyResult:
-        study = one_ask_at_a_time(optuna.create_study(study_name=self.name, storage=storage, direction="maximize",
-                                                      sampler=self.sampler, pruner=self.pruner, load_if_exists=True))
+        study = optuna.create_study(study_name=self.name, storage=storage, direction="maximize",
+                                    sampler=self.sampler, pruner=self.pruner, load_if_exists=True)
+        first = None  # the trial this process takes first, if still waiting then (else the oldest waiting)
         existing = len(study.get_trials(deepcopy=False))
         self.budget.key = f"{self.name}#{storage.get_study_id_from_name(self.name)}"  # a recreated study: afresh
         if self.budget.claim("base_trial", self.worker) == self.worker:  # one writer, however many start at once
@@ -139,7 +140,9 @@ class Study:
                 self.pending_probe = (self.space.encode(point), {
                     attrs.PARENT: attrs.BASE if not self.start_origin else existing, attrs.MUTATIONS: ",".join(ops)})
                 if self.n_jobs > 1 or self.runner.lanes > 1:  # another lane takes it beside trial 0
-                    self._enqueue_probe(study)
+                    probe_number = self._enqueue_probe(study)
+                    if self.helpers is not None:  # this process is ready first (its lanes still import)
+                        first = probe_number
         else:  # joining (another worker, a resume): workers seeded alike must not propose the same points
             self.sampler.reseed_rng()
         parent_run_id, created = parent_run(study, experiment_id, self.budget)
@@ -160,7 +163,7 @@ class Study:
             report.study_header(self.name, self.cfg, self.space, existing)
             self.progress = progress
             with progress:
-                self._optimize(study, context)
+                self._optimize(one_ask_at_a_time(study, first), context)
             reconcile(study, experiment_id, run_id, self.budget)
             return finish(study, self.cfg, self.space, self.family, self.splits, run_id, self.budget, self.worker)
 
@@ -273,11 +276,13 @@ class Study:
             confirm(trial, trial_cfg, outcome, context, self.gate, self.name)
         return outcome.val_accuracy
 
-    def _enqueue_probe(self, study: optuna.Study) -> None:
+    def _enqueue_probe(self, study: optuna.Study) -> int:
+        """Enqueue the probe; its trial number."""
         assert self.pending_probe is not None
         params, lineage = self.pending_probe
         self.pending_probe = None
         study.enqueue_trial(params, user_attrs=lineage)
+        return max(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
     def _probe(self) -> tuple[dict[str, Any], list[str]] | None:
         """Trial 1 (``study.probe=widest``): trial 0 with every layer as wide as the search space
@@ -331,21 +336,44 @@ class Study:
 
 
 # ----------------------------------------------------------------------------- around the loop
-def one_ask_at_a_time(study: optuna.Study) -> optuna.Study:
+def one_ask_at_a_time(study: optuna.Study, first: int | None = None) -> optuna.Study:
     """``study`` whose ``ask`` is serialized across this process's threads (the lanes).
 
     ``ask`` takes an enqueued trial with a read and then a write; two lanes asking at the same
     moment could both take the same trial from a SQLite storage. One ask at a time (the trials
     themselves still run in parallel).
+
+    ``first``: the number of an enqueued trial this process's first ask takes, if it is still
+    waiting then (else the oldest waiting one, as Optuna's ``ask`` does): the study's own
+    process, ready before its extra lanes, runs the probe (trial 1) and leaves the base model
+    to the lane that comes next.
     """
     ask, lock = study.ask, threading.Lock()
+    wanted = [first] if first is not None else []
 
     def serialized(*args: Any, **kwargs: Any) -> optuna.Trial:
         with lock:
+            if wanted and not args and not kwargs:
+                trial = _take_waiting(study, wanted.pop())
+                if trial is not None:
+                    return trial
             return ask(*args, **kwargs)
 
     study.ask = serialized  # type: ignore[method-assign]
     return study
+
+
+def _take_waiting(study: optuna.Study, number: int) -> optuna.Trial | None:
+    """Trial ``number`` of ``study``, set RUNNING, if it is still waiting (as ``Study.ask``
+    takes the oldest waiting trial: one conditional write, so two processes never both take it)."""
+    waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if t.number == number]
+    try:
+        if not waiting or not study._storage.set_trial_state_values(waiting[0]._trial_id, state=TrialState.RUNNING):
+            return None
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return None
+    study._thread_local.cached_all_trials = None  # as ask does: the trial reads the storage afresh
+    return optuna.Trial(study, waiting[0]._trial_id)
 
 
 class GateAwarePruner(optuna.pruners.BasePruner):

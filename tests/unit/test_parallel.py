@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -12,7 +13,7 @@ from optuna.distributions import CategoricalDistribution
 from mlops_tune import threads
 from mlops_tune.errors import UsageError
 from mlops_tune.optuna_setup import MEDIAN_WARMUP, LikeForLikeMedianPruner, reporting
-from mlops_tune.study import GateAwarePruner
+from mlops_tune.study import GateAwarePruner, one_ask_at_a_time
 from mlops_tune.trial import OptunaReporter
 
 
@@ -58,6 +59,32 @@ def _running(study: optuna.Study, batch: int, curve: list[float]) -> optuna.tria
     for step, value in enumerate(curve):
         trial.report(value, step)
     return next(t for t in study.get_trials() if t.number == trial.number)  # the view pruners get
+
+
+def test_the_study_process_takes_the_probe_first_unless_another_lane_took_it(tmp_path: Path) -> None:
+    """With extra lanes the study's own process asks first for the probe (trial 1), leaving
+    trial 0 to the lane that comes next; a trial another process took already is not taken
+    again (one conditional write), and every later ask takes the oldest waiting trial."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def study_with_three_waiting() -> optuna.Study:
+        study = optuna.create_study(study_name="s", storage=url, load_if_exists=True)
+        for x in (0, 1, 2):
+            study.enqueue_trial({"x": x})
+        return study
+
+    ours = one_ask_at_a_time(study_with_three_waiting(), first=1)
+    taken = [ours.ask() for _ in range(3)]
+    assert [t.number for t in taken] == [1, 0, 2]
+    assert [t.suggest_categorical("x", [0, 1, 2]) for t in taken] == [1, 0, 2]  # the enqueued params
+    assert {t.state for t in ours.get_trials()} == {optuna.trial.TrialState.RUNNING}
+
+    optuna.delete_study(study_name="s", storage=url)
+    ours = one_ask_at_a_time(study_with_three_waiting(), first=1)
+    lane = optuna.load_study(study_name="s", storage=url)  # another process, on the same storage
+    assert [lane.ask().number, lane.ask().number] == [0, 1]
+    assert ours.ask().number == 2  # the probe was gone: the oldest waiting one instead
+    assert ours.ask().number == 3  # nothing waiting: a new trial, as Optuna's ask does
 
 
 def test_the_median_pruner_compares_like_with_like_and_waits_for_the_warm_up() -> None:

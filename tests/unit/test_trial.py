@@ -128,10 +128,11 @@ def test_logged_val_loss_is_the_validation_loss(experiment: str) -> None:
 
 def test_a_process_running_trials_takes_its_imports_out_of_the_garbage_collector() -> None:
     """In a process mlops-tune started (heap.defer: the collector off during the imports),
-    settle_imports imports the family's framework once, freezes what is alive then and turns
-    the collector back on: a full collection afterwards (Keras' clear_session runs one before
-    every model) sweeps only what was made since; a second call does nothing. A process that
-    did not call defer (mlops-tune used as a library) keeps its collector as it was."""
+    settle_imports imports the family's framework once, freezes every object made so far
+    (without collecting them first) and turns the collector back on: a full collection
+    afterwards (Keras' clear_session runs one before every model) sweeps only what was made
+    since; a second call does nothing. A process that did not call defer (mlops-tune used as
+    a library) keeps its collector as it was."""
     import subprocess
     import sys
 
@@ -145,7 +146,11 @@ def test_a_process_running_trials_takes_its_imports_out_of_the_garbage_collector
         "    print('untouched'); sys.exit()\n"
         "heap.defer()\n"
         "assert not gc.isenabled()\n"
+        "import weakref\n"
+        "class Cycle: pass\n"
+        "garbage = Cycle(); garbage.me = garbage; gone = weakref.ref(garbage); del garbage\n"
         "settle_imports('sklearn')\n"
+        "assert gone() is not None  # frozen, not collected: a collection first costs ~0.5 s\n"
         "frozen = gc.get_freeze_count()\n"
         "swept = len(gc.get_objects())\n"
         "assert gc.isenabled() and frozen > 20 * swept, (frozen, swept)\n"
