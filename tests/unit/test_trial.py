@@ -162,3 +162,28 @@ def test_a_process_running_trials_takes_its_imports_out_of_the_garbage_collector
         done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.strip() == expected
+
+
+def test_keras_comes_without_scikit_learn_where_the_process_has_not_imported_it() -> None:
+    """Keras imports scikit-learn at start for wrappers mlops-tune does not use (0.5-1.2 s of a
+    lane's start-up): a process that has not imported scikit-learn gets Keras without it, and
+    can still import scikit-learn afterwards; one that has (the study's own process, which
+    loaded the data with it) is left as it is."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from mlops_tune.families.keras import _keras\n"
+        "if sys.argv[1] == 'first':\n"
+        "    import sklearn\n"
+        "keras = _keras()\n"
+        "print('sklearn' in sys.modules)\n"
+        "from sklearn.neighbors import KNeighborsClassifier\n"
+        "assert KNeighborsClassifier(n_neighbors=1).fit([[0.0], [1.0]], [0, 1]).predict([[0.9]])[0] == 1\n"
+        "keras.layers.Dense(2)  # Keras itself works\n"
+    )
+    for mode, before in (("lane", "False"), ("first", "True")):
+        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == [before], done.stdout
