@@ -56,7 +56,8 @@ def _run(spec_path: str, lane: int) -> int:
     if ready is None:
         return 0
     study.name = str(ready["name"])
-    study.run_lane(str(ready["experiment_id"]), str(ready["parent_run_id"]), ready.get("started_at"))
+    study.run_lane(str(ready["experiment_id"]), str(ready["parent_run_id"]), ready.get("started_at"),
+                   ready.get("first_trial"))
     return 0
 
 

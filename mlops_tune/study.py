@@ -126,7 +126,8 @@ class Study:
     def _run(self, storage: optuna.storages.BaseStorage, experiment_id: str) -> StudyResult:
         study = optuna.create_study(study_name=self.name, storage=storage, direction="maximize",
                                     sampler=self.sampler, pruner=self.pruner, load_if_exists=True)
-        first = None  # the trial this process takes first, if still waiting then (else the oldest waiting)
+        #: the trial every lane asks for first (the probe): the first lane ready runs it
+        self.first_trial: int | None = None
         existing = len(study.get_trials(deepcopy=False))
         self.budget.key = f"{self.name}#{storage.get_study_id_from_name(self.name)}"  # a recreated study: afresh
         if self.budget.claim("base_trial", self.worker) == self.worker:  # one writer, however many start at once
@@ -141,8 +142,8 @@ class Study:
                     attrs.PARENT: attrs.BASE if not self.start_origin else existing, attrs.MUTATIONS: ",".join(ops)})
                 if self.n_jobs > 1 or self.runner.lanes > 1:  # another lane takes it beside trial 0
                     probe_number = self._enqueue_probe(study)
-                    if self.helpers is not None:  # this process is ready first (its lanes still import)
-                        first = probe_number
+                    if self.helpers is not None:  # lanes of their own, ready in whatever order
+                        self.first_trial = probe_number
         else:  # joining (another worker, a resume): workers seeded alike must not propose the same points
             self.sampler.reseed_rng()
         parent_run_id, created = parent_run(study, experiment_id, self.budget)
@@ -163,7 +164,7 @@ class Study:
             report.study_header(self.name, self.cfg, self.space, existing)
             self.progress = progress
             with progress:
-                self._optimize(one_ask_at_a_time(study, first), context)
+                self._optimize(one_ask_at_a_time(study, self.first_trial), context)
             reconcile(study, experiment_id, run_id, self.budget)
             return finish(study, self.cfg, self.space, self.family, self.splits, run_id, self.budget, self.worker)
 
@@ -173,7 +174,8 @@ class Study:
         started = time.perf_counter()
         helpers = self.helpers
         if helpers is not None:
-            helpers.release(self.name, context.experiment_id, context.parent_run_id, started_at=time.time())
+            helpers.release(self.name, context.experiment_id, context.parent_run_id, started_at=time.time(),
+                            first_trial=self.first_trial)
             print(f"study '{self.name}': {self.n_jobs} trials at once ({self.n_jobs - 1} more process"
                   f"{'es' if self.n_jobs > 2 else ''}; TF threads per process: "
                   f"{os.environ.get('TF_NUM_INTRAOP_THREADS')} intra-op, "
@@ -186,7 +188,8 @@ class Study:
             self.helpers = None  # waited for: nothing left to stop
             helpers.wait()
 
-    def run_lane(self, experiment_id: str, parent_run_id: str, started_at: float | None = None) -> None:
+    def run_lane(self, experiment_id: str, parent_run_id: str, started_at: float | None = None,
+                 first_trial: int | None = None) -> None:
         """Run this process's lane of a study that the study's own process opened (its
         ``study.n_jobs`` > 1): trials until the gate is met or the budget is spent; no report,
         no promotion (the study's process does both once every lane has ended)."""
@@ -195,7 +198,7 @@ class Study:
             tracking.connect(self.tracking_uri, self.cfg["tracking"]["experiment"])
             with faults.classified(tracking_uri=self.tracking_uri, storage_url=self.storage_url):
                 study = one_ask_at_a_time(optuna.load_study(study_name=self.name, storage=storage,
-                                                            sampler=self.sampler, pruner=self.pruner))
+                                                            sampler=self.sampler, pruner=self.pruner), first_trial)
                 self.budget.key = f"{self.name}#{storage.get_study_id_from_name(self.name)}"
                 self.sampler.reseed_rng()  # lanes seeded alike must not propose the same points
                 self.progress = Progress(int(self.cfg["study"]["n_trials"]), self.threshold,
@@ -344,9 +347,9 @@ def one_ask_at_a_time(study: optuna.Study, first: int | None = None) -> optuna.S
     themselves still run in parallel).
 
     ``first``: the number of an enqueued trial this process's first ask takes, if it is still
-    waiting then (else the oldest waiting one, as Optuna's ``ask`` does): the study's own
-    process, ready before its extra lanes, runs the probe (trial 1) and leaves the base model
-    to the lane that comes next.
+    waiting then (else the oldest waiting one, as Optuna's ``ask`` does). Every lane of a
+    study asks first for the probe (trial 1): the lane ready first runs it, the next one the
+    base model (trial 0), whichever process is ready first.
     """
     ask, lock = study.ask, threading.Lock()
     wanted = [first] if first is not None else []
@@ -437,11 +440,13 @@ class HelperLanes:
         save_splits(splits, path)
         self._write(os.path.join(self.folder, self.CHECKED), {"splits": path})
 
-    def release(self, study_name: str, experiment_id: str, parent_run_id: str, started_at: float) -> None:
-        """The stores are open and the parent run exists: the lanes start taking trials."""
+    def release(self, study_name: str, experiment_id: str, parent_run_id: str, started_at: float,
+                first_trial: int | None = None) -> None:
+        """The stores are open and the parent run exists: the lanes start taking trials (first
+        ``first_trial``, if no other lane took it yet)."""
         self._write(os.path.join(self.folder, self.READY),
                     {"name": study_name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-                     "started_at": started_at})
+                     "started_at": started_at, "first_trial": first_trial})
         self.released = True
 
     def wait(self) -> None:

@@ -61,10 +61,10 @@ def _running(study: optuna.Study, batch: int, curve: list[float]) -> optuna.tria
     return next(t for t in study.get_trials() if t.number == trial.number)  # the view pruners get
 
 
-def test_the_study_process_takes_the_probe_first_unless_another_lane_took_it(tmp_path: Path) -> None:
-    """With extra lanes the study's own process asks first for the probe (trial 1), leaving
-    trial 0 to the lane that comes next; a trial another process took already is not taken
-    again (one conditional write), and every later ask takes the oldest waiting trial."""
+def test_the_first_lane_ready_takes_the_probe_and_the_next_one_trial_0(tmp_path: Path) -> None:
+    """Every lane of a study asks first for the probe (trial 1): the first one ready runs it,
+    the next takes trial 0; a trial another process took already is not taken again (one
+    conditional write), and every later ask takes the oldest waiting trial."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
 
     def study_with_three_waiting() -> optuna.Study:
