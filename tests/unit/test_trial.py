@@ -133,9 +133,6 @@ def test_a_process_running_trials_takes_its_imports_out_of_the_garbage_collector
     afterwards (Keras' clear_session runs one before every model) sweeps only what was made
     since; a second call does nothing. A process that did not call defer (mlops-tune used as
     a library) keeps its collector as it was."""
-    import subprocess
-    import sys
-
     script = (
         "import gc, sys\n"
         "from mlops_tune import heap\n"
@@ -159,9 +156,7 @@ def test_a_process_running_trials_takes_its_imports_out_of_the_garbage_collector
         "print('settled')\n"
     )
     for mode, expected in (("owned", "settled"), ("library", "untouched")):
-        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.strip() == expected
+        assert _run_script(script, mode).strip() == expected
 
 
 def test_keras_comes_without_scikit_learn_where_the_process_has_not_imported_it() -> None:
@@ -169,9 +164,6 @@ def test_keras_comes_without_scikit_learn_where_the_process_has_not_imported_it(
     lane's start-up): a process that has not imported scikit-learn gets Keras without it, and
     can still import scikit-learn afterwards; one that has (the study's own process, which
     loaded the data with it) is left as it is."""
-    import subprocess
-    import sys
-
     script = (
         "import sys\n"
         "from mlops_tune.families.keras import _keras\n"
@@ -184,6 +176,14 @@ def test_keras_comes_without_scikit_learn_where_the_process_has_not_imported_it(
         "keras.layers.Dense(2)  # Keras itself works\n"
     )
     for mode, before in (("lane", "False"), ("first", "True")):
-        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.split() == [before], done.stdout
+        assert _run_script(script, mode).split() == [before]
+
+
+def _run_script(script: str, mode: str) -> str:
+    """The output of ``script`` run with ``mode`` in a fresh Python process, which must succeed."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
