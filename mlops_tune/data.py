@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mlops_tune.errors import UsageError, first_line
+from mlops_tune.logs import tensorflow_load_filtered
 
 InputKind = Literal["flat", "image"]
 
@@ -210,7 +211,8 @@ def load_images(path: str, image_size: Sequence[int] = (32, 32), color_mode: str
         raise UsageError(f"data.color_mode: '{color_mode}' is not grayscale or rgb")
     _check_images(folder)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no TensorFlow log lines before our messages
-    from keras.utils import image_dataset_from_directory
+    with tensorflow_load_filtered():
+        from keras.utils import image_dataset_from_directory
 
     try:
         ds = image_dataset_from_directory(

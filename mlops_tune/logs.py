@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import sys
+import threading
+from collections.abc import Iterator
 
 VERBOSE_ENV = "MLOPS_TUNE_VERBOSE"
+
+#: What TensorFlow (2.21 and later) prints while it loads, whatever ``TF_CPP_MIN_LOG_LEVEL`` says:
+#: absl's notice that logging is not initialised yet, and the INFO/WARNING lines logged before
+#: (oneDNN's "custom operations are on", twice per process). ERROR and FATAL lines pass.
+_TF_LOAD_NOISE = re.compile(
+    rb"(?:WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|[IW]\d{4} [\d:.]+ +\d+ [\w.-]+:\d+\] .*)\r?\n?")
+_filter_lock = threading.Lock()
 
 
 def verbose() -> bool:
@@ -64,3 +77,48 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     except ImportError:  # pragma: no cover - optuna is a core dependency
         pass
+
+
+@contextlib.contextmanager
+def tensorflow_load_filtered() -> Iterator[None]:
+    """While TensorFlow loads, drop its log lines from standard error (the process's fd 2).
+
+    TensorFlow 2.21's C++ logging goes through absl before absl is initialised, which writes to
+    stderr at every level (tensorflow/tensorflow#100442, abseil/abseil-cpp#1718). Everything
+    else written to fd 2 meanwhile, by any thread, passes through a pipe and a forwarding thread
+    unchanged. With :func:`verbose` nothing is filtered.
+    """
+    if verbose() or not _filter_lock.acquire(blocking=False):  # another thread filters already
+        yield
+        return
+    try:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no fd 2 to filter
+            yield
+            return
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        forwarder = threading.Thread(target=_forward, args=(read, saved), name="tensorflow-load-stderr",
+                                     daemon=True)
+        forwarder.start()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)  # the pipe's last writer closes: the forwarder reads to its end
+            forwarder.join(timeout=10)
+            if not forwarder.is_alive():
+                os.close(saved)
+    finally:
+        _filter_lock.release()
+
+
+def _forward(read: int, out: int) -> None:
+    with os.fdopen(read, "rb") as pipe, contextlib.suppress(OSError):
+        for line in pipe:
+            if not _TF_LOAD_NOISE.fullmatch(line):
+                os.write(out, line)

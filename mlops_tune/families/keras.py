@@ -19,7 +19,7 @@ import numpy as np
 from mlops_tune.data import Splits
 from mlops_tune.errors import UsageError, check_int
 from mlops_tune.families._base import EpochCallback, Family, FitResult, pinned_requirements, tensor_signature
-from mlops_tune.logs import verbose
+from mlops_tune.logs import tensorflow_load_filtered, verbose
 
 ACTIVATIONS = ("relu", "tanh", "elu", "selu", "gelu", "sigmoid", "swish")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam")
@@ -36,16 +36,20 @@ def _keras() -> Any:
     if not verbose() and not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # TensorFlow's C++ log lines (see logs.py)
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if "keras" not in sys.modules and "sklearn" not in sys.modules and threading.active_count() == 1:
+    if "keras" not in sys.modules:
         # Keras imports scikit-learn at start for its scikit-learn wrappers (keras.wrappers),
         # which mlops-tune does not use: 0.5-1.2 s of CPU (with SciPy) in a process whose trials
         # never touch it (a study's extra lane, a trial worker), while the other lanes import
         # too. Keras takes it as not installed; later imports of scikit-learn work as usual.
-        sys.modules["sklearn"] = None  # type: ignore[assignment]
-        try:
-            import keras
-        finally:
-            del sys.modules["sklearn"]
+        without_sklearn = "sklearn" not in sys.modules and threading.active_count() == 1
+        with tensorflow_load_filtered():
+            if without_sklearn:
+                sys.modules["sklearn"] = None  # type: ignore[assignment]
+            try:
+                import keras
+            finally:
+                if without_sklearn:
+                    del sys.modules["sklearn"]
     import keras
 
     # Every trial builds a new model, so "retracing" warnings are expected noise.

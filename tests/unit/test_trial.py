@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -156,7 +159,7 @@ def test_a_process_running_trials_takes_its_imports_out_of_the_garbage_collector
         "print('settled')\n"
     )
     for mode, expected in (("owned", "settled"), ("library", "untouched")):
-        assert _run_script(script, mode).strip() == expected
+        assert _run_script(script, mode).stdout.strip() == expected
 
 
 def test_keras_comes_without_scikit_learn_where_the_process_has_not_imported_it() -> None:
@@ -176,14 +179,15 @@ def test_keras_comes_without_scikit_learn_where_the_process_has_not_imported_it(
         "keras.layers.Dense(2)  # Keras itself works\n"
     )
     for mode, before in (("lane", "False"), ("first", "True")):
-        assert _run_script(script, mode).split() == [before]
+        done = _run_script(script, mode, TF_CPP_MIN_LOG_LEVEL="")
+        assert done.stdout.split() == [before]
+        assert done.stderr == ""  # and TensorFlow printed nothing while it loaded (see test_logs.py)
 
 
-def _run_script(script: str, mode: str) -> str:
-    """The output of ``script`` run with ``mode`` in a fresh Python process, which must succeed."""
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=180)
+def _run_script(script: str, mode: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``script`` run with ``mode`` in a fresh Python process (``env`` added to this one's), which
+    must succeed."""
+    done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **env})
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return done
