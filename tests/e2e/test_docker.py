@@ -200,17 +200,21 @@ def test_a_killed_warm_container_costs_its_trial_nothing(engine, server: str, wo
     worker; the study spends its whole budget on trials that trained."""
     experiment = _experiment()
     args = ["runner=docker", f"tracking.uri={server}", f"tracking.experiment={experiment}",
-            f"study.storage=sqlite:///{workdir / 'optuna.db'}", "model=ann", "model.epochs=12",
+            f"study.storage=sqlite:///{workdir / 'optuna.db'}", "model=ann", "model.epochs=60",
             "model.early_stopping_patience=0", "study.pruner=none", "study.n_trials=2", "gate.threshold=0.9999",
             "study.sampler=random"]
     proc = subprocess.Popen([str(BIN / "mlops-tune"), *args], cwd=workdir, env=command_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
+    # killed once trial 1 has reported its first epochs: mid-training, with most of its 60 epochs
+    # (some 0.1 s each on digits) still to go, not between two trials
     while not [r for r in _children(mlflow_runs(server, experiment))
                if r.info.status == "RUNNING" and r.data.tags.get(tracking.TAG_TRIAL_NUMBER) == "1"]:
         assert proc.poll() is None and time.time() < deadline, "trial 1 did not start"
         time.sleep(0.5)
-    time.sleep(2)
+    while len(_intermediate_values(workdir / "optuna.db", "ann-digits", 1)) < 2:
+        assert proc.poll() is None and time.time() < deadline, "trial 1 did not start training"
+        time.sleep(0.2)
     victim = _containers_left()
     assert len(victim.split()) == 1
     subprocess.run(["docker", "kill", victim], check=True, capture_output=True)
@@ -364,3 +368,9 @@ def test_team_stack_postgres_backend_and_s3_artifacts(engine, postgres, s3_store
         assert "team-secret" not in result.stdout + result.stderr
     finally:
         devservices.stop_process(proc)
+
+
+def _intermediate_values(storage: Path, study_name: str, number: int) -> dict[int, float]:
+    """What trial ``number`` of the study (whose storage exists) has reported so far."""
+    trials = optuna.load_study(study_name=study_name, storage=f"sqlite:///{storage}").trials
+    return dict(trials[number].intermediate_values) if len(trials) > number else {}
