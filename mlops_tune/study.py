@@ -299,19 +299,16 @@ class Study:
             return None
         point, ops = probe
         model_cfg, inputs = self.space.apply(self.cfg, point)["model"], self.splits.as_input(self.family.input_kind)
+        checks: list[tuple[dict[str, Any], str | None]] = [(model_cfg, None)]  # None: the error says why
         limit = self.gate.get("max_params")
-        try:
-            self.family.check_data(model_cfg, inputs)
-        except UsageError as exc:
-            print(f"study '{self.name}': no probe of the widest layers ({exc})", flush=True)
-            return None
-        try:  # a model that cannot pass the gate is not worth a trial
-            if limit is not None:
-                self.family.check_data({**model_cfg, "max_params": int(limit)}, inputs)
-        except UsageError:
-            print(f"study '{self.name}': no probe of the widest layers (over gate.max_params={int(limit):,})",
-                  flush=True)
-            return None
+        if limit is not None:  # a model that cannot pass the gate is not worth a trial
+            checks.append(({**model_cfg, "max_params": int(limit)}, f"over gate.max_params={int(limit):,}"))
+        for checked, reason in checks:
+            try:
+                self.family.check_data(checked, inputs)
+            except UsageError as exc:
+                print(f"study '{self.name}': no probe of the widest layers ({reason or exc})", flush=True)
+                return None
         return point, ops
 
     def _start_point(self) -> tuple[dict[str, Any], str]:
@@ -335,7 +332,6 @@ class Study:
         self.sampler = make_sampler(self.cfg["study"], self.space, int(self.cfg["seed"]), self.gate)
         print(f"study '{self.name}': trial 0 is the champion {origin}", flush=True)
         return point, f"champion {origin}"
-
 
 
 # ----------------------------------------------------------------------------- around the loop
