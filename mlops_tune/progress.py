@@ -71,6 +71,11 @@ class Progress:
             self._live.stop()
             self._live = None
 
+    def refresh(self) -> None:
+        """Redraw the live line now (it also redraws itself 4 times a second and with every line printed)."""
+        if self._live is not None:
+            self._live.refresh()
+
     # ------------------------------------------------------------------ events
     def trial_started(self, number: int) -> None:
         with self._lock:
