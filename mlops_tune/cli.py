@@ -21,13 +21,12 @@ import os
 import re
 import sys
 import tempfile
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from mlops_tune import faults, secrets
-from mlops_tune.errors import EXIT_CRASH, EXIT_USAGE, EnvironmentFault, StudyAborted, UsageError
+from mlops_tune import exits, faults, secrets
+from mlops_tune.errors import EXIT_USAGE
 
 CONF_DIR = Path(os.environ.get("MLOPS_TUNE_CONF", Path(__file__).resolve().parent / "conf"))
 _CODES_ENV = "MLOPS_TUNE_EXIT_CODES_FILE"
@@ -140,36 +139,12 @@ def note_job(outcome: str) -> None:
 
 
 def run_task(task: Task, cfg: Any, prog: str) -> int:
-    """Run one job, mapping exceptions onto exit codes."""
-    try:
-        return task(cfg)
-    except UsageError as exc:
-        _say(prog, f"error: {exc}")
-        _job_summary.setdefault("outcome", f"error: {exc}")
-        return EXIT_USAGE
-    except StudyAborted as exc:
-        _say(prog, f"error: {exc}")
-        _job_summary.setdefault("outcome", f"error: {exc}")
-        return EXIT_CRASH
-    except EnvironmentFault as exc:
-        _job_summary.setdefault("outcome", f"environment failed: {exc}")
-        _say(prog, f"error: {exc} (the environment failed, not the model: fix it and rerun; "
-                   "the trial in flight is not charged to the budget)")
-        return EXIT_CRASH
-    except KeyboardInterrupt as exc:
-        _job_summary.setdefault("outcome", "stopped")
-        _say(prog, f"{exc if isinstance(exc, faults.Stopped) else 'interrupted'}: MLflow runs closed as "
-                   "KILLED; a study's trial in flight runs again on the next start")
-        return faults.signal_exit_code(exc)
-    except Exception:
-        traceback.print_exc()
-        _say(prog, "crashed (a bug or an environment problem; the traceback is above)")
-        _job_summary.setdefault("outcome", "crashed")
-        return EXIT_CRASH
+    """Run one job, mapping exceptions onto exit codes (``mlops_tune.exits``)."""
+    return exits.run_mapped(lambda: task(cfg), prog, lambda outcome: _job_summary.setdefault("outcome", outcome))
 
 
 def _say(prog: str, text: str) -> None:
-    print(f"{prog}: {secrets.redact_text(text)}", file=sys.stderr, flush=True)
+    exits.say(prog, text)
 
 
 _held: _HeldStderr | None = None

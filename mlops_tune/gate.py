@@ -9,9 +9,12 @@ own attribute.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mlops_tune import attrs
@@ -89,3 +92,45 @@ def missed_because(trials: Sequence[FrozenTrial], gate: Mapping[str, Any]) -> st
         parts.append(f"{len(means)} did not confirm over gate.confirm={gate['confirm']} seeds "
                      f"(best mean {max(means):.4f} < {gate['threshold']})")
     return f"{len(reached)} trial(s) reached the threshold: " + "; ".join(parts) if parts else ""
+
+
+def judged(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` really trained and was judged: it counts against ``study.n_trials``.
+
+    COMPLETE and PRUNED trials were; a FAIL trial was only when its model failed (the error
+    is recorded). A trial failed by a dead worker's stale heartbeat, a failing environment
+    or a signal was not: its ticket goes back to the budget and it runs again.
+    """
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and attrs.ERROR in trial.user_attrs \
+        and attrs.NOT_CHARGED not in trial.user_attrs
+
+
+def best_value(trials: Sequence[FrozenTrial], gate: Mapping[str, Any]) -> float:
+    """The best validation accuracy of ``trials`` within the gate's deployment limits (-inf before any)."""
+    return max((t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+                and not violations(t, gate)), default=-math.inf)
+
+
+def met(trials: Sequence[FrozenTrial], gate: Mapping[str, Any]) -> bool:
+    """Whether any of ``trials`` meets the gate."""
+    return any(meets(t, gate) for t in trials)
+
+
+class GateAwarePruner(optuna.pruners.BasePruner):
+    """``inner``, and once any trial of the study met the gate, every trial still running
+    (in another worker) stops at its next epoch: its result can no longer change the outcome."""
+
+    #: seconds between two looks at the study (one storage read), whatever the epochs' pace
+    CHECK_EVERY = 1.0
+
+    def __init__(self, inner: optuna.pruners.BasePruner, gate: Mapping[str, Any]) -> None:
+        self.inner, self.gate = inner, gate
+        self._checked, self._met = -math.inf, False
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if not self._met and time.monotonic() - self._checked >= self.CHECK_EVERY:
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            self._checked, self._met = time.monotonic(), met(done, self.gate)
+        return self._met or self.inner.prune(study, trial)

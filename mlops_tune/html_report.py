@@ -13,27 +13,21 @@ link to the trials' MLflow runs. The data the page is drawn from is embedded as 
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mlops_tune import attrs
-
-WIDTH, HEIGHT, PAD = 760, 300, 48
-_COLORS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "FAIL": "#d62728", "RUNNING": "#7f7f7f", "WAITING": "#7f7f7f"}
-_WIN = "#2ca02c"
-
-
-# ----------------------------------------------------------------------------- data
-def readable(value: Any) -> str:
-    """``[64, 32]`` for lists, 4 significant digits for floats."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(readable(v) for v in value) + "]"
-    return str(value)
+from mlops_tune.report_svg import (
+    epochs_svg,
+    esc,
+    history_svg,
+    lineage_svg,
+    parallel_svg,
+    params_text,
+    readable,
+)
 
 
 def report_data(study: Any, space: Any, cfg: Mapping[str, Any], verdict: Mapping[str, Any],
@@ -112,235 +106,6 @@ def lineage(trials: Sequence[Mapping[str, Any]], winner: int | None) -> dict[str
     return {"root": root, "edges": edges, "winner_path": list(reversed(path))}
 
 
-# ----------------------------------------------------------------------------- drawing
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _scale(value: float, low: float, high: float, out_low: float, out_high: float) -> float:
-    if high == low:
-        return (out_low + out_high) / 2
-    return out_low + (value - low) * (out_high - out_low) / (high - low)
-
-
-def _axes(x_label: str, y_label: str, x_ticks: Sequence[tuple[float, str]], y_ticks: Sequence[tuple[float, str]]) -> str:
-    parts = [f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - 10}" y2="{HEIGHT - PAD}" class="axis"/>',
-             f'<line x1="{PAD}" y1="10" x2="{PAD}" y2="{HEIGHT - PAD}" class="axis"/>',
-             f'<text x="{(WIDTH + PAD) / 2}" y="{HEIGHT - 8}" class="label">{_esc(x_label)}</text>',
-             f'<text x="12" y="{HEIGHT / 2}" class="label" transform="rotate(-90 12 {HEIGHT / 2})">{_esc(y_label)}</text>']
-    parts += [f'<text x="{x:.1f}" y="{HEIGHT - PAD + 16}" class="tick">{_esc(t)}</text>' for x, t in x_ticks]
-    parts += [f'<text x="{PAD - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">{_esc(t)}</text>'
-              for y, t in y_ticks]
-    return "".join(parts)
-
-
-def _y_range(values: Sequence[float], threshold: float) -> tuple[float, float]:
-    low = min([*values, threshold], default=0.0)
-    return max(0.0, math.floor(low * 20) / 20), 1.0
-
-
-def _y_ticks(low: float, high: float) -> list[tuple[float, str]]:
-    steps = 5
-    return [(_scale(low + i * (high - low) / steps, low, high, HEIGHT - PAD, 10), f"{low + i * (high - low) / steps:.2f}")
-            for i in range(steps + 1)]
-
-
-def _int_ticks(n: int, x_of: Any) -> list[tuple[float, str]]:
-    step = max(1, math.ceil(n / 12))
-    return [(x_of(i), str(i)) for i in range(0, n, step)]
-
-
-def history_svg(data: Mapping[str, Any]) -> str:
-    """Each trial's value by trial number, the best so far, the threshold line."""
-    trials, threshold = data["trials"], data["threshold"]
-    values = [t["value"] for t in trials if t["value"] is not None]
-    low, high = _y_range(values, threshold)
-    n = max((t["number"] for t in trials), default=0) + 1
-
-    def x_of(i: float) -> float:
-        return _scale(i, -0.5, n - 0.5, PAD, WIDTH - 20)
-
-    def y_of(v: float) -> float:
-        return _scale(v, low, high, HEIGHT - PAD, 10)
-
-    parts = [_axes("trial", data["metric"], _int_ticks(n, x_of), _y_ticks(low, high))]
-    y_t = y_of(threshold)
-    parts.append(f'<line x1="{PAD}" y1="{y_t:.1f}" x2="{WIDTH - 10}" y2="{y_t:.1f}" class="threshold"/>'
-                 f'<text x="{WIDTH - 12}" y="{y_t + (14 if y_t < 24 else -5):.1f}" class="tick" text-anchor="end">'
-                 f'threshold {threshold}</text>')
-    best, steps = -math.inf, []
-    for t in sorted(trials, key=lambda t: t["number"]):
-        if t["state"] == "COMPLETE" and t["value"] is not None and t["value"] > best:
-            best = t["value"]
-        if best > -math.inf:
-            steps.append(f"{x_of(t['number']):.1f},{y_of(best):.1f}")
-    if steps:
-        parts.append(f'<polyline points="{" ".join(steps)}" class="best"/>')
-    for t in trials:
-        x = x_of(t["number"])
-        color = _COLORS.get(t["state"], "#7f7f7f")
-        title = f"<title>trial {t['number']} {t['state']} {readable(t['value'])}</title>"
-        if t["value"] is None:  # failed: a cross on the axis
-            y = HEIGHT - PAD
-            parts.append(f'<path d="M{x - 4:.1f},{y - 4} l8,8 m0,-8 l-8,8" stroke="{color}" class="mark">{title}</path>')
-        elif t["state"] == "PRUNED":
-            y = y_of(t["value"])
-            parts.append(f'<rect x="{x - 4:.1f}" y="{y - 4:.1f}" width="8" height="8" fill="none" stroke="{color}" '
-                         f'class="mark">{title}</rect>')
-        else:
-            parts.append(f'<circle cx="{x:.1f}" cy="{y_of(t["value"]):.1f}" r="4.5" fill="{color}" class="mark">'
-                         f'{title}</circle>')
-    legend = ('<p class="legend"><span style="color:#1f77b4">&#9679; complete</span> '
-              '<span style="color:#ff7f0e">&#9633; pruned (its last reported epoch)</span> '
-              '<span style="color:#d62728">&#215; failed</span> <span style="color:#2ca02c">&#8212; best so far</span> '
-              '<span style="color:#d62728">- - threshold</span></p>')
-    return _svg("history", "".join(parts)) + legend
-
-
-def epochs_svg(data: Mapping[str, Any]) -> str:
-    """Every trial's per-epoch validation accuracy, the winner's drawn over the rest."""
-    trials = [t for t in data["trials"] if t["epochs"]]
-    if not trials:
-        return '<p class="note">No per-epoch metrics: this model family trains in one step.</p>'
-    winner = data["verdict"].get("best_trial")
-    values = [v for t in trials for v in t["epochs"]]
-    low, high = _y_range(values, data["threshold"])
-    n = max(len(t["epochs"]) for t in trials)
-
-    def x_of(i: float) -> float:
-        return _scale(i, 0, max(1, n - 1), PAD, WIDTH - 20)
-
-    def y_of(v: float) -> float:
-        return _scale(v, low, high, HEIGHT - PAD, 10)
-
-    parts = [_axes("epoch", data["metric"], _int_ticks(n, x_of), _y_ticks(low, high))]
-    y_t = y_of(data["threshold"])
-    parts.append(f'<line x1="{PAD}" y1="{y_t:.1f}" x2="{WIDTH - 10}" y2="{y_t:.1f}" class="threshold"/>')
-    for t in sorted(trials, key=lambda t: t["number"] == winner):
-        points = " ".join(f"{x_of(i):.1f},{y_of(v):.1f}" for i, v in enumerate(t["epochs"]) if math.isfinite(v))
-        cls = "winner" if t["number"] == winner else "curve"
-        color = _WIN if cls == "winner" else _COLORS.get(t["state"], "#7f7f7f")
-        parts.append(f'<polyline points="{points}" class="{cls}" stroke="{color}">'
-                     f'<title>trial {t["number"]} ({t["state"].lower()})</title></polyline>')
-    return _svg("epochs", "".join(parts))
-
-
-def lineage_svg(data: Mapping[str, Any]) -> str:
-    """The lineage tree, top-down: root at the top, each child below the trial it came from."""
-    tree, by_number = data["lineage"], {t["number"]: t for t in data["trials"]}
-    if tree["root"] is None:
-        return '<p class="note">No base-model trial in this study.</p>'
-    children: dict[int, list[dict[str, Any]]] = {}
-    for edge in tree["edges"]:
-        children.setdefault(edge["from"], []).append(edge)
-    position: dict[int, tuple[float, int]] = {}
-    next_x = [0]
-
-    def place(node: int, depth: int) -> float:
-        kids = sorted(children.get(node, []), key=lambda e: e["to"])
-        if not kids:
-            x = float(next_x[0])
-            next_x[0] += 1
-        else:
-            xs = [place(e["to"], depth + 1) for e in kids]
-            x = (xs[0] + xs[-1]) / 2
-        position[node] = (x, depth)
-        return x
-
-    place(tree["root"], 0)
-    box_w, box_h, col, row = 96, 38, 150, 104
-    width = max(WIDTH, int(next_x[0] * col + 40))
-    height = int((max(d for _, d in position.values()) + 1) * row + 20)
-    on_path = set(tree["winner_path"])
-
-    def centre(node: int) -> tuple[float, float]:
-        x, depth = position[node]
-        return 20 + x * col + box_w / 2, 14 + depth * row
-
-    parts = []
-    for edge in tree["edges"]:
-        if edge["from"] not in position or edge["to"] not in position:
-            continue
-        (x1, y1), (x2, y2) = centre(edge["from"]), centre(edge["to"])
-        win = edge["from"] in on_path and edge["to"] in on_path
-        parts.append(f'<path d="M{x1:.1f},{y1 + box_h:.1f} C{x1:.1f},{y1 + box_h + 30:.1f} {x2:.1f},{y2 - 30:.1f} '
-                     f'{x2:.1f},{y2:.1f}" class="{"edge win" if win else "edge"}'
-                     f'{"" if edge["mutated"] else " sampled"}"/>')
-        ops = [op.removeprefix("model.") for op in edge["label"].split(",")]
-        lines = "".join(f'<tspan x="{x2:.1f}" dy="{0 if i == 0 else 11}">{_esc(op[:24])}</tspan>'
-                        for i, op in enumerate(ops))
-        parts.append(f'<text x="{x2:.1f}" y="{y2 - 8 - 11 * (len(ops) - 1):.1f}" class="edge-label" '
-                     f'data-edge="{edge["from"]}-{edge["to"]}">{lines}<title>{_esc(edge["label"])}</title></text>')
-    for node, _ in position.items():
-        trial = by_number.get(node, {})
-        x, y = centre(node)
-        value = readable(trial.get("value")) if trial.get("value") is not None else trial.get("state", "").lower()
-        cls = "node win" if node in on_path else "node"
-        tag = ("champion" if trial.get("start") else "base model") if node == tree["root"] else f"trial {node}"
-        parts.append(f'<g class="{cls}" data-trial="{node}"><rect x="{x - box_w / 2:.1f}" y="{y:.1f}" width="{box_w}" '
-                     f'height="{box_h}" rx="6"/><text x="{x:.1f}" y="{y + 15:.1f}">#{node} {_esc(tag if node == tree["root"] else "")}'
-                     f'</text><text x="{x:.1f}" y="{y + 30:.1f}">{_esc(value)}</text>'
-                     f'<title>{_esc(_params_text(trial.get("params", {})))}</title></g>')
-    return _svg("lineage", "".join(parts), width, height)
-
-
-def parallel_svg(data: Mapping[str, Any]) -> str:
-    """One axis per searched key (lists: layers and total units), the metric last."""
-    trials = [t for t in data["trials"] if t["value"] is not None and t["params"]]
-    if not trials:
-        return '<p class="note">No trial with a value yet.</p>'
-    columns: dict[str, list[float | str]] = {}
-    for key in trials[0]["params"]:
-        values = [t["params"].get(key) for t in trials]
-        if all(isinstance(v, (list, tuple)) for v in values):
-            columns[f"{key} (layers)"] = [len(v) for v in values]  # type: ignore[arg-type]
-            columns[f"{key} (units)"] = [sum(v) for v in values]  # type: ignore[arg-type]
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            columns[key] = [float(v) for v in values]  # type: ignore[arg-type]
-        else:
-            columns[key] = [str(v) for v in values]
-    columns[data["metric"]] = [t["value"] for t in trials]
-    names = list(columns)
-    side = 80
-    gap = (WIDTH - 2 * side) / max(1, len(names) - 1)
-    parts, scaled = [], {}
-    for i, name in enumerate(names):
-        x = side + i * gap
-        values = columns[name]
-        if all(isinstance(v, float | int) for v in values):
-            nums = [float(v) for v in values]  # type: ignore[arg-type]
-            low, high = min(nums), max(nums)
-            log = low > 0 and high / low >= 100
-            f = (lambda v: math.log10(v)) if log else (lambda v: v)
-            scaled[name] = [_scale(f(v), f(low), f(high), HEIGHT - PAD, 24) for v in nums]
-            ticks = [(HEIGHT - PAD, readable(low)), (24, readable(high))]
-        else:
-            cats = sorted({str(v) for v in values})
-            scaled[name] = [_scale(cats.index(str(v)), 0, max(1, len(cats) - 1), HEIGHT - PAD, 24) for v in values]
-            ticks = [(_scale(j, 0, max(1, len(cats) - 1), HEIGHT - PAD, 24), c) for j, c in enumerate(cats)]
-        parts.append(f'<line x1="{x:.1f}" y1="24" x2="{x:.1f}" y2="{HEIGHT - PAD}" class="axis"/>'
-                     f'<text x="{x:.1f}" y="{HEIGHT - PAD + 16 + 14 * (i % 2)}" class="tick" text-anchor="middle">'
-                     f'{_esc(name)}</text>')
-        parts += [f'<text x="{x + 3:.1f}" y="{y + 3:.1f}" class="tick small">{_esc(t)}</text>' for y, t in ticks]
-    metric = [t["value"] for t in trials]
-    low, high = min(metric), max(metric)
-    for row, trial in enumerate(trials):
-        points = " ".join(f"{side + i * gap:.1f},{scaled[name][row]:.1f}" for i, name in enumerate(names))
-        share = _scale(trial["value"], low, high, 0.15, 1.0)
-        winner = trial["number"] == data["verdict"].get("best_trial")
-        parts.append(f'<polyline points="{points}" class="{"winner" if winner else "curve"}" '
-                     f'stroke="{_WIN if winner else "#1f77b4"}" stroke-opacity="{1 if winner else share:.2f}">'
-                     f'<title>trial {trial["number"]}: {readable(trial["value"])}</title></polyline>')
-    return _svg("parallel", "".join(parts))
-
-
-def _svg(name: str, body: str, width: int = WIDTH, height: int = HEIGHT) -> str:
-    return (f'<svg id="svg-{name}" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img">{body}</svg>')
-
-
-def _params_text(params: Mapping[str, Any]) -> str:
-    return " ".join(f"{key}={readable(value)}" for key, value in params.items())
 
 
 def table_html(data: Mapping[str, Any]) -> str:
@@ -349,16 +114,16 @@ def table_html(data: Mapping[str, Any]) -> str:
     rows = sorted(data["trials"], key=lambda t: (order.get(t["state"], 2), -(t["value"] or 0), t["number"]))
     winner = data["verdict"].get("best_trial")
     out = ['<table id="trials"><thead><tr><th>rank</th><th>trial</th><th>state</th>'
-           f'<th>{_esc(data["metric"])}</th><th>parameters</th><th>from</th><th>seconds</th><th>run</th></tr></thead><tbody>']
+           f'<th>{esc(data["metric"])}</th><th>parameters</th><th>from</th><th>seconds</th><th>run</th></tr></thead><tbody>']
     for rank, t in enumerate(rows, 1):
         origin = (t.get("start") or "base model") if t["parent"] == attrs.ROOT else (
             f"#{t['parent']} {t['mutations']}" if t["mutations"] else t["parent"] or "sampled")
-        run = (f'<a href="{_esc(t["run"])}" target="_top">MLflow run</a>' if t["run"] else "")
-        error = f'<div class="error">{_esc(t["error"])}</div>' if t["error"] else ""
+        run = (f'<a href="{esc(t["run"])}" target="_top">MLflow run</a>' if t["run"] else "")
+        error = f'<div class="error">{esc(t["error"])}</div>' if t["error"] else ""
         seconds = f"{t['seconds']:.1f}" if isinstance(t["seconds"], (int, float)) else ""
         out.append(f'<tr class="{"winner" if t["number"] == winner else ""}" data-trial="{t["number"]}"><td>{rank}</td>'
                    f'<td>{t["number"]}</td><td>{t["state"].lower()}</td><td>{readable(t["value"]) if t["value"] is not None else ""}'
-                   f'</td><td class="params">{_esc(_params_text(t["params"]))}{error}</td><td>{_esc(origin)}</td>'
+                   f'</td><td class="params">{esc(params_text(t["params"]))}{error}</td><td>{esc(origin)}</td>'
                    f'<td>{seconds}</td><td>{run}</td></tr>')
     out.append("</tbody></table>")
     return "".join(out)
@@ -405,11 +170,11 @@ def render(data: Mapping[str, Any]) -> str:
         counts[t["state"].lower()] = counts.get(t["state"].lower(), 0) + 1
     payload = json.dumps(data, default=str).replace("</", "<\\/")
     sections = [
-        ("verdict", "Verdict", f'<div class="verdict {"passed" if passed else "missed"}">{_esc(line)}</div>'
+        ("verdict", "Verdict", f'<div class="verdict {"passed" if passed else "missed"}">{esc(line)}</div>'
                                f'<p class="meta">{len(data["trials"])} trials ('
-                               f'{_esc(", ".join(f"{n} {k}" for k, n in counts.items()))}) of a budget of '
-                               f'{data["n_trials"]}; sampler {_esc(data["sampler"])}; model {_esc(data["model"])} '
-                               f'on {_esc(data["data"])}</p>'),
+                               f'{esc(", ".join(f"{n} {k}" for k, n in counts.items()))}) of a budget of '
+                               f'{data["n_trials"]}; sampler {esc(data["sampler"])}; model {esc(data["model"])} '
+                               f'on {esc(data["data"])}</p>'),
         ("history", "Optimization history", history_svg(data)),
         ("epochs", f"Per-epoch {data['metric']}", epochs_svg(data)),
         ("lineage", "Mutation lineage",
@@ -419,10 +184,10 @@ def render(data: Mapping[str, Any]) -> str:
         ("parallel", "Parallel coordinates", parallel_svg(data)),
         ("table", "Trials", table_html(data)),
     ]
-    body = "".join(f'<section id="{key}"><h2>{_esc(title)}</h2>{content}</section>' for key, title, content in sections)
+    body = "".join(f'<section id="{key}"><h2>{esc(title)}</h2>{content}</section>' for key, title, content in sections)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
             "img-src data:\">"
-            f"<title>{_esc(data['study'])}: mlops-tune study report</title><style>{_CSS}</style></head><body>"
-            f"<h1>Study {_esc(data['study'])}</h1>{body}"
+            f"<title>{esc(data['study'])}: mlops-tune study report</title><style>{_CSS}</style></head><body>"
+            f"<h1>Study {esc(data['study'])}</h1>{body}"
             f'<script type="application/json" id="report-data">{payload}</script></body></html>\n')

@@ -8,6 +8,7 @@ a SQLite file or file store can be written. Used by the study's and the trial's 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import os
 import urllib.error
@@ -170,3 +171,71 @@ def filesystem_of(path: str, mountinfo: str) -> str:
         if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
             best, fstype = point, tail.split()[0]
     return fstype
+
+
+def template_folder() -> Path:
+    """Where migrated, empty MLflow SQLite stores are kept (one per MLflow version)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlops-tune"
+
+
+def seed_new_sqlite_store(uri: str) -> bool:
+    """A new local SQLite tracking store starts as a copy of a migrated, empty one.
+
+    MLflow creates a new store by running its ~60 schema migrations (3.3 s here, every first
+    run in a fresh CI workspace). The first such store on a machine is kept, without its
+    Default experiment (MLflow creates that on first use, with this store's artifact root),
+    in :func:`template_folder` and copied from then on. Anything unusual (another URI, an
+    existing file, an unwritable cache, a failed copy) leaves the store to MLflow.
+    Returns whether the store was seeded.
+    """
+    path = locks.sqlite_path(uri)
+    if path is None or path.exists() or not os.access(path.parent, os.W_OK):
+        return False
+    staging = path.with_name(f".{path.name}.{os.getpid()}.seed")
+    try:
+        import shutil
+
+        shutil.copyfile(_template(), staging)
+        os.replace(staging, path)
+        return True
+    except Exception:
+        with contextlib.suppress(OSError):
+            staging.unlink()
+        return False
+
+
+def _template() -> Path:
+    """The migrated, empty store for this MLflow version, made once per machine."""
+    import sqlite3
+
+    import mlflow
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = template_folder()
+    template = folder / f"mlflow-{mlflow.__version__}.db"
+    if template.exists():
+        try:  # a migrated store: a schema version and no experiment
+            with contextlib.closing(sqlite3.connect(f"file:{template}?mode=ro", uri=True)) as conn:
+                version = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+                experiments = conn.execute("SELECT COUNT(*) FROM experiments").fetchone()[0]
+            if version and experiments == 0:
+                return template
+        except sqlite3.Error:
+            pass
+        template.unlink()  # damaged: made again below
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".mlflow-{mlflow.__version__}.{os.getpid()}.db"
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{staging}", str(folder / "mlruns"))
+        store.engine.dispose()
+        with contextlib.closing(sqlite3.connect(staging)) as conn:
+            with conn:
+                conn.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
+                conn.execute("DELETE FROM experiments WHERE experiment_id = 0")
+            conn.execute("PRAGMA journal_mode=DELETE")  # the file alone holds it all: safe to copy
+        os.replace(staging, template)
+    finally:
+        with contextlib.suppress(OSError):
+            staging.unlink()
+    return template

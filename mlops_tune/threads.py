@@ -79,3 +79,9 @@ def limit_threads(n_jobs: int) -> dict[str, str]:
         if not os.environ.get(key):
             os.environ[key] = value
     return {key: os.environ[key] for key in TF_THREAD_VARS}
+
+
+def tf_threads_text() -> str:
+    """TensorFlow's thread counts in force in this process, in words."""
+    return (f"{os.environ.get('TF_NUM_INTRAOP_THREADS')} intra-op, "
+            f"{os.environ.get('TF_NUM_INTEROP_THREADS')} inter-op")

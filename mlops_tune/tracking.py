@@ -24,7 +24,7 @@ from mlops_tune.errors import UsageError, first_line
 from mlops_tune.faults import classify
 from mlops_tune.logs import quiet_libraries
 from mlops_tune.secrets import redact, redact_config, redact_text
-from mlops_tune.stores import check_reachable, configure_http, fail_fast, write_ahead_sqlite
+from mlops_tune.stores import check_reachable, configure_http, fail_fast, seed_new_sqlite_store, write_ahead_sqlite
 
 TAG_STUDY = "mlops_tune.study"
 TAG_GATE = "mlops_tune.gate"
@@ -95,73 +95,6 @@ def preload(uri: str) -> None:
     with contextlib.suppress(ImportError):  # only a head start: connect imports what it needs anyway
         importlib.import_module(f"mlflow.store.tracking.{store}")
 
-
-def template_folder() -> Path:
-    """Where migrated, empty MLflow SQLite stores are kept (one per MLflow version)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlops-tune"
-
-
-def seed_new_sqlite_store(uri: str) -> bool:
-    """A new local SQLite tracking store starts as a copy of a migrated, empty one.
-
-    MLflow creates a new store by running its ~60 schema migrations (3.3 s here, every first
-    run in a fresh CI workspace). The first such store on a machine is kept, without its
-    Default experiment (MLflow creates that on first use, with this store's artifact root),
-    in :func:`template_folder` and copied from then on. Anything unusual (another URI, an
-    existing file, an unwritable cache, a failed copy) leaves the store to MLflow.
-    Returns whether the store was seeded.
-    """
-    path = locks.sqlite_path(uri)
-    if path is None or path.exists() or not os.access(path.parent, os.W_OK):
-        return False
-    staging = path.with_name(f".{path.name}.{os.getpid()}.seed")
-    try:
-        import shutil
-
-        shutil.copyfile(_template(), staging)
-        os.replace(staging, path)
-        return True
-    except Exception:
-        with contextlib.suppress(OSError):
-            staging.unlink()
-        return False
-
-
-def _template() -> Path:
-    """The migrated, empty store for this MLflow version, made once per machine."""
-    import sqlite3
-
-    import mlflow
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    folder = template_folder()
-    template = folder / f"mlflow-{mlflow.__version__}.db"
-    if template.exists():
-        try:  # a migrated store: a schema version and no experiment
-            with contextlib.closing(sqlite3.connect(f"file:{template}?mode=ro", uri=True)) as conn:
-                version = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-                experiments = conn.execute("SELECT COUNT(*) FROM experiments").fetchone()[0]
-            if version and experiments == 0:
-                return template
-        except sqlite3.Error:
-            pass
-        template.unlink()  # damaged: made again below
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = folder / f".mlflow-{mlflow.__version__}.{os.getpid()}.db"
-    try:
-        store = SqlAlchemyStore(f"sqlite:///{staging}", str(folder / "mlruns"))
-        store.engine.dispose()
-        with contextlib.closing(sqlite3.connect(staging)) as conn:
-            with conn:
-                conn.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
-                conn.execute("DELETE FROM experiments WHERE experiment_id = 0")
-            conn.execute("PRAGMA journal_mode=DELETE")  # the file alone holds it all: safe to copy
-        os.replace(staging, template)
-    finally:
-        with contextlib.suppress(OSError):
-            staging.unlink()
-    return template
 
 
 def _set_experiment(name: str, attempts: int = 3) -> str:
@@ -322,14 +255,14 @@ def log_data(name: str, fingerprint: str, x: Any, y: Any, source: str, run_id: s
     the loaded data."""
     import mlflow
     from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     dataset = mlflow.data.from_numpy(x, targets=y, name=name, digest=fingerprint,
                                      source=CodeDatasetSource({"mlops_tune.data": source}))
     run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
     # what mlflow.log_input does for the active run, for any run (MLflow's own example of log_inputs)
-    entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
+    entry = DatasetInput(Dataset(**dataset.to_dict()), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
     # MLflow's SQL store looks the dataset up, then inserts it: workers of one study logging the
     # same new dataset at once collide on its key; the loser's retry finds it and only links it
     for attempt in range(4):
@@ -343,33 +276,6 @@ def log_data(name: str, fingerprint: str, x: Any, y: Any, source: str, run_id: s
                 raise
             time.sleep(0.1 * (attempt + 1))
 
-
-#: the study's best trial run (moved to a newer best by a resumed study)
-TAG_BEST = "mlops_tune.best"
-
-
-def describe_study_run(study_name: str, verdict: str, best_run_id: str) -> None:
-    """Make the active (parent) run readable in the MLflow UI: named after the study (also a
-    Project run that MLflow named), its description the verdict, the best child run tagged."""
-    import mlflow
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
-
-    run = mlflow.active_run()
-    if run is None:
-        return
-    client = mlflow.MlflowClient()
-    description = (f"**{verdict}**\n\nStudy report: the `report.html` artifact of this run "
-                   "(trials, optimization history, mutation lineage, a link to every trial's run).")
-    log_batch(tags={MLFLOW_RUN_NAME: study_name, MLFLOW_RUN_NOTE: description})
-    if not best_run_id:
-        return
-    earlier = client.search_runs(
-        [run.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`{TAG_BEST}` = 'true'")
-    for other in earlier:
-        if other.info.run_id != best_run_id:
-            client.set_tag(other.info.run_id, TAG_BEST, "false")
-    client.set_tag(best_run_id, TAG_BEST, "true")
 
 
 def log_to(run_id: str, metrics: Mapping[str, float], series: Mapping[str, Sequence[float]] | None = None) -> None:
@@ -479,25 +385,3 @@ def model_ready(model_uri: str, grace: float = 30.0, poll: float = 0.2) -> bool:
         time.sleep(min(poll, grace - age))
 
 
-def close_orphan_runs(experiment_id: str, parent_run_id: str, live_run_ids: set[str]) -> list[str]:
-    """Mark KILLED every RUNNING child run of ``parent_run_id`` not in ``live_run_ids``.
-
-    A worker killed mid-trial leaves its trial's run RUNNING; its Optuna trial is failed
-    by the heartbeat, and this closes the run to match.
-    """
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
-    )
-    closed = []
-    for child in runs:
-        # a warm worker's own run ends with its process (it stops by itself when its study is gone)
-        if child.info.run_id not in live_run_ids and child.data.tags.get(TAG_ROLE) != "worker":
-            client.set_tag(child.info.run_id, TAG_STATE, "FAIL")
-            client.set_tag(child.info.run_id, TAG_ERROR, "worker died mid-trial (stale heartbeat)")
-            client.set_terminated(child.info.run_id, "KILLED")
-            closed.append(child.info.run_id)
-    return closed

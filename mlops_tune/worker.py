@@ -79,7 +79,7 @@ class TrialProcess:
         tags = container_tags()
         if self.worker_run:
             tags[tracking.TAG_WORKER_RUN] = self.worker_run
-        with faults.classified(tracking_uri=uri, storage_url=str(link["storage"])):
+        with faults.classified(tracking_uri=uri, storage_url=str(link.get("storage", ""))):
             reporter, should_log_model = self.study_link(link)
             try:
                 outcome = run_trial(plain, experiment_id=self._experiments[(uri, experiment)],
@@ -98,6 +98,8 @@ class TrialProcess:
         from mlops_tune.optuna_setup import make_pruner, open_storage
         from mlops_tune.trial import OptunaReporter
 
+        if link.get("trial") is None:  # a retraining (gate.confirm): no Optuna trial, no model
+            return None, lambda _value: False
         key = json.dumps([link["storage"], link["study"], link.get("pruner", "median")], sort_keys=True)
         if key not in self._studies:  # one storage connection and study per worker, not per trial
             storage = optuna.storages.get_storage(open_storage(str(link["storage"])))

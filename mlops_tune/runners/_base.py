@@ -9,7 +9,7 @@ from typing import Any
 
 from mlops_tune import heap
 from mlops_tune.data import Splits
-from mlops_tune.trial import TrialOutcome
+from mlops_tune.trial import TrialOutcome, run_trial
 
 
 @dataclass(frozen=True)
@@ -65,3 +65,12 @@ class Runner(abc.ABC):
     def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,
             tags: Mapping[str, str]) -> TrialOutcome:
         """Train and track one trial; raise ``optuna.TrialPruned`` when pruned."""
+
+    def retrain(self, trial_cfg: Mapping[str, Any], context: TrialContext, run_name: str,
+                tags: Mapping[str, str]) -> TrialOutcome:
+        """Train a trial's config once more (``gate.confirm``: another seed) where this runner runs
+        trials, as a child run of the study that reports to no Optuna trial and logs no model.
+        This default trains in the study's process."""
+        return run_trial(trial_cfg, experiment_id=context.experiment_id, splits=context.splits,
+                         parent_run_id=context.parent_run_id, run_name=run_name, tags=tags,
+                         evaluate_test=False, should_log_model=lambda _value: False)

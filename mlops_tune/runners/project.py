@@ -20,10 +20,8 @@ end; the outcome is read back from the run. Where the trial runs:
 * ``runner.fresh_per_trial=true``: a Project run (and a container) per trial, its run
   being the child run itself: nothing is shared between trials.
 
-The trial process reports every epoch to the study's Optuna storage (for runner=docker
-through Optuna's gRPC storage proxy, served by the study on 127.0.0.1), so the study's
-pruner decides across the process boundary.
-"""
+Every epoch is reported to the study's Optuna storage (runner=docker: through Optuna's gRPC
+storage proxy on 127.0.0.1), so the study's pruner decides across the process boundary."""
 
 from __future__ import annotations
 
@@ -100,12 +98,22 @@ class ProjectRunner(Runner):
 
     def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,
             tags: Mapping[str, str]) -> TrialOutcome:
+        return self._run(trial_cfg, f"trial-{trial.number}", context, tags, trial=trial)
+
+    def retrain(self, trial_cfg: Mapping[str, Any], context: TrialContext, run_name: str,
+                tags: Mapping[str, str]) -> TrialOutcome:
+        """In the trials' own processes (containers for runner=docker), as trials are."""
+        return self._run(trial_cfg, run_name, context, tags, trial=None)
+
+    def _run(self, trial_cfg: Mapping[str, Any], name: str, context: TrialContext, tags: Mapping[str, str],
+             trial: Any) -> TrialOutcome:
+        """One training in a trial process; ``trial``: the Optuna trial it reports to (None: none,
+        and no model logged)."""
         import mlflow
         import optuna
 
         started = time.perf_counter()
-        name = f"trial-{trial.number}"
-        project = self._project_dir()
+        project = self.project_dir()
         worker = None if self.fresh else self._worker(context)
         run_tags = {**tags, "mlflow.parentRunId": context.parent_run_id}
         if worker is None:  # the tags MLflow gives its own Project runs (it sets none on a run it is handed)
@@ -116,10 +124,11 @@ class ProjectRunner(Runner):
             if self.docker:
                 run_tags.update({"mlflow.project.env": "docker", "mlflow.docker.image.uri": self.image})
         run_id = tracking.create_run(context.experiment_id, name, run_tags)
-        trial.set_user_attr(attrs.RUN, run_id)
-        link = {"storage": self._storage_for_trial(context), "study": trial.study.study_name,
-                "trial": trial.number, "pruner": context.pruner, "log_model_above": context.best_value(),
-                "run_id": run_id}
+        link: dict[str, Any] = {"run_id": run_id, "trial": None}
+        if trial is not None:
+            trial.set_user_attr(attrs.RUN, run_id)
+            link.update({"storage": self._storage_for_trial(context), "study": trial.study.study_name,
+                         "trial": trial.number, "pruner": context.pruner, "log_model_above": context.best_value()})
         try:
             if worker is None:
                 folder = self.workdir / name
@@ -127,7 +136,7 @@ class ProjectRunner(Runner):
                 self._project_run(project, folder, run_id, context)
             else:
                 worker.submit(name, self._trial_file_config(trial_cfg), link)
-                self._wait(worker, run_id, retried=attrs.RETRY_OF in trial.user_attrs)
+                self._wait(worker, run_id, retried=trial is None or attrs.RETRY_OF in trial.user_attrs)
         except KeyboardInterrupt:  # stopped: the trial's run is KILLED, its process ended
             if worker is not None and self._interrupted is None:  # (lanes: the main thread ended them)
                 self._stop_workers(grace=0)
@@ -272,7 +281,7 @@ class ProjectRunner(Runner):
             config["data"] = {**config["data"], "path": self.data_path}
         return config
 
-    def _project_dir(self) -> Path:
+    def project_dir(self) -> Path:
         """The study's MLflow Project (with ``docker_env`` for runner=docker)."""
         import yaml
 
@@ -334,7 +343,7 @@ class _Worker:
         (self.inbox / ALIVE_FILE).touch()
         self.run_id = tracking.create_run(context.experiment_id, f"worker-{lane}", {
             "mlflow.parentRunId": context.parent_run_id, tracking.TAG_ROLE: "worker",
-            "mlflow.source.type": "PROJECT", "mlflow.source.name": runner._project_dir().as_uri(),
+            "mlflow.source.type": "PROJECT", "mlflow.source.name": runner.project_dir().as_uri(),
             "mlflow.project.entryPoint": WORKER_ENTRY_POINT,
         })
         self.label = f"worker-{lane}, run {self.run_id}"
@@ -346,7 +355,7 @@ class _Worker:
 
         def serve() -> None:
             try:
-                mlflow.projects.run(str(runner._project_dir()), entry_point=WORKER_ENTRY_POINT,
+                mlflow.projects.run(str(runner.project_dir()), entry_point=WORKER_ENTRY_POINT,
                                     parameters={"inbox": str(self.inbox)}, run_id=self.run_id,
                                     experiment_id=context.experiment_id, synchronous=True, **options)
                 self._exit = 0

@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from devtools import devservices
 from mlops_tune.attrs import NOT_CHARGED as ATTR_NOT_CHARGED
 from mlops_tune.attrs import RETRY_OF as ATTR_RETRY_OF
-from mlops_tune.study import judged
+from mlops_tune.gate import judged
 from tests.conftest import BIN, IN_CI, IS_ROOT, command_env, mlflow_runs, read_only
 
 SECRET = "S3cretPW"

@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mlops_tune import attrs, tracking
-from mlops_tune.study import judged
+from mlops_tune.gate import judged
 from tests.conftest import BIN, command_env, heavy_imports_after, kill_when_a_trial_runs, mlflow_client, mlflow_runs
 
 pytestmark = pytest.mark.usefixtures("workdir")

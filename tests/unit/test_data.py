@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops_tune.data import load_csv, load_keras, load_npz, load_sklearn, load_splits, read_splits, save_splits, split
+from mlops_tune.data import load_csv, load_npz, load_sklearn, load_splits, split
+from mlops_tune.data.images import load_keras
 from mlops_tune.errors import UsageError
 
 
@@ -109,7 +110,7 @@ def test_keras_loader_on_made_data(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_images_loader_reads_class_folders(tmp_path: Path) -> None:
     from PIL import Image
 
-    from mlops_tune.data import load_images
+    from mlops_tune.data.images import load_images
 
     rng = np.random.default_rng(0)
     for label in ("cat", "dog"):
@@ -134,12 +135,14 @@ def test_split_rejects_one_class_and_too_few_samples() -> None:
 
 
 @pytest.mark.parametrize("name", ["digits", "wine"])
-def test_splits_saved_for_a_lane_read_back_equal(name: str, tmp_path: Path) -> None:
-    """A study's extra lanes take the splits its process checked: every array, label and field alike."""
+def test_splits_handed_to_a_helper_process_arrive_equal(name: str) -> None:
+    """A study's helper processes take the splits its process checked, pickled through a
+    multiprocessing queue: every array, label and field alike."""
+    import pickle
+
     splits = load_splits({"name": name, "loader": "sklearn", "dataset": name, "val_size": 0.2, "test_size": 0.2,
                           **({"image_shape": [8, 8, 1]} if name == "digits" else {})}, seed=3)
-    save_splits(splits, str(tmp_path / "splits.npz"))
-    back = read_splits(str(tmp_path / "splits.npz"))
+    back = pickle.loads(pickle.dumps(splits))
     for field in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         np.testing.assert_array_equal(getattr(back, field), getattr(splits, field))
         assert getattr(back, field).dtype == getattr(splits, field).dtype

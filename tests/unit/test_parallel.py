@@ -12,9 +12,10 @@ from optuna.distributions import CategoricalDistribution
 
 from mlops_tune import threads
 from mlops_tune.errors import UsageError
+from mlops_tune.gate import GateAwarePruner
 from mlops_tune.optuna_setup import MEDIAN_WARMUP, LikeForLikeMedianPruner, reporting
-from mlops_tune.study import GateAwarePruner, one_ask_at_a_time
 from mlops_tune.trial import OptunaReporter
+from mlops_tune.workers.loop import ask
 
 
 def test_auto_is_one_trial_per_core_for_keras_in_process_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,30 +62,31 @@ def _running(study: optuna.Study, batch: int, curve: list[float]) -> optuna.tria
     return next(t for t in study.get_trials() if t.number == trial.number)  # the view pruners get
 
 
-def test_the_first_lane_ready_takes_the_probe_and_the_next_one_trial_0(tmp_path: Path) -> None:
-    """Every lane of a study asks first for the probe (trial 1): the first one ready runs it,
+def test_the_first_worker_ready_takes_the_probe_and_the_next_one_trial_0(tmp_path: Path) -> None:
+    """Every worker of a study asks first for the probe (trial 1): the first one ready runs it,
     the next takes trial 0; a trial another process took already is not taken again (one
     conditional write), and every later ask takes the oldest waiting trial."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
 
-    def study_with_three_waiting() -> optuna.Study:
-        study = optuna.create_study(study_name="s", storage=url, load_if_exists=True)
+    def study_with_three_waiting() -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+        storage = optuna.storages.RDBStorage(url)
+        study = optuna.create_study(study_name="s", storage=storage, load_if_exists=True)
         for x in (0, 1, 2):
             study.enqueue_trial({"x": x})
-        return study
+        return study, storage
 
-    ours = one_ask_at_a_time(study_with_three_waiting(), first=1)
-    taken = [ours.ask() for _ in range(3)]
+    ours, storage = study_with_three_waiting()
+    taken = [ask(ours, storage, 1), ask(ours, storage), ask(ours, storage)]
     assert [t.number for t in taken] == [1, 0, 2]
     assert [t.suggest_categorical("x", [0, 1, 2]) for t in taken] == [1, 0, 2]  # the enqueued params
     assert {t.state for t in ours.get_trials()} == {optuna.trial.TrialState.RUNNING}
 
     optuna.delete_study(study_name="s", storage=url)
-    ours = one_ask_at_a_time(study_with_three_waiting(), first=1)
-    lane = optuna.load_study(study_name="s", storage=url)  # another process, on the same storage
-    assert [lane.ask().number, lane.ask().number] == [0, 1]
-    assert ours.ask().number == 2  # the probe was gone: the oldest waiting one instead
-    assert ours.ask().number == 3  # nothing waiting: a new trial, as Optuna's ask does
+    ours, storage = study_with_three_waiting()
+    other = optuna.load_study(study_name="s", storage=url)  # another process, on the same storage
+    assert [other.ask().number, other.ask().number] == [0, 1]
+    assert ask(ours, storage, 1).number == 2  # the probe was gone: the oldest waiting one instead
+    assert ask(ours, storage, 1).number == 3  # nothing waiting: a new trial, as Optuna's ask does
 
 
 def test_the_median_pruner_compares_like_with_like_and_waits_for_the_warm_up() -> None:

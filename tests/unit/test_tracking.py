@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mlops_tune import tracking
+from mlops_tune import stores, tracking
 
 
 def test_flatten_nests_keys_and_keeps_lists_as_json() -> None:
@@ -87,8 +87,8 @@ def test_a_new_sqlite_store_is_a_copy_of_a_migrated_one_with_its_own_default_exp
     assert len(templates) == 1
     monkeypatch.chdir(second)
     try:
-        assert tracking.seed_new_sqlite_store(f"sqlite:///{second / 'mlflow.db'}")
-        assert not tracking.seed_new_sqlite_store(f"sqlite:///{second / 'mlflow.db'}")  # exists: left alone
+        assert stores.seed_new_sqlite_store(f"sqlite:///{second / 'mlflow.db'}")
+        assert not stores.seed_new_sqlite_store(f"sqlite:///{second / 'mlflow.db'}")  # exists: left alone
         experiment_id = tracking.connect(f"sqlite:///{second / 'mlflow.db'}", "x")
         client = mlflow.MlflowClient()
         assert client.get_experiment("0").artifact_location == str(second / "mlruns" / "0")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any, Literal
 import numpy as np
 
 from mlops_tune.errors import UsageError, first_line
-from mlops_tune.logs import tensorflow_load_filtered
 
 InputKind = Literal["flat", "image"]
 
@@ -199,91 +197,17 @@ def load_npz(path: str) -> Dataset:
     if x.ndim == 3:
         x = x[..., np.newaxis]
     image_shape = tuple(int(d) for d in x.shape[1:]) if x.ndim == 4 else None
-    return _with_encoded_labels(x.astype(np.float32), y, image_shape)  # type: ignore[arg-type]
+    return with_encoded_labels(x.astype(np.float32), y, image_shape)  # type: ignore[arg-type]
 
 
-def load_images(path: str, image_size: Sequence[int] = (32, 32), color_mode: str = "grayscale") -> Dataset:
-    """One sub-folder per class of PNG/JPEG images (Keras' directory reader)."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise UsageError(f"data.path: folder not found: {folder}")
-    if color_mode not in ("grayscale", "rgb"):
-        raise UsageError(f"data.color_mode: '{color_mode}' is not grayscale or rgb")
-    _check_images(folder)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no TensorFlow log lines before our messages
-    with tensorflow_load_filtered():
-        from keras.utils import image_dataset_from_directory
 
-    try:
-        ds = image_dataset_from_directory(
-            str(folder),
-            labels="inferred",
-            label_mode="int",
-            color_mode=color_mode,
-            image_size=tuple(image_size),
-            batch_size=None,
-            shuffle=False,
-            verbose=False,
-        )
-    except ValueError as exc:
-        raise UsageError(f"data.path: no images read from {folder} ({exc})") from None
-    xs, ys = [], []
-    for image, label in ds.as_numpy_iterator():
-        xs.append(image)
-        ys.append(label)
-    if not xs:
-        raise UsageError(f"data.path: no PNG/JPEG images under {folder}")
-    x = np.stack(xs).astype(np.float32)
-    return Dataset(
-        x=x,
-        y=np.asarray(ys, dtype=np.int64),
-        classes=list(ds.class_names),
-        image_shape=tuple(int(d) for d in x.shape[1:]),  # type: ignore[arg-type]
-    )
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
-
-
-def _check_images(folder: Path) -> None:
-    """Name the first image file that cannot be decoded (TensorFlow would fail mid-read)."""
-    from PIL import Image
-
-    for file in sorted(folder.rglob("*")):
-        if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
-            try:
-                with Image.open(file) as image:
-                    image.load()
-            except Exception as exc:
-                raise UsageError(f"data.path: {file} is not a readable image ({first_line(exc, 200)})") from None
-
-
-KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
-
-
-def load_keras(dataset: str = "mnist", limit: int | None = None) -> Dataset:
-    """A Keras dataset by name, downloaded into the Keras cache on first use."""
-    if dataset not in KERAS_DATASETS:
-        raise UsageError(f"data.dataset: '{dataset}' is not one of {', '.join(KERAS_DATASETS)}")
-    import importlib
-
-    module = importlib.import_module(f"keras.datasets.{dataset}")
-    (x_a, y_a), (x_b, y_b) = module.load_data()
-    x = np.concatenate([x_a, x_b])
-    y = np.concatenate([y_a, y_b]).reshape(-1)
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-    if x.ndim == 3:
-        x = x[..., np.newaxis]
-    return _with_encoded_labels(x.astype(np.float32), y, tuple(int(d) for d in x.shape[1:]))  # type: ignore[arg-type]
-
-
-LOADERS: Mapping[str, Callable[..., Dataset]] = {
+#: the loaders by ``data.loader``; image loaders are named (``module:function``) and imported when chosen
+LOADERS: Mapping[str, Callable[..., Dataset] | str] = {
     "sklearn": load_sklearn,
     "csv": load_csv,
     "npz": load_npz,
-    "images": load_images,
-    "keras": load_keras,
+    "images": "mlops_tune.data.images:load_images",
+    "keras": "mlops_tune.data.images:load_keras",
 }
 
 
@@ -311,6 +235,11 @@ def loader_arguments(data_cfg: Mapping[str, Any]) -> tuple[Callable[..., Dataset
     if loader_name not in LOADERS:
         raise UsageError(f"data.loader: '{loader_name}' is not one of {', '.join(LOADERS)}")
     loader = LOADERS[loader_name]
+    if isinstance(loader, str):
+        import importlib
+
+        module, _, function = loader.partition(":")
+        loader = getattr(importlib.import_module(module), function)
     params = inspect.signature(loader).parameters
     kwargs = {k: v for k, v in data_cfg.items() if k not in COMMON_KEYS}
     for key in kwargs:
@@ -336,36 +265,6 @@ def load_splits(data_cfg: Mapping[str, Any], seed: int) -> Splits:
     splits = split(dataset, float(data_cfg["val_size"]), float(data_cfg["test_size"]), seed,
                    name=str(data_cfg.get("name")))
     return replace(splits, fingerprint=fingerprint(dataset))
-
-
-#: the arrays of a :class:`Splits`, as :func:`save_splits` stores them
-_SPLIT_ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
-
-
-def save_splits(splits: Splits, path: str) -> None:
-    """Write ``splits`` to ``path`` (a ``.npz``) for :func:`read_splits` in another process of the
-    same study: a study's extra lanes take the arrays its own process loaded and checked."""
-    import json
-
-    meta = {"classes": [str(c) for c in splits.classes], "feature_names": splits.feature_names,
-            "image_shape": list(splits.image_shape) if splits.image_shape else None,
-            "dataset_name": splits.dataset_name, "fingerprint": splits.fingerprint}
-    arrays = {name: getattr(splits, name) for name in _SPLIT_ARRAYS}
-    with open(path, "wb") as out:
-        np.savez(out, meta=np.array(json.dumps(meta)), **arrays)
-
-
-def read_splits(path: str) -> Splits:
-    """The splits :func:`save_splits` wrote (no loader runs: no scikit-learn import, no re-split)."""
-    import json
-
-    with np.load(path, allow_pickle=False) as stored:
-        meta = json.loads(str(stored["meta"]))
-        arrays = {name: stored[name] for name in _SPLIT_ARRAYS}
-    shape = meta["image_shape"]
-    return Splits(**arrays, classes=list(meta["classes"]), feature_names=meta["feature_names"],
-                  image_shape=(int(shape[0]), int(shape[1]), int(shape[2])) if shape else None,
-                  dataset_name=str(meta["dataset_name"]), fingerprint=str(meta["fingerprint"]))
 
 
 def fingerprint(dataset: Dataset) -> str:
@@ -444,7 +343,7 @@ def _existing_file(path: str, key: str) -> Path:
     return file
 
 
-def _with_encoded_labels(x: np.ndarray, y: np.ndarray, image_shape: tuple[int, int, int] | None) -> Dataset:
+def with_encoded_labels(x: np.ndarray, y: np.ndarray, image_shape: tuple[int, int, int] | None) -> Dataset:
     y = np.asarray(y).reshape(-1)
     if len(y) != len(x):
         raise UsageError(f"data: x has {len(x)} samples but y has {len(y)} labels")

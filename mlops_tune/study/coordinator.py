@@ -1,0 +1,145 @@
+"""The study's own process: the coordinator of its workers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from mlops_tune import attrs, claims, faults, report, threads, tracking
+from mlops_tune.gate import judged
+from mlops_tune.optuna_setup import make_storage
+from mlops_tune.progress import Progress
+from mlops_tune.report import StudyResult
+from mlops_tune.secrets import redact_text
+from mlops_tune.study.finish import finish
+from mlops_tune.study.records import TAG_START, parent_run, reconcile, study_for_data, study_params
+from mlops_tune.study.start import probe, start_point
+from mlops_tune.trial import data_source
+from mlops_tune.workers import Assignment, Plan, WorkerLoop
+from mlops_tune.workers.local import LocalProcesses
+from mlops_tune.workers.loop import budget_key, run_in_threads, study_context, worker_id
+
+
+class Study:
+    """One study of one base model: checks, stores, the parent run, trial 0 and the probe, the
+    workers (this process's, and ``study.n_jobs`` - 1 helper processes), the verdict, the promotion."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        """Check everything that can fail on bad input, writing nothing (exit 2). With
+        ``study.n_jobs`` > 1 the helper processes start first and import while this one checks."""
+        self.cfg, self.worker = cfg, worker_id()
+        self.n_jobs = threads.resolve_n_jobs(cfg["study"]["n_jobs"], str(cfg["runner"]["name"]),
+                                             str(cfg["model"]["family"]), int(cfg["study"]["n_trials"]))
+        # TensorFlow's thread pools sized for the trials that share the cores (before it starts)
+        threads.limit_threads(self.n_jobs if self.n_jobs > 1 else int(cfg["runner"].get("workers") or 1))
+        self.helpers = LocalProcesses(cfg, self.n_jobs - 1) if self.n_jobs > 1 else None
+        try:
+            self.plan = Plan.check(cfg, self.n_jobs)
+            if self.helpers is not None:
+                self.helpers.checked(self.plan.splits)
+        except BaseException as exc:
+            if self.helpers is not None:
+                self.helpers.stop(exc)
+            raise
+
+    def run(self) -> StudyResult:
+        """Run the study. Raises :class:`EnvironmentFault` when a store or the disk fails meanwhile."""
+        plan = self.plan
+        try:
+            print(f"study '{plan.name}': opening the stores (Optuna {redact_text(plan.storage_url)}, "
+                  f"MLflow {redact_text(plan.tracking_uri)}) ...", flush=True)
+            storage = make_storage(self.cfg["study"])
+            experiment_id = tracking.connect(plan.tracking_uri, self.cfg["tracking"]["experiment"])
+            with faults.classified(tracking_uri=plan.tracking_uri, storage_url=plan.storage_url):
+                plan.name = study_for_data(storage, plan.name, plan.splits.fingerprint,
+                                           self.cfg["study"]["on_data_change"])
+                return self._run(storage, experiment_id)
+        except BaseException as exc:
+            if self.helpers is not None:
+                self.helpers.stop(exc)
+            raise
+        finally:
+            plan.runner.close()
+
+    def _run(self, storage: Any, experiment_id: str) -> StudyResult:
+        plan = self.plan
+        start, origin = start_point(plan)
+        study = optuna.create_study(study_name=plan.name, storage=storage, direction="maximize",
+                                    sampler=plan.sampler, pruner=plan.pruner, load_if_exists=True)
+        existing = len(study.get_trials(deepcopy=False))
+        budget = claims.Budget(plan.storage_url, budget_key(plan.name, storage))
+        first, later = self._enqueue_start(study, budget, start, origin, existing)
+        parent_run_id, created = parent_run(study, experiment_id, budget)
+        with tracking.run(experiment_id, plan.name, resume_run_id=parent_run_id,
+                          tags={tracking.TAG_STUDY: plan.name}) as run_id:
+            if created:
+                tracking.log_batch(params=study_params(self.cfg), tags={
+                    tracking.TAG_DATA: plan.splits.fingerprint, TAG_START: origin or "base"})
+                tracking.log_data(str(self.cfg["data"]["name"]), plan.splits.fingerprint, plan.splits.x_train,
+                                  plan.splits.y_train, data_source(self.cfg["data"]))
+            reconcile(study, experiment_id, run_id, budget)
+            progress = Progress(int(self.cfg["study"]["n_trials"]), plan.threshold, str(plan.gate["metric"]),
+                                self.cfg["model"].get("epochs"), done=sum(map(judged, study.get_trials())),
+                                timeout=self.cfg["study"]["timeout"])
+            context = study_context(plan, study, experiment_id, run_id, on_epoch=progress.epoch)
+            report.study_header(plan.name, self.cfg, plan.space, existing)
+            started = time.perf_counter()
+
+            def new_loop(index: int) -> WorkerLoop:
+                loop = WorkerLoop(plan, study, storage, context, progress, budget.key, started,
+                                  first if index == 0 else None)
+                loop.after_first = later
+                return loop
+
+            with progress:
+                self._work(new_loop, Assignment(plan.name, experiment_id, run_id, time.time(), first))
+            reconcile(study, experiment_id, run_id, budget)
+            return finish(study, self.cfg, plan.space, plan.family, plan.splits, run_id, budget, self.worker)
+
+    def _enqueue_start(self, study: optuna.Study, budget: claims.Budget, start: dict[str, Any], origin: str,
+                       existing: int) -> tuple[int | None, Callable[[optuna.Study], None] | None]:
+        """Trial 0 and the probe, enqueued once per study (by claim). Returns the trial every
+        worker asks for first (the probe, with helper processes) and what to enqueue after this
+        process's first trial (the probe, with one worker)."""
+        plan = self.plan
+        if budget.claim("base_trial", self.worker) != self.worker:  # joining: another worker or a resume
+            plan.sampler.reseed_rng()  # workers seeded alike must not propose the same points
+            return None, None
+        if plan.splits.fingerprint and attrs.DATA_FINGERPRINT not in study.user_attrs:
+            study.set_user_attr(attrs.DATA_FINGERPRINT, plan.splits.fingerprint)
+        study.enqueue_trial(plan.space.encode(start), user_attrs={
+            attrs.PARENT: attrs.ROOT, **({attrs.START: origin} if origin else {})})
+        found = probe(plan, start)
+        if found is None:
+            return None, None
+        params = plan.space.encode(found[0])
+        lineage = {attrs.PARENT: attrs.BASE if not origin else existing, attrs.MUTATIONS: ",".join(found[1])}
+
+        def enqueue(study: optuna.Study) -> None:
+            study.enqueue_trial(params, user_attrs=lineage)
+
+        if self.n_jobs == 1 and plan.runner.lanes == 1:
+            return None, enqueue
+        enqueue(study)  # another worker takes it beside trial 0
+        number = max(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        return (number if self.helpers is not None else None), None
+
+    def _work(self, new_loop: Callable[[int], WorkerLoop], assignment: Assignment) -> None:
+        """This process's worker(s) and the helper processes, until all have ended."""
+        helpers, plan = self.helpers, self.plan
+        if helpers is not None:
+            helpers.release(assignment)
+            print(f"study '{plan.name}': {self.n_jobs} trials at once ({self.n_jobs - 1} more process"
+                  f"{'es' if self.n_jobs > 2 else ''}, pid {', '.join(map(str, helpers.pids))}; TF threads per "
+                  f"process: {threads.tf_threads_text()})", flush=True)
+        plan.runner.start(self.cfg)
+        # a failure or a signal here reaches Study.run, which stops the helper processes
+        run_in_threads(plan.runner.lanes, lambda index, stop: new_loop(index).run(stop), plan.runner.interrupt)
+        plan.runner.drain()  # the models its trials logged are written: the best is judged next
+        if helpers is not None:
+            self.helpers = None  # waited for: nothing left to stop
+            helpers.wait()

@@ -1,0 +1,117 @@
+"""The end of a study: the best trial judged on the test split, the study's artifacts and
+verdict, and the promotion (exactly one per study, by claim)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mlops_tune import attrs, claims, faults, gate, registry, report, tracking
+from mlops_tune.data import Splits
+from mlops_tune.families import get_family
+from mlops_tune.gate import judged
+from mlops_tune.report import StudyResult
+from mlops_tune.search import SearchSpace
+from mlops_tune.study.records import describe_study_run
+from mlops_tune.trial import trial_config
+
+
+def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, family: Any, splits: Splits,
+           parent_run_id: str, budget: claims.Budget, worker: str) -> StudyResult:
+    """The end of a study: the best trial judged on the test split, artifacts, verdict, promotion."""
+    trials = study.get_trials(deepcopy=False)
+    n_judged = sum(judged(t) for t in trials)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    passing = [t for t in done if gate.meets(t, cfg["gate"])]
+    feasible = [t for t in done if not gate.violations(t, cfg["gate"])]
+    best = max(passing or feasible or done, key=lambda t: t.value or 0.0, default=None)
+    threshold = float(cfg["gate"]["threshold"])
+    passed = bool(passing)
+    metrics: dict[str, float] = {"n_trials": float(n_judged)}
+    best_cfg = test_accuracy = model_uri = None
+    if best is not None:
+        best_cfg = trial_config(space.apply(cfg, space.decode(best.params)))
+        model_uri = best.user_attrs.get(attrs.MODEL_URI)
+        metrics["best_val_accuracy"] = float(best.value or 0.0)
+        if model_uri and not tracking.model_ready(model_uri):  # written by another worker of the study
+            print(f"study '{study.study_name}': the model of trial {best.number} was not written "
+                  f"({model_uri}); it is not judged on the test split", flush=True)
+            model_uri = None
+        if model_uri:
+            inputs = splits.as_input(family.input_kind)
+            test_accuracy = family.accuracy(family.load_model(model_uri), inputs.x_test, inputs.y_test)
+            metrics["test_accuracy"] = test_accuracy
+    tracking.log_batch(metrics=metrics, tags={
+        tracking.TAG_GATE: "passed" if passed else "missed",
+        **({"mlops_tune.best_trial": str(best.number)} if best else {}),
+    })
+    result = StudyResult(
+        study_name=study.study_name, gate_passed=passed, best_value=best.value if best else None,
+        best_trial=best.number if best else None, test_accuracy=test_accuracy, n_trials=n_judged,
+        threshold=threshold, parent_run_id=parent_run_id, best_config=best_cfg,
+        gate_note="" if passed else gate.missed_because(done, cfg["gate"]),
+        trials_csv=report.log_study_artifacts(study, best_cfg, str(cfg["gate"]["metric"]), threshold),
+    )
+    if passed and cfg["registry"]["promote"] and best is not None:
+        result = _promote(best, result, str(cfg["registry"]["name"]), budget, worker, family, splits)
+    result = replace(result, report_html=report.log_study_page(study, cfg, space, result))
+    describe_study_run(study.study_name, report.verdict_line(result),
+                                str(best.user_attrs.get(attrs.RUN, "")) if best else "")
+    report.summary(study, result)
+    return result
+
+
+def _promote(best: FrozenTrial, result: StudyResult, name: str, budget: claims.Budget, worker: str,
+             family: Any, splits: Splits) -> StudyResult:
+    """Exactly one promotion per study, however many workers finish at once."""
+    if budget.claim("promotion", worker) != worker:
+        print("registry: the study's model was already promoted (by another worker or an earlier run)", flush=True)
+        return result
+    model_uri = best.user_attrs.get(attrs.MODEL_URI)
+    if not model_uri or result.test_accuracy is None:
+        print("registry: the best trial logged no model; nothing registered", flush=True)
+        return result
+    try:
+        version, champion, previous = registry.promote(model_uri, name, result.test_accuracy, {
+            "study": result.study_name, "trial": str(best.number), "val_accuracy": f"{best.value:.6f}"},
+            judge=lambda version: judge_on(version, splits))
+    except BaseException:  # a failed promotion must not use up the study's claim
+        budget.release("promotion", worker)
+        raise
+    if previous is not None:  # both figures on the same test split, on the study's run
+        tracking.log_batch(metrics={"previous_champion_test_accuracy": previous})
+    return replace(result, registered_version=version, champion=champion)
+
+
+def judge_on(version: Any, splits: Splits) -> float:
+    """A registered model version's accuracy on this study's test split (its family from its run).
+
+    Raises:
+        EnvironmentFault: the store failed while loading it (not a reason to replace it).
+    """
+    import mlflow
+
+    try:
+        return _accuracy_of_version(version, splits)
+    except Exception as exc:
+        fault = faults.classify(exc, tracking_uri=mlflow.get_tracking_uri())
+        if fault is not None:
+            raise fault from exc
+        raise
+
+
+def _accuracy_of_version(version: Any, splits: Splits) -> float:
+    import mlflow
+
+    family_name = mlflow.MlflowClient().get_run(version.run_id).data.tags.get(tracking.TAG_FAMILY) if version.run_id \
+        else None
+    family = get_family(family_name) if family_name else None
+    if family is None:
+        raise ValueError("its run records no model family")
+    inputs = splits.as_input(family.input_kind)
+    return family.accuracy(family.load_model(f"models:/{version.name}/{version.version}"), inputs.x_test,
+                           inputs.y_test)

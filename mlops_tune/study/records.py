@@ -1,0 +1,141 @@
+"""What a study keeps beside its trials: which study runs on this data, its one parent run,
+the parent run's params, and the bookkeeping of dead workers (reconcile)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from mlops_tune import attrs, claims, tracking
+from mlops_tune.errors import UsageError
+from mlops_tune.gate import judged
+
+#: a study's parent run: what trial 0 was (``base`` or the champion it started from)
+TAG_START = "mlops_tune.start_from"
+
+
+def study_for_data(storage: optuna.storages.BaseStorage, name: str, fingerprint: str, policy: str) -> str:
+    """The study to run on this data: ``name``, unless the stored study of that name ran on other
+    data; then ``<name>-data-<fingerprint>`` (the old study left as it is) or, with
+    ``study.on_data_change=fail``, exit 2."""
+    try:
+        stored = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get(attrs.DATA_FINGERPRINT)
+    except KeyError:  # no such study yet
+        return name
+    if not fingerprint or stored in (None, fingerprint):  # an older study without one: adopts this data
+        return name
+    if policy == "fail":
+        raise UsageError(f"study.name: study '{name}' ran on other data (fingerprint {stored}, now {fingerprint}); "
+                         "set study.on_data_change=new_study or another study.name")
+    new = f"{name}-data-{fingerprint[:8]}"
+    try:
+        storage.get_study_id_from_name(new)
+        print(f"study '{name}' ran on other data (fingerprint {stored}); this data ({fingerprint}) "
+              f"continues study '{new}'", flush=True)
+    except KeyError:
+        print(f"study '{name}': the data changed since it ran (fingerprint {stored} -> {fingerprint}): "
+              f"this is a new study '{new}' (the old study is left as it is)", flush=True)
+    return new
+
+
+def study_params(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The parent run's params: the gate, the study (not its storage URL) and the base model."""
+    return {
+        **tracking.flatten("gate", cfg["gate"]),
+        **tracking.flatten("study", {k: v for k, v in cfg["study"].items() if k != "storage"}),
+        **tracking.flatten("base", {"model": cfg["model"], "data": cfg["data"]}),
+        "runner": cfg["runner"]["name"],
+    }
+
+
+def parent_run(study: optuna.Study, experiment_id: str, budget: claims.Budget) -> tuple[str, bool]:
+    """The study's one parent run: created by the first worker, found by the others.
+
+    Returns the run id and whether this worker created it.
+    """
+    # Under `mlflow run -e tune` the Project run is the study's run. Take the variable out
+    # of the environment: MLflow would otherwise resume that run for the first trial.
+    project_run = os.environ.pop("MLFLOW_RUN_ID", None)
+    known = study.user_attrs.get(attrs.PARENT_RUN)
+    if known:
+        return str(known), False
+    name = study.study_name
+    candidate = project_run or tracking.create_run(experiment_id, name, {tracking.TAG_STUDY: name})
+    winner = budget.claim("parent_run", candidate)
+    if winner != candidate:  # another worker was first: use its run, drop ours
+        tracking.delete_run(candidate)
+        return winner, False
+    study.set_user_attr(attrs.PARENT_RUN, candidate)
+    return candidate, True
+
+
+def reconcile(study: optuna.Study, experiment_id: str, parent_run_id: str, budget: claims.Budget) -> None:
+    """Fail trials of dead workers (stale heartbeat), give their tickets back, close their runs."""
+    with contextlib.suppress(Exception):
+        optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        if trial.state == TrialState.FAIL and not judged(trial) and attrs.TICKET in trial.user_attrs:
+            budget.release_text(str(trial.user_attrs[attrs.TICKET]))
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    live = {str(t.user_attrs[attrs.RUN]) for t in running if attrs.RUN in t.user_attrs}
+    closed = close_orphan_runs(experiment_id, parent_run_id, live)
+    if closed:
+        print(f"closed {len(closed)} MLflow run(s) left RUNNING by a dead worker or a failed store", flush=True)
+
+
+#: the study's best trial run (moved to a newer best by a resumed study)
+TAG_BEST = "mlops_tune.best"
+
+
+def describe_study_run(study_name: str, verdict: str, best_run_id: str) -> None:
+    """Make the active (parent) run readable in the MLflow UI: named after the study (also a
+    Project run that MLflow named), its description the verdict, the best child run tagged."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    client = mlflow.MlflowClient()
+    description = (f"**{verdict}**\n\nStudy report: the `report.html` artifact of this run "
+                   "(trials, optimization history, mutation lineage, a link to every trial's run).")
+    tracking.log_batch(tags={MLFLOW_RUN_NAME: study_name, MLFLOW_RUN_NOTE: description})
+    if not best_run_id:
+        return
+    earlier = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`{TAG_BEST}` = 'true'")
+    for other in earlier:
+        if other.info.run_id != best_run_id:
+            client.set_tag(other.info.run_id, TAG_BEST, "false")
+    client.set_tag(best_run_id, TAG_BEST, "true")
+
+
+def close_orphan_runs(experiment_id: str, parent_run_id: str, live_run_ids: set[str]) -> list[str]:
+    """Mark KILLED every RUNNING child run of ``parent_run_id`` not in ``live_run_ids``.
+
+    A worker killed mid-trial leaves its trial's run RUNNING; its Optuna trial is failed
+    by the heartbeat, and this closes the run to match.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    closed = []
+    for child in runs:
+        # a warm worker's own run ends with its process (it stops by itself when its study is gone)
+        if child.info.run_id not in live_run_ids and child.data.tags.get(tracking.TAG_ROLE) != "worker":
+            client.set_tag(child.info.run_id, tracking.TAG_STATE, "FAIL")
+            client.set_tag(child.info.run_id, tracking.TAG_ERROR, "worker died mid-trial (stale heartbeat)")
+            client.set_terminated(child.info.run_id, "KILLED")
+            closed.append(child.info.run_id)
+    return closed

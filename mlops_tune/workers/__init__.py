@@ -1,0 +1,26 @@
+"""Where a study's trials run: ONE worker loop, started in several places.
+
+A **worker** takes a budget ticket, asks the study for a trial, trains it through the
+study's runner (reporting every epoch to the Optuna storage, where the pruner decides), tells
+the study the result, and repeats until the budget, the gate or a stop ends it
+(:class:`~mlops_tune.workers.loop.WorkerLoop`). Every worker of a study runs that same loop on
+the same storage, budget and parent run; the storage is the queue, nobody pushes work.
+
+Where workers run:
+
+* the study's own process (always one worker: the embedded default);
+* local helper processes (``study.n_jobs`` > 1), started and supervised with
+  :mod:`multiprocessing` (:class:`~mlops_tune.workers.local.LocalProcesses`);
+* another machine: ``mlops-tune`` started there on the same storage and tracking server
+  joins the study as a worker (``docs/scale-out.md``).
+
+:class:`~mlops_tune.workers.plan.Plan` is what every worker builds from the study's config
+once it passed its checks.
+"""
+
+from __future__ import annotations
+
+from mlops_tune.workers.loop import Assignment, WorkerLoop, run_worker
+from mlops_tune.workers.plan import Plan
+
+__all__ = ["Assignment", "Plan", "WorkerLoop", "run_worker"]

@@ -1,0 +1,145 @@
+"""Workers in local helper processes (``study.n_jobs`` > 1), started and supervised with
+:mod:`multiprocessing` (the ``spawn`` start method: a fresh interpreter, no state forked).
+
+A helper process starts first thing, before the study checks its config and loads its data:
+it imports the model's framework and MLflow's store meanwhile (CPU work on its own core), then
+takes the checked data from its queue, and once the study's parent run exists its
+:class:`~mlops_tune.workers.loop.Assignment`. The study waits on the processes' sentinels,
+so a helper that dies is seen at once; a helper whose study dies (even by SIGKILL) sees its
+parent's sentinel close (``multiprocessing.parent_process()``) and stops as if it got SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from multiprocessing.connection import wait
+from typing import Any
+
+from mlops_tune import threads
+from mlops_tune.data import Splits
+from mlops_tune.errors import EnvironmentFault, StudyAborted
+
+PROG = "mlops-tune worker"
+
+
+class LocalProcesses:
+    """``n`` helper processes of one study, each running the worker loop."""
+
+    #: seconds a stopped helper has to close its runs before it is killed
+    STOP_GRACE = 20
+
+    def __init__(self, cfg: Mapping[str, Any], n: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        env = threads.thread_env(n + 1)
+        self.queues: list[Any] = []
+        self.processes: list[Any] = []
+        for index in range(1, n + 1):
+            queue = context.Queue()
+            queue.cancel_join_thread()  # a helper that died never reads: do not wait for it at exit
+            process = context.Process(target=serve, args=(dict(cfg), index, n + 1, queue, env),
+                                      name=f"mlops-tune-worker-{index}", daemon=True)
+            process.start()
+            self.queues.append(queue)
+            self.processes.append(process)
+        self.released = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [int(process.pid) for process in self.processes]
+
+    def checked(self, splits: Splits) -> None:
+        """The config and the data passed every check: the helpers build their plan on ``splits``."""
+        for queue in self.queues:
+            queue.put(splits)
+
+    def release(self, assignment: Any) -> None:
+        """The stores are open and the parent run exists: the helpers start taking trials."""
+        for queue in self.queues:
+            queue.put(assignment)
+        self.released = True
+
+    def wait(self) -> None:
+        """Wait for every helper; one that failed fails the study (exit 3), as the study's own worker would."""
+        pending = {process.sentinel: process for process in self.processes}
+        while pending:
+            for sentinel in wait(list(pending)):
+                pending.pop(sentinel).join()
+        failed = [(index, p.exitcode) for index, p in enumerate(self.processes, 1) if p.exitcode != 0]
+        if failed:
+            index, code = failed[0]
+            message = (f"worker process {index} of {len(self.processes) + 1} ended with exit code {code} "
+                       "(its error is above)")
+            if code == 3 or (code or 0) < 0:  # 3, or killed by a signal (OOM killer)
+                raise EnvironmentFault("worker process", message)
+            raise StudyAborted(message)
+
+    def stop(self, exc: BaseException) -> None:
+        """The study failed or was stopped: helpers still waiting are ended at once (they wrote
+        nothing); helpers at work get the study's signal and close their runs as KILLED."""
+        signum = getattr(exc, "signum", signal.SIGTERM)
+        for process in self.processes:
+            if process.is_alive():
+                with contextlib.suppress(OSError):
+                    if self.released:
+                        os.kill(int(process.pid), signum)
+                    else:
+                        process.kill()
+        for process in self.processes:
+            process.join(self.STOP_GRACE)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def serve(cfg: dict[str, Any], index: int, n_jobs: int, queue: Any, env: Mapping[str, str]) -> None:
+    """A helper process: the worker loop on the study its queue names (exit codes as ``mlops-tune``)."""
+    # not MLFLOW_RUN_ID (under `mlflow run`: the study's own run, which a helper must not resume)
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    os.environ["MLOPS_TUNE_LIVE"] = "0"
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    from mlops_tune import exits, faults, heap, secrets
+
+    heap.defer()  # until the first trial: see mlops_tune.heap
+    faults.install_signal_handlers()
+    faults.quiet_background_faults()
+    secrets.guard_streams()
+    _stop_with_parent()
+    sys.exit(exits.run_mapped(lambda: _serve(cfg, n_jobs, queue), f"{PROG} {index}"))
+
+
+def _serve(cfg: dict[str, Any], n_jobs: int, queue: Any) -> int:
+    from mlops_tune import tracking
+    from mlops_tune.families import get_family
+    from mlops_tune.logs import quiet_libraries, set_verbose
+    from mlops_tune.workers.loop import run_worker
+    from mlops_tune.workers.plan import Plan
+
+    set_verbose(bool(cfg.get("verbose")))
+    quiet_libraries()
+    # imports first, while the study checks the config and loads the data (this helper's
+    # critical path is CPU: the framework and MLflow's store take most of it)
+    get_family(cfg["model"]["family"]).preload()
+    tracking.preload(str(cfg["tracking"]["uri"]))
+    plan = Plan.check(cfg, n_jobs=n_jobs, splits=queue.get())
+    run_worker(plan, queue.get())
+    return 0
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM to this process when the study's process is gone (its sentinel closes)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="mlops-tune-parent-watch", daemon=True).start()
