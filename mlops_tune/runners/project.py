@@ -136,7 +136,7 @@ class ProjectRunner(Runner):
                 self._project_run(project, folder, run_id, context)
             else:
                 worker.submit(name, self._trial_file_config(trial_cfg), link)
-                self._wait(worker, run_id, retried=trial is None or attrs.RETRY_OF in trial.user_attrs)
+                self._wait(worker, run_id, retried=trial is not None and attrs.RETRY_OF in trial.user_attrs)
         except KeyboardInterrupt:  # stopped: the trial's run is KILLED, its process ended
             if worker is not None and self._interrupted is None:  # (lanes: the main thread ended them)
                 self._stop_workers(grace=0)

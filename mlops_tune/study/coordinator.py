@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,7 +21,7 @@ from mlops_tune.study.records import TAG_START, parent_run, reconcile, study_for
 from mlops_tune.study.start import probe, start_point
 from mlops_tune.trial import data_source
 from mlops_tune.workers import Assignment, Plan, WorkerLoop
-from mlops_tune.workers.local import LocalProcesses
+from mlops_tune.workers.local import LocalProcesses, give_back_lost
 from mlops_tune.workers.loop import budget_key, run_in_threads, study_context, worker_id
 
 
@@ -102,9 +103,8 @@ class Study:
 
     def _enqueue_start(self, study: optuna.Study, budget: claims.Budget, start: dict[str, Any], origin: str,
                        existing: int) -> tuple[int | None, Callable[[optuna.Study], None] | None]:
-        """Trial 0 and the probe, enqueued once per study (by claim). Returns the trial every
-        worker asks for first (the probe, with helper processes) and what to enqueue after this
-        process's first trial (the probe, with one worker)."""
+        """Trial 0 and the probe, enqueued once per study (by claim). Returns the trial workers ask for
+        first (the probe, with helper processes) and what to enqueue after this process's first trial."""
         plan = self.plan
         if budget.claim("base_trial", self.worker) != self.worker:  # joining: another worker or a resume
             plan.sampler.reseed_rng()  # workers seeded alike must not propose the same points
@@ -121,7 +121,6 @@ class Study:
 
         def enqueue(study: optuna.Study) -> None:
             study.enqueue_trial(params, user_attrs=lineage)
-
         if self.n_jobs == 1 and plan.runner.lanes == 1:
             return None, enqueue
         enqueue(study)  # another worker takes it beside trial 0
@@ -129,17 +128,19 @@ class Study:
         return (number if self.helpers is not None else None), None
 
     def _work(self, new_loop: Callable[[int], WorkerLoop], assignment: Assignment) -> None:
-        """This process's worker(s) and the helper processes, until all have ended."""
+        """This process's worker(s) and the helpers until all ended; a killed helper's trials run again here."""
         helpers, plan = self.helpers, self.plan
         if helpers is not None:
             helpers.release(assignment)
-            print(f"study '{plan.name}': {self.n_jobs} trials at once ({self.n_jobs - 1} more process"
-                  f"{'es' if self.n_jobs > 2 else ''}, pid {', '.join(map(str, helpers.pids))}; TF threads per "
-                  f"process: {threads.tf_threads_text()})", flush=True)
+            print(f"study '{plan.name}': {helpers.describe(self.n_jobs)}", flush=True)
         plan.runner.start(self.cfg)
         # a failure or a signal here reaches Study.run, which stops the helper processes
         run_in_threads(plan.runner.lanes, lambda index, stop: new_loop(index).run(stop), plan.runner.interrupt)
-        plan.runner.drain()  # the models its trials logged are written: the best is judged next
         if helpers is not None:
             self.helpers = None  # waited for: nothing left to stop
-            helpers.wait()
+            loop = new_loop(0)
+            lost = give_back_lost(loop.study, loop.storage, helpers.wait(), loop.budget)
+            if lost:
+                print(f"study '{plan.name}': a worker process was killed; trial(s) {lost} run again here", flush=True)
+                loop.run(threading.Event())
+        plan.runner.drain()  # the models its trials logged are written: the best is judged next

@@ -15,15 +15,20 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Mapping
 from multiprocessing.connection import wait
 from typing import Any
 
-from mlops_tune import threads
+import optuna
+from optuna.trial import TrialState
+
+from mlops_tune import attrs, claims, threads
 from mlops_tune.data import Splits
 from mlops_tune.errors import EnvironmentFault, StudyAborted
+from mlops_tune.workers.objective import give_back
 
 PROG = "mlops-tune worker"
 
@@ -64,20 +69,28 @@ class LocalProcesses:
             queue.put(assignment)
         self.released = True
 
-    def wait(self) -> None:
-        """Wait for every helper; one that failed fails the study (exit 3), as the study's own worker would."""
+    def describe(self, n_jobs: int) -> str:
+        """``N trials at once (...)``, for the study's output."""
+        return (f"{n_jobs} trials at once ({n_jobs - 1} more process{'es' if n_jobs > 2 else ''}, pid "
+                f"{', '.join(map(str, self.pids))}; TF threads per process: {threads.tf_threads_text()})")
+
+    def wait(self) -> list[int]:
+        """Wait for every helper. Returns the pids of helpers killed by a signal (the OOM killer, a
+        ``kill``): their trials are given back (:func:`give_back_lost`). A helper that failed (exit
+        3: its environment; any other code) fails the study, as the study's own worker would."""
         pending = {process.sentinel: process for process in self.processes}
         while pending:
             for sentinel in wait(list(pending)):
                 pending.pop(sentinel).join()
-        failed = [(index, p.exitcode) for index, p in enumerate(self.processes, 1) if p.exitcode != 0]
+        failed = [(index, p.exitcode) for index, p in enumerate(self.processes, 1) if (p.exitcode or 0) > 0]
         if failed:
             index, code = failed[0]
             message = (f"worker process {index} of {len(self.processes) + 1} ended with exit code {code} "
                        "(its error is above)")
-            if code == 3 or (code or 0) < 0:  # 3, or killed by a signal (OOM killer)
+            if code == 3:
                 raise EnvironmentFault("worker process", message)
             raise StudyAborted(message)
+        return [int(p.pid) for p in self.processes if (p.exitcode or 0) < 0]
 
     def stop(self, exc: BaseException) -> None:
         """The study failed or was stopped: helpers still waiting are ended at once (they wrote
@@ -143,3 +156,19 @@ def _stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="mlops-tune-parent-watch", daemon=True).start()
+
+
+def give_back_lost(study: optuna.Study, storage: Any, pids: list[int], budget: claims.Budget) -> list[int]:
+    """The trials that helper processes ``pids`` (dead) left RUNNING: not charged, failed, and
+    queued to run again (their MLflow runs are closed by the study's reconcile). Returns their numbers.
+    A trial's ticket names the worker that took it (``host-pid-...``)."""
+    owners = tuple(f"{socket.gethostname()}-{pid}-" for pid in pids)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    lost = []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if str(frozen.user_attrs.get(attrs.TICKET, "")).partition(" ")[2].startswith(owners):
+            trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number))
+            give_back(trial, "its worker process died mid-trial (killed)", budget)
+            study.tell(trial, state=TrialState.FAIL)
+            lost.append(frozen.number)
+    return lost

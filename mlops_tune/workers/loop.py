@@ -13,14 +13,14 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import claims, faults, gate, report, tracking
+from mlops_tune import attrs, claims, faults, gate, report, tracking
 from mlops_tune.errors import StudyAborted, TrialFailed
 from mlops_tune.optuna_setup import make_storage
 from mlops_tune.progress import Progress
@@ -57,6 +57,7 @@ class WorkerLoop:
     def __init__(self, plan: Plan, study: optuna.Study, storage: Any, context: TrialContext, progress: Progress,
                  budget_key: str, started: float, first_trial: int | None = None) -> None:
         self.plan, self.study, self.storage, self.context = plan, study, storage, context
+        self.study_id = int(storage.get_study_id_from_name(study.study_name))
         self.progress, self.started = progress, started
         self.budget = claims.Budget(plan.storage_url, budget_key)  # this loop's: it holds its own ticket
         self.worker = worker_id()
@@ -93,11 +94,11 @@ class WorkerLoop:
 
     def _one_trial(self) -> None:
         """Ask, run the objective under the trial's heartbeat, tell; print the trial's line."""
-        trial = self._ask()
-        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self._study_id(), trial.number)
+        wanted, self.first_trial = self.first_trial, None
+        trial = ask(self.study, self.storage, self.study_id, wanted)
         state, value = TrialState.FAIL, None
         try:
-            with self._heartbeat(trial_id):
+            with self._heartbeat(trial.number):
                 value = self.objective(trial)
             state = TrialState.COMPLETE
         except optuna.TrialPruned:
@@ -114,21 +115,15 @@ class WorkerLoop:
                           self.plan.gate)
         self.failures = failures_in_a_row(self.failures, frozen)
 
-    def _ask(self) -> optuna.Trial:
-        wanted, self.first_trial = self.first_trial, None
-        return ask(self.study, self.storage, wanted)
-
-    def _study_id(self) -> int:
-        return int(self.storage.get_study_id_from_name(self.study.study_name))
-
     @contextlib.contextmanager
-    def _heartbeat(self, trial_id: int) -> Iterator[None]:
-        """Record the trial's heartbeat every ``study.heartbeat_interval`` s while it runs (storages
-        with heartbeats: RDB), as ``Study.optimize`` does; a dead worker's trial then goes stale."""
+    def _heartbeat(self, number: int) -> Iterator[None]:
+        """Record trial ``number``'s heartbeat every ``study.heartbeat_interval`` s while it runs
+        (storages with heartbeats: RDB), as ``Study.optimize`` does; a dead worker's trial then goes stale."""
         interval = getattr(self.storage, "get_heartbeat_interval", lambda: None)()
         if not interval:
             yield
             return
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
         done = threading.Event()
 
         def beat() -> None:
@@ -147,8 +142,8 @@ class WorkerLoop:
             thread.join()
 
 
-def ask(study: optuna.Study, storage: Any, wanted: int | None = None) -> optuna.Trial:
-    """The next trial of ``study`` (opened on ``storage``): trial ``wanted`` if it still waits,
+def ask(study: optuna.Study, storage: Any, study_id: int, wanted: int | None = None) -> optuna.Trial:
+    """The next trial of ``study`` (``study_id`` on ``storage``): trial ``wanted`` if it still waits,
     else what ``Study.ask`` gives (the oldest waiting trial, or a new one from the sampler).
 
     Taking ``wanted`` is one conditional write of the storage's public API
@@ -157,7 +152,6 @@ def ask(study: optuna.Study, storage: Any, wanted: int | None = None) -> optuna.
     process's threads."""
     with ASK_LOCK:
         if wanted is not None:
-            study_id = storage.get_study_id_from_name(study.study_name)
             try:
                 trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, wanted)
                 if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
@@ -181,8 +175,6 @@ def _no_ask_warning() -> Iterator[None]:
 def failures_in_a_row(failures: list[str], trial: FrozenTrial) -> list[str]:
     """The errors of the model failures since the last trial that trained (a trial given back
     because its environment failed neither counts nor resets the count)."""
-    from mlops_tune import attrs
-
     if trial.state != TrialState.FAIL:
         return []
     if attrs.NOT_CHARGED in trial.user_attrs:
@@ -221,14 +213,13 @@ def budget_key(name: str, storage: Any) -> str:
 
 
 def study_context(plan: Plan, study: optuna.Study, experiment_id: str, parent_run_id: str,
-                  on_epoch: Callable[[int, int, float], None] | None = None) -> TrialContext:
+                  on_epoch: Callable[[int, int, float], None] = lambda number, epoch, value: None) -> TrialContext:
     """What every trial of this worker shares."""
-    extra: Mapping[str, Any] = {"on_epoch": on_epoch} if on_epoch is not None else {}
     return TrialContext(experiment_id, parent_run_id, plan.splits,
                         lambda: gate.best_value(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                                                 plan.gate),
                         storage_url=plan.storage_url, pruner=plan.cfg["study"]["pruner"], lanes=plan.n_jobs > 1,
-                        **extra)
+                        on_epoch=on_epoch)
 
 
 def run_in_threads(n: int, body: Callable[[int, threading.Event], None],

@@ -37,7 +37,7 @@ class Objective:
             trial.set_user_attr(attrs.TICKET, ticket)
         trial_cfg = trial_config(plan.space.apply(plan.cfg, plan.space.suggest(trial)))
         try:
-            outcome = plan.runner.run(trial_cfg, trial, self.context, trial_tags(plan.name, trial))
+            return self._train(trial, trial_cfg)
         except optuna.TrialPruned:
             done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if plan.n_jobs > 1 and gate.met(done, plan.gate):  # not the model's doing: say so
@@ -57,6 +57,11 @@ class Objective:
             message = first_line(exc, 480) if str(exc).strip() else ""
             trial.set_user_attr(attrs.ERROR, redact_text(f"{type(exc).__name__}: {message}")[:500])
             raise TrialFailed(message) from exc
+
+    def _train(self, trial: optuna.Trial, trial_cfg: Mapping[str, Any]) -> float:
+        """The trial through the runner, recorded, and confirmed over seeds where the gate asks."""
+        plan = self.plan
+        outcome = plan.runner.run(trial_cfg, trial, self.context, trial_tags(plan.name, trial))
         record_outcome(trial, outcome)
         for key, value in gate.constraints(trial, plan.gate).items():
             trial.set_constraint(key, value)

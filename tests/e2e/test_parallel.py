@@ -7,8 +7,10 @@ the tests quick; the figures (time to target, trials per minute) are in benchmar
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -149,3 +151,77 @@ def test_lanes_under_mlflow_run_log_into_the_project_runs_experiment(workdir: Pa
     assert mlflow_runs(workdir, experiment="mlops-tune") == []
     spans = [(t.datetime_start, t.datetime_complete) for t in _trials(workdir)]
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans  # at once
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _start(workdir: Path, *overrides: str) -> tuple[subprocess.Popen, Path]:
+    out = workdir / "out.txt"
+    with open(out, "w") as sink:
+        proc = subprocess.Popen([str(BIN / "mlops-tune"), "study.n_jobs=2", "study.n_trials=4", "gate.threshold=0.999",
+                                 "model.epochs=200", "registry.promote=false", *overrides],
+                                cwd=workdir, env=_env(), stdout=sink, stderr=subprocess.STDOUT)
+    return proc, out
+
+
+def _helper_in_training(workdir: Path, proc: subprocess.Popen, out: Path) -> tuple[int, int]:
+    """The helper process's pid (the study prints it) and its trial, once that trial has reported
+    an epoch to Optuna (the median pruner's warm-up over: it is training, not starting; of 200)."""
+    owner = f"{socket.gethostname()}-{{pid}}-"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, out.read_text()[-3000:]
+        found = re.search(r"more process, pid (\d+);", out.read_text())
+        if found and (workdir / "optuna.db").exists():
+            pid = int(found.group(1))
+            for trial in _trials(workdir):
+                ticket = str(trial.user_attrs.get(attrs.TICKET, "")).partition(" ")[2]
+                if (trial.state == optuna.trial.TrialState.RUNNING and ticket.startswith(owner.format(pid=pid))
+                        and trial.intermediate_values):
+                    return pid, trial.number
+        time.sleep(0.3)
+    pytest.fail("the helper process never trained a trial: " + out.read_text()[-3000:])
+
+
+def test_a_killed_worker_process_costs_its_trial_nothing(workdir: Path) -> None:
+    """SIGKILL (the OOM killer) on the helper process mid-trial: its trial is given back and runs
+    again in the study's process, the budget is exact, nothing is left RUNNING."""
+    proc, out = _start(workdir)
+    pid, number = _helper_in_training(workdir, proc, out)
+    os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=900)
+    text = out.read_text()
+    assert proc.returncode == 1, text[-3000:]
+    assert f"a worker process was killed; trial(s) [{number}] run again here" in text
+    trials = _trials(workdir)
+    assert sum(judged(t) for t in trials) == 4  # the killed trial was not charged
+    assert trials[number].state == optuna.trial.TrialState.FAIL and attrs.NOT_CHARGED in trials[number].user_attrs
+    assert [judged(t) for t in trials if t.user_attrs.get(attrs.RETRY_OF) == number] == [True]
+    assert optuna.trial.TrialState.RUNNING not in {t.state for t in trials}
+    runs = mlflow_runs(workdir)
+    assert "RUNNING" not in {r.info.status for r in runs}
+    assert next(r for r in runs if r.info.run_id == trials[number].user_attrs[attrs.RUN]).info.status == "KILLED"
+    assert _lanes_left() == ""
+
+
+def test_worker_processes_stop_when_their_study_is_killed(workdir: Path) -> None:
+    """SIGKILL on the study's process: its helper sees its parent's sentinel close, stops as on
+    SIGTERM (its trial's run KILLED, the trial given back) and exits."""
+    proc, out = _start(workdir)
+    pid, number = _helper_in_training(workdir, proc, out)
+    proc.kill()
+    proc.wait(timeout=60)
+    deadline = time.time() + 120
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _alive(pid) and _lanes_left() == "", "the helper process outlived its study"
+    trial = _trials(workdir)[number]
+    assert trial.state == optuna.trial.TrialState.FAIL and attrs.NOT_CHARGED in trial.user_attrs
+    run = next(r for r in mlflow_runs(workdir) if r.info.run_id == trial.user_attrs[attrs.RUN])
+    assert run.info.status == "KILLED"

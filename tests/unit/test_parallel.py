@@ -76,17 +76,19 @@ def test_the_first_worker_ready_takes_the_probe_and_the_next_one_trial_0(tmp_pat
         return study, storage
 
     ours, storage = study_with_three_waiting()
-    taken = [ask(ours, storage, 1), ask(ours, storage), ask(ours, storage)]
+    sid = storage.get_study_id_from_name("s")
+    taken = [ask(ours, storage, sid, 1), ask(ours, storage, sid), ask(ours, storage, sid)]
     assert [t.number for t in taken] == [1, 0, 2]
     assert [t.suggest_categorical("x", [0, 1, 2]) for t in taken] == [1, 0, 2]  # the enqueued params
     assert {t.state for t in ours.get_trials()} == {optuna.trial.TrialState.RUNNING}
 
     optuna.delete_study(study_name="s", storage=url)
     ours, storage = study_with_three_waiting()
+    sid = storage.get_study_id_from_name("s")
     other = optuna.load_study(study_name="s", storage=url)  # another process, on the same storage
     assert [other.ask().number, other.ask().number] == [0, 1]
-    assert ask(ours, storage, 1).number == 2  # the probe was gone: the oldest waiting one instead
-    assert ask(ours, storage, 1).number == 3  # nothing waiting: a new trial, as Optuna's ask does
+    assert ask(ours, storage, sid, 1).number == 2  # the probe was gone: the oldest waiting one instead
+    assert ask(ours, storage, sid, 1).number == 3  # nothing waiting: a new trial, as Optuna's ask does
 
 
 def test_the_median_pruner_compares_like_with_like_and_waits_for_the_warm_up() -> None:
