@@ -20,9 +20,9 @@ from mlops_tune.study.finish import finish
 from mlops_tune.study.records import TAG_START, parent_run, reconcile, study_for_data, study_params
 from mlops_tune.study.start import probe, start_point
 from mlops_tune.trial import data_source
-from mlops_tune.workers import Assignment, Plan, WorkerLoop
 from mlops_tune.workers.local import LocalProcesses, give_back_lost
-from mlops_tune.workers.loop import budget_key, run_in_threads, study_context, worker_id
+from mlops_tune.workers.loop import Assignment, WorkerLoop, budget_key, run_in_threads, study_context, worker_id
+from mlops_tune.workers.plan import Plan
 
 
 class Study:

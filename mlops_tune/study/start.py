@@ -7,7 +7,7 @@ from typing import Any
 
 from mlops_tune import registry
 from mlops_tune.errors import UsageError
-from mlops_tune.workers import Plan
+from mlops_tune.workers.plan import Plan
 
 
 def start_point(plan: Plan) -> tuple[dict[str, Any], str]:

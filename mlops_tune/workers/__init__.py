@@ -16,11 +16,7 @@ Where workers run:
 
 :class:`~mlops_tune.workers.plan.Plan` is what every worker builds from the study's config
 once it passed its checks.
+
+Nothing is imported here: a helper process imports only ``mlops_tune.workers.helper`` before it
+turns the garbage collector off.
 """
-
-from __future__ import annotations
-
-from mlops_tune.workers.loop import Assignment, WorkerLoop, run_worker
-from mlops_tune.workers.plan import Plan
-
-__all__ = ["Assignment", "Plan", "WorkerLoop", "run_worker"]

@@ -16,8 +16,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import sys
-import threading
 from collections.abc import Mapping
 from multiprocessing.connection import wait
 from typing import Any
@@ -28,9 +26,8 @@ from optuna.trial import TrialState
 from mlops_tune import attrs, claims, threads
 from mlops_tune.data import Splits
 from mlops_tune.errors import EnvironmentFault, StudyAborted
+from mlops_tune.workers import helper
 from mlops_tune.workers.objective import give_back
-
-PROG = "mlops-tune worker"
 
 
 class LocalProcesses:
@@ -47,7 +44,7 @@ class LocalProcesses:
         for index in range(1, n + 1):
             queue = context.Queue()
             queue.cancel_join_thread()  # a helper that died never reads: do not wait for it at exit
-            process = context.Process(target=serve, args=(dict(cfg), index, n + 1, queue, env),
+            process = context.Process(target=helper.serve, args=(dict(cfg), index, n + 1, queue, env),
                                       name=f"mlops-tune-worker-{index}", daemon=True)
             process.start()
             self.queues.append(queue)
@@ -82,6 +79,7 @@ class LocalProcesses:
         while pending:
             for sentinel in wait(list(pending)):
                 pending.pop(sentinel).join()
+        self._close_queues()
         failed = [(index, p.exitcode) for index, p in enumerate(self.processes, 1) if (p.exitcode or 0) > 0]
         if failed:
             index, code = failed[0]
@@ -108,54 +106,12 @@ class LocalProcesses:
             if process.is_alive():
                 process.kill()
                 process.join()
+        self._close_queues()
 
-
-def serve(cfg: dict[str, Any], index: int, n_jobs: int, queue: Any, env: Mapping[str, str]) -> None:
-    """A helper process: the worker loop on the study its queue names (exit codes as ``mlops-tune``)."""
-    # not MLFLOW_RUN_ID (under `mlflow run`: the study's own run, which a helper must not resume)
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    os.environ["MLOPS_TUNE_LIVE"] = "0"
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
-    from mlops_tune import exits, faults, heap, secrets
-
-    heap.defer()  # until the first trial: see mlops_tune.heap
-    faults.install_signal_handlers()
-    faults.quiet_background_faults()
-    secrets.guard_streams()
-    _stop_with_parent()
-    sys.exit(exits.run_mapped(lambda: _serve(cfg, n_jobs, queue), f"{PROG} {index}"))
-
-
-def _serve(cfg: dict[str, Any], n_jobs: int, queue: Any) -> int:
-    from mlops_tune import tracking
-    from mlops_tune.families import get_family
-    from mlops_tune.logs import quiet_libraries, set_verbose
-    from mlops_tune.workers.loop import run_worker
-    from mlops_tune.workers.plan import Plan
-
-    set_verbose(bool(cfg.get("verbose")))
-    quiet_libraries()
-    # imports first, while the study checks the config and loads the data (this helper's
-    # critical path is CPU: the framework and MLflow's store take most of it)
-    get_family(cfg["model"]["family"]).preload()
-    tracking.preload(str(cfg["tracking"]["uri"]))
-    plan = Plan.check(cfg, n_jobs=n_jobs, splits=queue.get())
-    run_worker(plan, queue.get())
-    return 0
-
-
-def _stop_with_parent() -> None:
-    """SIGTERM to this process when the study's process is gone (its sentinel closes)."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        parent.join()
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="mlops-tune-parent-watch", daemon=True).start()
+    def _close_queues(self) -> None:
+        """Nothing more goes to the helpers: the queues' feeder threads end."""
+        for queue in self.queues:
+            queue.close()
 
 
 def give_back_lost(study: optuna.Study, storage: Any, pids: list[int], budget: claims.Budget) -> list[int]:

@@ -133,7 +133,9 @@ class WorkerLoop:
                 if done.wait(interval):
                     return
 
-        thread = threading.Thread(target=beat, name="mlops-tune-heartbeat", daemon=True)
+        # not a daemon: the interpreter must not finalize while it is inside the storage's C code
+        # (a stop signal may cut the join below short; the beat then ends at its next look at `done`)
+        thread = threading.Thread(target=beat, name="mlops-tune-heartbeat")
         thread.start()
         try:
             yield
