@@ -227,9 +227,6 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
         _say(prog, str(exc) or "interrupted")
         sys.exit(faults.signal_exit_code(exc))
 
-    from mlops_tune.schema import register
-
-    register()  # schema/train and schema/tune, for configs that extend them
     global _held
     fd, codes_path = tempfile.mkstemp(prefix="mlops-tune-codes-")
     os.close(fd)

@@ -6,8 +6,6 @@ by Hydra from ``conf/`` and equally for the files a study writes and reads back 
 ``best_config.yaml`` given to ``mlops-train --config-path``, a trial folder). The model and
 data sections are free-form here: their family and loader check them. What a type cannot
 say (a threshold in [0, 1], a positive budget) is checked in ``mlops_tune.config``.
-The dataclasses are also registered in Hydra's ConfigStore (``schema/train``,
-``schema/tune``) for configs of one's own that want to extend them.
 """
 
 from __future__ import annotations
@@ -100,12 +98,3 @@ class TuneConfig(TrainConfig):
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     worker: int = 0
-
-
-def register() -> None:
-    """Make the schemas available to Hydra as ``schema/train`` and ``schema/tune``."""
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    store.store(group="schema", name="train", node=TrainConfig)
-    store.store(group="schema", name="tune", node=TuneConfig)

@@ -25,8 +25,6 @@ from mlops_tune.errors import UsageError
 AUTO = "auto"
 #: families whose trials are long enough to be worth a process of their own
 PARALLEL_FAMILIES = ("keras_dense", "keras_cnn")
-#: environment variable giving the default of study.n_jobs (a CI host sharing its cores: 1)
-N_JOBS_ENV = "MLOPS_TUNE_N_JOBS"
 TF_THREAD_VARS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 
 

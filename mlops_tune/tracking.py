@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import threading
@@ -42,7 +41,6 @@ TAG_WORKER_RUN = "mlops_tune.worker_run"
 #: ``environment`` on a run that ended because the environment failed, not the model
 TAG_FAULT = "mlops_tune.fault"
 
-_log = logging.getLogger(__name__)
 
 
 def connect(uri: str, experiment: str) -> str:
