@@ -5,7 +5,7 @@ start (or finish) at the same moment: both would create a parent run, or both wo
 promote a model. A claim is a row in a small table of our own in the study's database
 (``mlops_tune_claims``, primary key = study + claim name): the INSERT of the first worker
 succeeds, every later one fails on the key and reads the winner's value instead. For a
-journal-file storage the same is done with an exclusive file lock.
+journal-file storage the same is done under an exclusive file lock (``locks.exclusive``).
 
 Example::
 
@@ -17,12 +17,14 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from mlops_tune import locks
 
 _TABLE = "mlops_tune_claims"
 
@@ -142,41 +144,36 @@ def _read_file(path: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _locked_claims(path: Path) -> Iterator[tuple[dict[str, str], Any]]:
-    """The claims of a journal study under an exclusive lock; the caller may change them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            handle.seek(0)
-            yield json.loads(handle.read() or "{}"), handle
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _locked_claims(path: Path) -> Iterator[dict[str, str]]:
+    """The claims of a journal study under an exclusive lock (a lock file beside them); the caller
+    may change them and :func:`_write` them."""
+    with locks.exclusive(path.with_name(path.name + ".lock")):
+        yield _read_file(path)
 
 
-def _write(handle: Any, claims: dict[str, str]) -> None:
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps(claims))
-    handle.flush()
+def _write(path: Path, claims: dict[str, str]) -> None:
+    """Replace the claims file whole (readers without the lock never see it half-written)."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.write_text(json.dumps(claims), encoding="utf-8")
+    os.replace(staging, path)
 
 
 def _claim_file(path: Path, study: str, name: str, value: str) -> str:
-    with _locked_claims(path) as (claims, handle):
+    with _locked_claims(path) as claims:
         key = f"{study}\t{name}"
         if key not in claims:
             claims[key] = value
-            _write(handle, claims)
+            _write(path, claims)
         return str(claims[key])
 
 
 def _release_file(path: Path, study: str, name: str, value: str) -> bool:
-    with _locked_claims(path) as (claims, handle):
+    with _locked_claims(path) as claims:
         key = f"{study}\t{name}"
         if claims.get(key) != value:
             return False
         del claims[key]
-        _write(handle, claims)
+        _write(path, claims)
         return True
 
 

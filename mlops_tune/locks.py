@@ -1,10 +1,10 @@
 """An exclusive lock file, for what several processes on one machine must not do at once
-(creating a SQLite store's schema, merging into one JUnit file)."""
+(creating a SQLite store's schema, merging into one JUnit file, a journal study's claims).
+The one lock implementation of the package: ``filelock``."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,15 +12,13 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def exclusive(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created, with its folder, if needed)."""
+    """Hold an exclusive lock on the lock file ``path`` (``filelock``; created, with its folder, if needed)."""
+    from filelock import FileLock
+
     lock_path = Path(path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(lock_path):
+        yield
 
 
 def sqlite_path(url: str) -> Path | None:
