@@ -42,5 +42,5 @@ CONFIRMED_MEAN = "confirmed_mean"
 START = "start_from"
 #: study attribute: the fingerprint of the data the study ran on (data.fingerprint)
 DATA_FINGERPRINT = "data_fingerprint"
-#: a trial stopped at an epoch because a trial of another lane met the gate (study.n_jobs > 1)
+#: a trial stopped at an epoch because a trial of another worker met the gate (study.n_jobs > 1)
 GATE_STOP = "stopped_by_gate"

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from mlops_tune.faults import broken_response, classify
+from mlops_tune.retries import retrying
 from mlops_tune.stores import fail_fast
 
 #: the longest a write waits for the next trial's epoch 1 (a model others wait for: ``tracking.model_ready``)
@@ -146,16 +147,13 @@ class Backlog:
             self._write(what, write)
 
     def _write(self, what: str, write: Callable[[], None]) -> None:
-        for attempt in (1, 2):
-            try:
-                write()
-                return
-            except BaseException as exc:  # raised on the study's thread by wait() or submit()
-                if attempt == 1 and broken_response(exc):
-                    continue  # the server went away mid-answer: once more (every write here is idempotent)
-                fault = classify(exc)
-                if fault is not None and fault.component == "tracking":
-                    fail_fast()  # the store is gone: no minutes of retries for what follows
-                exc.add_note(f"(while writing {what} in the background)")
-                self._failed, self._error = True, exc
-                return
+        try:  # the server went away mid-answer: once more (every write here is idempotent)
+            for attempt in retrying(broken_response, 2, 0.0):
+                with attempt:
+                    write()
+        except BaseException as exc:  # raised on the study's thread by wait() or submit()
+            fault = classify(exc)
+            if fault is not None and fault.component == "tracking":
+                fail_fast()  # the store is gone: no minutes of retries for what follows
+            exc.add_note(f"(while writing {what} in the background)")
+            self._failed, self._error = True, exc

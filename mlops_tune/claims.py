@@ -6,6 +6,8 @@ promote a model. A claim is a row in a small table of our own in the study's dat
 (``mlops_tune_claims``, primary key = study + claim name): the INSERT of the first worker
 succeeds, every later one fails on the key and reads the winner's value instead. For a
 journal-file storage the same is done under an exclusive file lock (``locks.exclusive``).
+Only a study's coordinator makes these claims. The trial tickets every worker takes
+(:class:`Tickets`) are trials of a companion study, so they need nothing but the Optuna storage.
 
 Example::
 
@@ -32,38 +34,6 @@ _TABLE = "mlops_tune_claims"
 def journal_path(storage_url: str) -> str:
     """The file of a ``journal:///path/to/file`` storage URL."""
     return storage_url.split(":", 1)[1].removeprefix("//")
-
-
-def claim_ticket(storage_url: str, study: str, limit: int, owner: str) -> tuple[str, str] | None:
-    """Claim a free trial ticket below ``limit``; None when all ``limit`` are held.
-
-    Every trial a worker starts needs a ticket, so all workers together start at most
-    ``limit`` trials (``study.n_trials``), however their asks interleave. Returns the
-    ticket's name and the unique value it holds, which :func:`release` needs: a trial that
-    did not train (the environment failed, the process was stopped) gives its ticket back.
-    """
-    held = _held_tickets(storage_url, study)
-    for index in range(limit):
-        name = f"ticket-{index}"
-        if name in held:
-            continue
-        token = f"{owner}/{uuid.uuid4().hex[:12]}"
-        if claim(storage_url, study, name, token) == token:
-            return name, token
-    return None
-
-
-def _held_tickets(storage_url: str, study: str) -> set[str]:
-    if storage_url.startswith("journal:"):
-        return {key.split("\t", 1)[1] for key in _read_file(_claims_file(storage_url))
-                if key.startswith(f"{study}\t") and "\tticket-" in key}
-    import sqlalchemy as sa
-
-    engine = _engine(storage_url)
-    table = _table(engine)
-    with engine.connect() as conn:
-        return {str(row[0]) for row in conn.execute(sa.select(table.c.name).where(
-            table.c.study == study, table.c.name.like("ticket-%")))}
 
 
 def release(storage_url: str, study: str, name: str, value: str) -> bool:
@@ -177,32 +147,88 @@ def _release_file(path: Path, study: str, name: str, value: str) -> bool:
         return True
 
 
+TICKETS = "#tickets"
+
+
+class Tickets:
+    """The trial tickets of one study: trials of a companion study ``KEY#tickets`` on the same
+    Optuna storage, taken and given back through the storage's public API alone, so a worker
+    that reaches the study only through Optuna's gRPC storage proxy (a container) takes them too.
+
+    A ticket is a trial of the companion study; it is given back by failing it. A worker's
+    ticket is good when at most ``limit`` tickets that were not given back have its number or a
+    lower one: the highest good ticket saw every other good one when it counted, so however
+    the workers interleave, at most ``limit`` are good at once.
+    """
+
+    def __init__(self, storage: Any, key: str) -> None:
+        self.storage, self.name = storage, f"{key}{TICKETS}"
+        self._study_id: int | None = None
+
+    def study_id(self) -> int:
+        if self._study_id is None:
+            import optuna
+            from optuna.study import StudyDirection
+
+            try:
+                self._study_id = int(self.storage.create_new_study([StudyDirection.MAXIMIZE], self.name))
+            except optuna.exceptions.DuplicatedStudyError:  # another worker created it
+                self._study_id = int(self.storage.get_study_id_from_name(self.name))
+        return self._study_id
+
+    def take(self, limit: int, owner: str) -> str | None:
+        """A good ticket as ``"tickets:TRIAL_ID OWNER/TOKEN"``; None when ``limit`` are held."""
+        from optuna.trial import TrialState
+
+        study_id = self.study_id()
+        trial_id = int(self.storage.create_new_trial(study_id))
+        number = self.storage.get_trial_number_from_id(trial_id)
+        held = self.storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        if sum(1 for t in held if t.number <= number) <= limit:
+            return f"tickets:{trial_id} {owner}/{uuid.uuid4().hex[:12]}"
+        self.give_back(trial_id)
+        return None
+
+    def held(self) -> int:
+        from optuna.trial import TrialState
+
+        return len(self.storage.get_all_trials(self.study_id(), deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def give_back(self, trial_id: int) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # given back already
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
 class Budget:
-    """A worker's view of its study's claims: the trial tickets (``study.n_trials``) and the
-    one-time claims (base trial, parent run, promotion).
+    """A worker's view of its study's claims: the trial tickets (``study.n_trials``, on the Optuna
+    ``storage``) and the one-time claims (base trial, parent run, promotion: the coordinator's).
 
     ``key`` names the study instance (name and storage id: a recreated study starts afresh).
     A ticket is taken before each trial, handed to the trial that starts, and given back when
     no trial took it or the trial did not train.
     """
 
-    def __init__(self, storage_url: str, key: str) -> None:
+    def __init__(self, storage_url: str, key: str, storage: Any) -> None:
         self.storage_url = storage_url
         self.key = key
-        self._ticket: tuple[str, str] | None = None
+        self.tickets = Tickets(storage, key)
+        self._ticket: str | None = None
 
     def claim(self, name: str, value: str) -> str:
         return claim(self.storage_url, self.key, name, value)
 
     def take(self, limit: int, owner: str) -> bool:
-        """Take a free ticket below ``limit``; False when all are held (the budget is spent)."""
-        self._ticket = claim_ticket(self.storage_url, self.key, limit, owner)
+        """Take a good ticket (see :class:`Tickets`); False when ``limit`` are held (the budget is spent)."""
+        self._ticket = self.tickets.take(limit, owner)
         return self._ticket is not None
 
     def hand_over(self) -> str:
-        """The held ticket as ``"name value"`` for the trial that starts now ("" when none)."""
+        """The held ticket as ``"tickets:ID OWNER/TOKEN"`` for the trial that starts now ("" when none)."""
         ticket, self._ticket = self._ticket, None
-        return " ".join(ticket) if ticket else ""
+        return ticket or ""
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -211,7 +237,7 @@ class Budget:
             yield
         finally:
             if self._ticket is not None:
-                self.release(*self._ticket)
+                self.release_text(self._ticket)
                 self._ticket = None
 
     def release(self, name: str, value: str) -> None:
@@ -220,7 +246,8 @@ class Budget:
             release(self.storage_url, self.key, name, value)
 
     def release_text(self, ticket: str) -> None:
-        """Give back a ticket recorded as ``"name value"`` on a trial."""
-        name, _, value = ticket.partition(" ")
-        if name and value:
-            self.release(name, value)
+        """Give back a ticket recorded as ``"tickets:ID OWNER/TOKEN"`` on a trial (best effort)."""
+        name = ticket.partition(" ")[0]
+        if name.startswith("tickets:") and name[8:].isdigit():
+            with contextlib.suppress(Exception):
+                self.tickets.give_back(int(name[8:]))

@@ -39,11 +39,6 @@ class EnvironmentFault(Exception):
         self.component = component
 
 
-class WorkerLost(Exception):
-    """The process running a trial for the study (a warm worker) died mid-trial: the trial did
-    not fail, it did not run. It is given back (not charged) and runs again."""
-
-
 class TrialFailed(Exception):
     """The model of one trial failed (not the environment): the trial is FAIL, the study goes on."""
 

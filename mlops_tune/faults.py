@@ -189,7 +189,7 @@ _stopped: list[int] = []
 
 def check_stopped() -> None:
     """Raise :class:`Stopped` again where work would go on after a stop signal (an epoch's end,
-    a lane's next trial). Its first raise was lost: some code dropped it (a bare ``except``,
+    a worker's next trial). Its first raise was lost: some code dropped it (a bare ``except``,
     a callback whose errors Python ignores), and SIGTERM is ignored since, so the process
     would train on until it is killed, its runs left RUNNING. Call it only on forward paths,
     never where a study unwinds."""

@@ -5,12 +5,12 @@ with the collector on, the imports took 7.7-8.9 s; with it off, 6.1-6.8 s, becau
 full collection sweeps every object the imports made so far. And Keras' ``clear_session``,
 run before each model, is such a full collection: 0.37-0.44 s of every trial over the
 ~600 000 objects of a study's imports. So a process that mlops-tune starts (``mlops-tune``,
-a study's lanes, trial workers) calls :func:`defer` first; before its first trial,
+a study's helper processes, Project workers) calls :func:`defer` first; before its first trial,
 :func:`settle` moves what the imports made out of the collector's reach (:func:`gc.freeze`:
 modules and the study's own state, alive as long as the process) and turns the collector
 back on, so later collections sweep only what the trials make. It does not collect first:
 over the ~1 000 000 objects of a Keras study's imports a collection took 0.46 s and found
-5 383 unreachable ones (kept, frozen, for the process's life), and both of a two-lane
+5 383 unreachable ones (kept, frozen, for the process's life), and both of a two-process
 study's processes ran it just before their first trial (its start came 0.5 s later).
 
 A program that calls mlops-tune as a library keeps its collector as it is: :func:`settle`

@@ -26,13 +26,15 @@ import optuna
 from mlops_tune import claims, gate, locks
 from mlops_tune.errors import UsageError, first_line
 from mlops_tune.mutate import MutationSampler
+from mlops_tune.retries import retrying
 from mlops_tune.search import SearchSpace
 from mlops_tune.secrets import redact
 from mlops_tune.stores import write_ahead_sqlite
 
 
 def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
-    """The Optuna storage named by ``study.storage`` (RDB URL, or ``journal:///path``).
+    """The Optuna storage named by ``study.storage`` (RDB URL, ``journal:///path``, or
+    ``grpc://HOST:PORT``: the storage proxy a study serves to its workers in containers).
 
     RDB storages get a heartbeat, so a trial whose worker died is failed after the grace period.
 
@@ -41,6 +43,8 @@ def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
     """
     url = str(study_cfg["storage"])
     try:
+        if url.startswith("grpc://"):  # a worker in a container: the study's storage proxy
+            return open_storage(url)
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -70,8 +74,8 @@ def _open_rdb(url: str, study_cfg: Mapping[str, Any], attempts: int = 4) -> optu
 
     The loser of that race sees a unique-key error and finds the tables on its next try.
     """
-    for attempt in range(1, attempts + 1):
-        try:
+    for attempt in retrying(lambda exc: "IntegrityError" in type(exc).__name__ + str(exc), attempts, 0.5):
+        with attempt:
             return optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=_engine_kwargs(url),
@@ -80,10 +84,6 @@ def _open_rdb(url: str, study_cfg: Mapping[str, Any], attempts: int = 4) -> optu
                 # a dead worker's trial is failed, then run again once by whoever asks next
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
-        except Exception as exc:
-            if attempt == attempts or "IntegrityError" not in type(exc).__name__ + str(exc):
-                raise
-            time.sleep(0.5 * attempt)
     raise AssertionError("attempts must be >= 1")
 
 
@@ -105,7 +105,7 @@ def make_sampler(study_cfg: Mapping[str, Any], space: SearchSpace, seed: int,
     """
     sampler = study_cfg["sampler"]
     if sampler == "tpe":
-        # constant_liar: trials still running in other lanes or workers count as poor, so
+        # constant_liar: trials still running in other workers count as poor, so
         # parallel trials explore apart (with one trial at a time it changes nothing)
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, group=True,
                                           constant_liar=True)
@@ -127,15 +127,15 @@ def make_pruner(pruner: Any) -> optuna.pruners.BasePruner:
     return _instantiate(pruner, "study.pruner", optuna.pruners.BasePruner)
 
 
-def reporting(pruner: Any, lanes: bool) -> tuple[int | None, int | None]:
+def reporting(pruner: Any, parallel: bool) -> tuple[int | None, int | None]:
     """For a trial in this process: the first epoch reported to Optuna and the first at which
     the pruner is asked (see ``trial.OptunaReporter``). ``median`` looks from its warm-up on;
-    ``none`` needs no values (with lanes it is still asked, to stop once the gate is met);
+    ``none`` needs no values (with workers in parallel it is still asked, to stop once the gate is met);
     any other pruner gets every epoch."""
     if pruner == "median":
-        return MEDIAN_WARMUP, (0 if lanes else MEDIAN_WARMUP)
+        return MEDIAN_WARMUP, (0 if parallel else MEDIAN_WARMUP)
     if pruner == "none":
-        return None, (0 if lanes else None)
+        return None, (0 if parallel else None)
     return 0, 0
 
 

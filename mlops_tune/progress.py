@@ -37,7 +37,7 @@ def wants_live(stream: TextIO) -> bool:
 
 
 class Progress:
-    """The study's progress display; every method is safe to call from any lane's thread."""
+    """The study's progress display; every method is safe to call from any thread."""
 
     def __init__(self, n_trials: int, threshold: float, metric: str, epochs: int | None, done: int = 0,
                  timeout: float | None = None, stream: TextIO | None = None, live: bool | None = None) -> None:

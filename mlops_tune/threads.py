@@ -6,7 +6,7 @@ small dense network on digits train 2.2x slower than one inter-op thread, and tw
 side by side with one thread each train in 1.05x the time of one: two trials at once is
 nearly twice the trials per minute. So, for Keras trials in the study's own process,
 ``study.n_jobs=auto`` runs one trial per core (each in its own process, see
-``mlops_tune.lane``) and every process gets ``cores / n_jobs`` intra-op threads and one
+``mlops_tune.workers.local``) and every process gets ``cores / n_jobs`` intra-op threads and one
 inter-op thread, unless ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` are set.
 
 Example::

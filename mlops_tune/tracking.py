@@ -22,6 +22,7 @@ from mlops_tune import locks
 from mlops_tune.errors import UsageError, first_line
 from mlops_tune.faults import classify
 from mlops_tune.logs import quiet_libraries
+from mlops_tune.retries import retrying
 from mlops_tune.secrets import redact, redact_config, redact_text
 from mlops_tune.stores import check_reachable, configure_http, fail_fast, seed_new_sqlite_store, write_ahead_sqlite
 
@@ -83,7 +84,7 @@ def connect(uri: str, experiment: str) -> str:
 
 def preload(uri: str) -> None:
     """Import what :func:`connect` and the runs will need for ``uri`` (some 3 s here), touching
-    no store: a study's extra lane does while the study checks its config and data."""
+    no store: a study's helper process does while the study checks its config and data."""
     import importlib
 
     import mlflow  # noqa: F401
@@ -99,14 +100,10 @@ def _set_experiment(name: str, attempts: int = 3) -> str:
     """``mlflow.set_experiment``; a concurrent creator of the same experiment is not an error."""
     import mlflow
 
-    for attempt in range(attempts):
-        try:
+    for attempt in retrying(lambda exc: "RESOURCE_ALREADY_EXISTS" in str(exc) or "already exists" in str(exc),
+                            attempts, 0.2):
+        with attempt:
             return str(mlflow.set_experiment(name).experiment_id)
-        except Exception as exc:
-            raced = "RESOURCE_ALREADY_EXISTS" in str(exc) or "already exists" in str(exc)
-            if not raced or attempt == attempts - 1:
-                raise
-            time.sleep(0.2)
     raise AssertionError("attempts must be >= 1")
 
 
@@ -263,16 +260,10 @@ def log_data(name: str, fingerprint: str, x: Any, y: Any, source: str, run_id: s
     entry = DatasetInput(Dataset(**dataset.to_dict()), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
     # MLflow's SQL store looks the dataset up, then inserts it: workers of one study logging the
     # same new dataset at once collide on its key; the loser's retry finds it and only links it
-    for attempt in range(4):
-        try:
+    for attempt in retrying(lambda exc: any(word in str(exc) for word in ("UNIQUE constraint", "IntegrityError",
+                                                                          "duplicate key")), 4, 0.1):
+        with attempt:
             mlflow.MlflowClient().log_inputs(run_id, [entry])
-            return
-        except Exception as exc:
-            text = str(exc)
-            if attempt == 3 or not any(word in text for word in ("UNIQUE constraint", "IntegrityError",
-                                                                 "duplicate key")):
-                raise
-            time.sleep(0.1 * (attempt + 1))
 
 
 

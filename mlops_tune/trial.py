@@ -1,9 +1,7 @@
 """ONE trial: train one model from a resolved config, evaluate it, track it in MLflow.
 
-This is the seam every runner shares (docs/architecture.md): ``mlops-train`` calls it
-once, the study calls it per trial in this process, and the trial's own process
-(``mlops_tune.worker``) calls it for runner=mlflow|docker. A runner only decides where
-:func:`run_trial` runs.
+``mlops-train`` calls it once; every worker of a study (``mlops_tune.workers``) calls it
+for each trial it takes, in its own process (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,10 +25,6 @@ from mlops_tune.families import get_family
 
 #: the config sections that make up one trial (and its reproducible YAML)
 TRIAL_SECTIONS = ("model", "data", "seed", "tracking")
-#: a trial folder, the seam between a study and a trial's own process (``mlops_tune.worker``):
-#: the trial's config, and its link to the study (storage, study, trial number, pruner ...)
-TRIAL_CONFIG_FILE = "config.yaml"
-TRIAL_LINK_FILE = "link.yaml"
 
 
 class Reporter(Protocol):
@@ -186,7 +179,7 @@ def run_trial(
         evaluate_test: also measure the test split (``mlops-train`` does; study trials don't).
         should_log_model: decides from the validation accuracy whether to log the model.
         on_run_started: called with the run id as soon as the run exists.
-        run_id: an existing run to log into (created by the study for a trial in another process).
+        run_id: an existing run to log into.
         backlog: writes the params, the config, the dataset input and the model's files in its
             thread, while the caller goes on (its ``wait()`` says when they are written; the
             model's URI is fixed here); None: all written here, before this returns.
@@ -315,14 +308,3 @@ def write_model(family: Any, model: Any, inputs: Splits, model_uri: str) -> None
     except BaseException:
         tracking.fail_model(model_uri)
         raise
-
-
-def write_trial_dir(folder: Path, trial_cfg: Mapping[str, Any], link: Mapping[str, Any]) -> None:
-    """The study side of the seam: write the folder ``mlops_tune.worker`` reads (readable by a container's user)."""
-    import yaml
-
-    folder.mkdir(mode=0o755)
-    for name, content in ((TRIAL_CONFIG_FILE, trial_cfg), (TRIAL_LINK_FILE, link)):
-        path = folder / name
-        path.write_text(yaml.safe_dump(dict(content), sort_keys=False))
-        path.chmod(0o644)

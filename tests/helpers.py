@@ -23,8 +23,15 @@ class AlwaysFailsKNN(KNeighborsClassifier):
 
 
 class SlowKNN(KNeighborsClassifier):
-    """A KNN whose fit sleeps ``MLOPS_TUNE_TEST_SLEEP`` seconds: a trial to kill mid-way."""
+    """A KNN whose fit sleeps ``MLOPS_TUNE_TEST_SLEEP`` seconds, or, with ``MLOPS_TUNE_TEST_HOLD``
+    set, as long as that file exists (a test holds the trial in its fit, then lets it go): a
+    trial to kill mid-way."""
 
     def fit(self, X, y):
-        time.sleep(float(os.environ.get("MLOPS_TUNE_TEST_SLEEP", "60")))
+        hold = os.environ.get("MLOPS_TUNE_TEST_HOLD")
+        if hold:
+            while os.path.exists(hold):
+                time.sleep(0.05)
+        else:
+            time.sleep(float(os.environ.get("MLOPS_TUNE_TEST_SLEEP", "60")))
         return super().fit(X, y)

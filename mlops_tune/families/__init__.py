@@ -71,7 +71,7 @@ def settle_imports(family: str) -> None:
     """Import the framework of ``family`` once in this process, then :func:`mlops_tune.heap.settle`
     (in a process mlops-tune started: its imports leave the garbage collector's sweeps, so
     Keras' ``clear_session`` before each model takes 12-19 ms instead of 0.37-0.44 s). Called
-    before the first trial by the processes that run trials (the study's lanes, workers)."""
+    before the first trial by the processes that run trials (the study's process, its helpers, Project workers)."""
     if family in _settled:
         return
     try:

@@ -65,7 +65,7 @@ class Family(abc.ABC):
         """Load a model logged by :meth:`log_model`."""
 
     def preload(self) -> None:
-        """Import the framework now: a study's extra lane does while the study checks its config and data
+        """Import the framework now: a study's helper process does while the study checks its config and data
         (not the study's own process: an import in a thread beside the stores' set-up slowed both)."""
         return None
 

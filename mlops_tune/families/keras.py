@@ -39,7 +39,7 @@ def _keras() -> Any:
     if "keras" not in sys.modules:
         # Keras imports scikit-learn at start for its scikit-learn wrappers (keras.wrappers),
         # which mlops-tune does not use: 0.5-1.2 s of CPU (with SciPy) in a process whose trials
-        # never touch it (a study's extra lane, a trial worker), while the other lanes import
+        # never touch it (a study's helper process, a Project worker), while the others import
         # too. Keras takes it as not installed; later imports of scikit-learn work as usual.
         without_sklearn = "sklearn" not in sys.modules and threading.active_count() == 1
         with tensorflow_load_filtered():

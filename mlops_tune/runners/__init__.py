@@ -1,12 +1,11 @@
-"""Runners decide WHERE a trial runs; what a trial does is :func:`mlops_tune.trial.run_trial`.
+"""Runners train a trial in a worker's process; what a trial does is :func:`mlops_tune.trial.run_trial`.
 
-``runner.name`` in the config picks one: ``inprocess`` (this Python process, frameworks
-loaded once; the default), ``mlflow`` (every trial an MLflow Project run in a fresh
-process, ``mlops_tune.worker``) or ``docker`` (the same Project runner, with the model
-family's image as the project's ``docker_env``). A runner gets the trial's resolved
-config and the Optuna trial (for pruning reports) and returns the trial's
-:class:`~mlops_tune.trial.TrialOutcome`. Runners are the study's side: nothing here runs
-in a trial's own process.
+Every worker trains its trials in its own process (:class:`~mlops_tune.runners.inprocess.InProcessRunner`,
+frameworks loaded once). ``runner.name`` decides where the workers run: ``inprocess`` (the
+study's process, and ``study.n_jobs`` - 1 local helper processes), ``mlflow`` (MLflow Project
+runs) or ``docker`` (the same, in the model family's image): :mod:`mlops_tune.workers`
+starts them. A runner gets the trial's resolved config and the Optuna trial (for pruning
+reports) and returns the trial's :class:`~mlops_tune.trial.TrialOutcome`.
 """
 
 from __future__ import annotations
@@ -19,19 +18,15 @@ from mlops_tune.runners._base import Runner, TrialContext
 
 __all__ = ["RUNNERS", "Runner", "TrialContext", "get_runner"]
 
-RUNNERS = {
-    "inprocess": "mlops_tune.runners.inprocess:InProcessRunner",
-    "mlflow": "mlops_tune.runners.project:ProjectRunner",
-    "docker": "mlops_tune.runners.project:ProjectRunner",
-}
+#: ``runner.name``: where the study's workers run (``mlops_tune.workers``)
+RUNNERS = ("inprocess", "mlflow", "docker")
 
 
 def get_runner(runner_cfg: Mapping[str, Any]) -> Runner:
-    """The runner named by ``runner.name``."""
+    """The runner that trains a worker's trials (checks ``runner.name``)."""
     name = runner_cfg.get("name")
     if name not in RUNNERS:
         raise UsageError(f"runner.name: '{name}' is not one of {', '.join(RUNNERS)}")
-    from hydra.utils import get_class
+    from mlops_tune.runners.inprocess import InProcessRunner
 
-    runner: Runner = get_class(RUNNERS[name].replace(":", "."))(runner_cfg)
-    return runner
+    return InProcessRunner(runner_cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mlops_tune import heap
@@ -25,20 +25,19 @@ class TrialContext:
     #: the Optuna storage URL and pruner spec, for trials that run in another process
     storage_url: str = ""
     pruner: Any = "median"
-    #: other lanes run trials of the study at once (study.n_jobs > 1): ask the pruner every epoch
-    lanes: bool = False
+    #: other processes run trials of the study at once (study.n_jobs > 1): ask the pruner every epoch
+    parallel: bool = False
     #: progress of a trial that runs in this process: (trial number, epoch, val_accuracy)
     on_epoch: Callable[[int, int, float], None] = lambda number, epoch, value: None
+    #: tags of every trial run of this worker (a Project worker's own run, its image)
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 class Runner(abc.ABC):
-    """Runs one trial somewhere and returns its outcome."""
+    """Trains one trial in a worker and returns its outcome."""
 
     def __init__(self, runner_cfg: Mapping[str, Any]) -> None:
         self.cfg = dict(runner_cfg)
-
-    def check(self, cfg: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
-        """Reject what this runner cannot run (the study's whole config), before anything is written."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the runner started for the study (processes, servers, temp files)."""
@@ -49,17 +48,8 @@ class Runner(abc.ABC):
         heap.settle()
 
     def drain(self) -> None:  # noqa: B027 - optional hook
-        """The lane's trials are over: wait for what they left to write (the in-process runner's
+        """The worker's trials are over: wait for what they left to write (the in-process runner's
         models, see ``mlops_tune.backlog``); raise a write that failed."""
-
-    @property
-    def lanes(self) -> int:
-        """How many trials the runner runs at once (the study runs one lane, a thread, per trial)."""
-        return 1
-
-    def interrupt(self, exc: BaseException) -> None:  # noqa: B027 - optional hook
-        """The study was stopped (a signal, in the main thread): make trials waiting in other
-        lanes raise ``exc`` too."""
 
     @abc.abstractmethod
     def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,

@@ -42,7 +42,7 @@ class InProcessRunner(Runner):
             run_name=f"trial-{trial.number}",
             tags=tags,
             reporter=OptunaReporter(trial, lambda value, epoch: context.on_epoch(trial.number, epoch, value),
-                                    *reporting(context.pruner, context.lanes), background=True),
+                                    *reporting(context.pruner, context.parallel), background=True),
             evaluate_test=False,
             should_log_model=lambda val_accuracy: val_accuracy > context.best_value(),
             on_run_started=lambda run_id: trial.set_user_attr(attrs.RUN, run_id),

@@ -20,8 +20,8 @@ from mlops_tune.study.finish import finish
 from mlops_tune.study.records import TAG_START, parent_run, reconcile, study_for_data, study_params
 from mlops_tune.study.start import probe, start_point
 from mlops_tune.trial import data_source
-from mlops_tune.workers.local import LocalProcesses, give_back_lost
-from mlops_tune.workers.loop import Assignment, WorkerLoop, budget_key, run_in_threads, study_context, worker_id
+from mlops_tune.workers.local import LocalProcesses
+from mlops_tune.workers.loop import Assignment, WorkerLoop, budget_key, study_context, worker_id
 from mlops_tune.workers.plan import Plan
 
 
@@ -72,7 +72,7 @@ class Study:
         study = optuna.create_study(study_name=plan.name, storage=storage, direction="maximize",
                                     sampler=plan.sampler, pruner=plan.pruner, load_if_exists=True)
         existing = len(study.get_trials(deepcopy=False))
-        budget = claims.Budget(plan.storage_url, budget_key(plan.name, storage))
+        budget = claims.Budget(plan.storage_url, budget_key(plan.name, storage), storage)
         first, later = self._enqueue_start(study, budget, start, origin, existing)
         parent_run_id, created = parent_run(study, experiment_id, budget)
         with tracking.run(experiment_id, plan.name, resume_run_id=parent_run_id,
@@ -85,19 +85,23 @@ class Study:
             reconcile(study, experiment_id, run_id, budget)
             progress = Progress(int(self.cfg["study"]["n_trials"]), plan.threshold, str(plan.gate["metric"]),
                                 self.cfg["model"].get("epochs"), done=sum(map(judged, study.get_trials())),
-                                timeout=self.cfg["study"]["timeout"])
+                                timeout=self.cfg["study"]["timeout"],
+                                live=False if plan.launcher is not None else None)  # they print their lines
             context = study_context(plan, study, experiment_id, run_id, on_epoch=progress.epoch)
             report.study_header(plan.name, self.cfg, plan.space, existing)
             started = time.perf_counter()
 
-            def new_loop(index: int) -> WorkerLoop:
-                loop = WorkerLoop(plan, study, storage, context, progress, budget.key, started,
-                                  first if index == 0 else None)
+            def new_loop() -> WorkerLoop:
+                loop = WorkerLoop(plan, study, storage, context, progress, budget.key, started, first)
                 loop.after_first = later
                 return loop
 
+            assignment = Assignment(plan.name, experiment_id, run_id, time.time(), first)
             with progress:
-                self._work(new_loop, Assignment(plan.name, experiment_id, run_id, time.time(), first))
+                if plan.launcher is not None:  # runner=mlflow|docker: no trial trains in this process
+                    plan.launcher.run(study, storage, budget, assignment, started)
+                else:
+                    self._work(new_loop, assignment)
             reconcile(study, experiment_id, run_id, budget)
             return finish(study, self.cfg, plan.space, plan.family, plan.splits, run_id, budget, self.worker)
 
@@ -121,13 +125,13 @@ class Study:
 
         def enqueue(study: optuna.Study) -> None:
             study.enqueue_trial(params, user_attrs=lineage)
-        if self.n_jobs == 1 and plan.runner.lanes == 1:
+        if self.n_jobs == 1 and plan.launcher is None:
             return None, enqueue
         enqueue(study)  # another worker takes it beside trial 0
         number = max(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         return (number if self.helpers is not None else None), None
 
-    def _work(self, new_loop: Callable[[int], WorkerLoop], assignment: Assignment) -> None:
+    def _work(self, new_loop: Callable[[], WorkerLoop], assignment: Assignment) -> None:
         """This process's worker(s) and the helpers until all ended; a killed helper's trials run again here."""
         helpers, plan = self.helpers, self.plan
         if helpers is not None:
@@ -135,12 +139,8 @@ class Study:
             print(f"study '{plan.name}': {helpers.describe(self.n_jobs)}", flush=True)
         plan.runner.start(self.cfg)
         # a failure or a signal here reaches Study.run, which stops the helper processes
-        run_in_threads(plan.runner.lanes, lambda index, stop: new_loop(index).run(stop), plan.runner.interrupt)
+        new_loop().run(threading.Event())
         if helpers is not None:
             self.helpers = None  # waited for: nothing left to stop
-            loop = new_loop(0)
-            lost = give_back_lost(loop.study, loop.storage, helpers.wait(), loop.budget)
-            if lost:
-                print(f"study '{plan.name}': a worker process was killed; trial(s) {lost} run again here", flush=True)
-                loop.run(threading.Event())
+            helpers.wait_and_rerun_lost(new_loop())
         plan.runner.drain()  # the models its trials logged are written: the best is judged next

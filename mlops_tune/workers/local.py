@@ -16,18 +16,17 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 from collections.abc import Mapping
 from multiprocessing.connection import wait
 from typing import Any
 
-import optuna
-from optuna.trial import TrialState
-
-from mlops_tune import attrs, claims, threads
+from mlops_tune import threads
 from mlops_tune.data import Splits
 from mlops_tune.errors import EnvironmentFault, StudyAborted
 from mlops_tune.workers import helper
-from mlops_tune.workers.objective import give_back
+from mlops_tune.workers.loop import WorkerLoop
+from mlops_tune.workers.objective import give_back_lost
 
 
 class LocalProcesses:
@@ -90,6 +89,16 @@ class LocalProcesses:
             raise StudyAborted(message)
         return [int(p.pid) for p in self.processes if (p.exitcode or 0) < 0]
 
+    def wait_and_rerun_lost(self, loop: WorkerLoop) -> None:
+        """Wait for every helper (:meth:`wait`); the trials of one that was killed are given back
+        and run again in ``loop`` (this process's worker)."""
+        lost = give_back_lost(loop.study, loop.storage, owners(self.wait()), loop.budget,
+                              "its worker process died mid-trial (killed)")
+        if lost:
+            print(f"study '{loop.plan.name}': a worker process was killed; trial(s) {[t.number for t in lost]} "
+                  "run again here", flush=True)
+            loop.run(threading.Event())
+
     def stop(self, exc: BaseException) -> None:
         """The study failed or was stopped: helpers still waiting are ended at once (they wrote
         nothing); helpers at work get the study's signal and close their runs as KILLED."""
@@ -114,17 +123,6 @@ class LocalProcesses:
             queue.close()
 
 
-def give_back_lost(study: optuna.Study, storage: Any, pids: list[int], budget: claims.Budget) -> list[int]:
-    """The trials that helper processes ``pids`` (dead) left RUNNING: not charged, failed, and
-    queued to run again (their MLflow runs are closed by the study's reconcile). Returns their numbers.
-    A trial's ticket names the worker that took it (``host-pid-...``)."""
-    owners = tuple(f"{socket.gethostname()}-{pid}-" for pid in pids)
-    study_id = storage.get_study_id_from_name(study.study_name)
-    lost = []
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if str(frozen.user_attrs.get(attrs.TICKET, "")).partition(" ")[2].startswith(owners):
-            trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number))
-            give_back(trial, "its worker process died mid-trial (killed)", budget)
-            study.tell(trial, state=TrialState.FAIL)
-            lost.append(frozen.number)
-    return lost
+def owners(pids: list[int]) -> tuple[str, ...]:
+    """How the tickets of helper processes ``pids`` name their worker (``host-pid-...``)."""
+    return tuple(f"{socket.gethostname()}-{pid}-" for pid in pids)

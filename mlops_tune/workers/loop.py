@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
@@ -49,19 +49,26 @@ class Assignment:
     started_at: float
     #: the number of a waiting trial this worker asks for first (the probe), if still waiting
     first_trial: int | None = None
+    #: how this worker's tickets name it (before its host-pid), so the study finds its trials if it dies
+    owner: str = ""
+    #: the trials this worker runs at most (None: until the budget or the gate ends the study)
+    trials: int | None = None
+    #: tags of every trial run of this worker (its own run, its image)
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class WorkerLoop:
     """Runs trials of ``study`` until the gate is met, the budget is spent, or ``stop`` is set."""
 
     def __init__(self, plan: Plan, study: optuna.Study, storage: Any, context: TrialContext, progress: Progress,
-                 budget_key: str, started: float, first_trial: int | None = None) -> None:
+                 budget_key: str, started: float, first_trial: int | None = None, owner: str = "",
+                 trials: int | None = None) -> None:
         self.plan, self.study, self.storage, self.context = plan, study, storage, context
         self.study_id = int(storage.get_study_id_from_name(study.study_name))
         self.progress, self.started = progress, started
-        self.budget = claims.Budget(plan.storage_url, budget_key)  # this loop's: it holds its own ticket
-        self.worker = worker_id()
-        self.first_trial = first_trial
+        self.budget = claims.Budget(plan.storage_url, budget_key, storage)  # this loop's: it holds its own ticket
+        self.worker = f"{owner}-{worker_id()}" if owner else worker_id()
+        self.first_trial, self.trials = first_trial, trials
         self.failures: list[str] = []  # errors of the failed trials since the last good one
         #: run before this loop's second trial (the probe with one worker: it follows trial 0)
         self.after_first: Callable[[optuna.Study], None] | None = None
@@ -71,7 +78,7 @@ class WorkerLoop:
         cfg = self.plan.cfg["study"]
         n_total, timeout, limit = int(cfg["n_trials"]), cfg["timeout"], int(cfg["max_consecutive_failures"])
         ran = 0
-        while not stop.is_set() and not gate.met(self._done(), self.plan.gate):
+        while not stop.is_set() and ran != self.trials and not gate.met(self._done(), self.plan.gate):
             faults.check_stopped()  # a stop whose first raise was lost: no next trial
             if len(self.failures) >= limit:
                 raise StudyAborted(f"study '{self.plan.name}' stopped after {limit} failed trials in a row "
@@ -197,11 +204,12 @@ def run_worker(plan: Plan, assignment: Assignment) -> None:
             plan.sampler.reseed_rng()  # workers seeded alike must not propose the same points
             progress = Progress(int(plan.cfg["study"]["n_trials"]), plan.threshold, str(plan.gate["metric"]),
                                 plan.cfg["model"].get("epochs"), live=False)
-            context = study_context(plan, study, assignment.experiment_id, assignment.parent_run_id)
+            context = replace(study_context(plan, study, assignment.experiment_id, assignment.parent_run_id),
+                              tags=dict(assignment.tags))
             # elapsed times in the trial lines count from the study's start, as its own worker's do
             started = time.perf_counter() - (time.time() - assignment.started_at)
             loop = WorkerLoop(plan, study, storage, context, progress, budget_key(plan.name, storage), started,
-                              assignment.first_trial)
+                              assignment.first_trial, assignment.owner, assignment.trials)
             plan.runner.start(plan.cfg)
             loop.run(threading.Event())
             plan.runner.drain()
@@ -220,43 +228,5 @@ def study_context(plan: Plan, study: optuna.Study, experiment_id: str, parent_ru
     return TrialContext(experiment_id, parent_run_id, plan.splits,
                         lambda: gate.best_value(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                                                 plan.gate),
-                        storage_url=plan.storage_url, pruner=plan.cfg["study"]["pruner"], lanes=plan.n_jobs > 1,
+                        storage_url=plan.storage_url, pruner=plan.cfg["study"]["pruner"], parallel=plan.n_jobs > 1,
                         on_epoch=on_epoch)
-
-
-def run_in_threads(n: int, body: Callable[[int, threading.Event], None],
-                   interrupt: Callable[[BaseException], None]) -> None:
-    """Run ``body(index, stop)`` ``n`` times at once, each in a thread (in this thread when ``n`` is 1):
-    the workers of a runner that runs several trials at once from this process.
-
-    The first to fail stops the others (they see ``stop`` at their next trial) and its error is
-    raised. A signal arrives in this thread: ``interrupt`` makes the others' trials stop too, and
-    it is raised once they have.
-    """
-    stop, errors = threading.Event(), []
-    if n == 1:
-        body(0, stop)
-        return
-
-    def run(index: int) -> None:
-        try:
-            body(index, stop)
-        except BaseException as exc:
-            errors.append(exc)
-            stop.set()
-
-    workers = [threading.Thread(target=run, args=(i,), name=f"mlops-tune-worker-thread-{i}") for i in range(n)]
-    for thread in workers:
-        thread.start()
-    try:
-        while any(thread.is_alive() for thread in workers):
-            for thread in workers:
-                thread.join(0.2)
-    except BaseException as exc:
-        stop.set()
-        interrupt(exc)
-        for thread in workers:
-            thread.join(60)
-        raise
-    if errors:
-        raise errors[0]

@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from mlops_tune import attrs, claims, faults, gate, tracking
-from mlops_tune.errors import TrialFailed, WorkerLost, first_line
+from mlops_tune.errors import TrialFailed, first_line
 from mlops_tune.progress import Progress
 from mlops_tune.runners import TrialContext
 from mlops_tune.secrets import redact_text
@@ -46,9 +47,6 @@ class Objective:
         except KeyboardInterrupt as exc:
             give_back(trial, str(exc) or "interrupted", self.budget)
             raise
-        except WorkerLost as exc:  # not the model's doing: runs again, the study goes on
-            give_back(trial, str(exc), self.budget)
-            raise TrialFailed(str(exc)) from exc
         except Exception as exc:
             fault = faults.classify(exc, tracking_uri=plan.tracking_uri, storage_url=plan.storage_url)
             if fault is not None:
@@ -61,7 +59,7 @@ class Objective:
     def _train(self, trial: optuna.Trial, trial_cfg: Mapping[str, Any]) -> float:
         """The trial through the runner, recorded, and confirmed over seeds where the gate asks."""
         plan = self.plan
-        outcome = plan.runner.run(trial_cfg, trial, self.context, trial_tags(plan.name, trial))
+        outcome = plan.runner.run(trial_cfg, trial, self.context, {**self.context.tags, **trial_tags(plan.name, trial)})
         record_outcome(trial, outcome)
         for key, value in gate.constraints(trial, plan.gate).items():
             trial.set_constraint(key, value)
@@ -79,7 +77,8 @@ class Objective:
             seed = int(trial_cfg["seed"]) + extra
             again = self.plan.runner.retrain({**trial_cfg, "seed": seed}, self.context,
                                              f"trial-{trial.number}-seed-{seed}",
-                                             {tracking.TAG_STUDY: self.plan.name, TAG_CONFIRM_OF: str(trial.number)})
+                                             {**self.context.tags, tracking.TAG_STUDY: self.plan.name,
+                                              TAG_CONFIRM_OF: str(trial.number)})
             values.append(again.val_accuracy)
         mean, spread = statistics.fmean(values), max(values) - min(values)
         trial.set_user_attr(attrs.CONFIRM_VALUES, [round(v, 6) for v in values])
@@ -113,6 +112,36 @@ def give_back(trial: optuna.Trial, reason: str, budget: claims.Budget) -> None:
         retry = {k: v for k, v in lineage.items() if k in (attrs.PARENT, attrs.MUTATIONS)}
         trial.study.enqueue_trial(dict(trial.params), user_attrs={**retry, attrs.RETRY_OF: trial.number},
                                   skip_if_exists=False)
+
+
+def give_back_lost(study: optuna.Study, storage: Any, owners: tuple[str, ...], budget: claims.Budget,
+                   reason: str) -> list[FrozenTrial]:
+    """The trials that dead workers left RUNNING, found by their tickets (which name the worker
+    that took them: ``owners`` are prefixes): given back (not charged, failed, queued to run
+    again), or charged as failed when a worker had died running the same trial before (the
+    trial's own doing: out of memory?). Their MLflow runs end KILLED. Returns them as told."""
+    import mlflow
+
+    study_id = storage.get_study_id_from_name(study.study_name)
+    told = []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not str(frozen.user_attrs.get(attrs.TICKET, "")).partition(" ")[2].startswith(owners):
+            continue
+        trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number))
+        if attrs.RETRY_OF in frozen.user_attrs:
+            trial.set_user_attr(attrs.ERROR, "its worker died twice while running it (out of memory? see "
+                                "runner.memory)")
+        else:
+            give_back(trial, reason, budget)
+        run_id = frozen.user_attrs.get(attrs.RUN)
+        if run_id:
+            with contextlib.suppress(Exception):
+                client = mlflow.MlflowClient()
+                client.set_tag(str(run_id), tracking.TAG_STATE, "FAIL")
+                client.set_tag(str(run_id), tracking.TAG_ERROR, reason)
+                client.set_terminated(str(run_id), "KILLED")
+        told.append(study.tell(trial, state=TrialState.FAIL))
+    return told
 
 
 def trial_tags(study_name: str, trial: optuna.Trial) -> dict[str, str]:

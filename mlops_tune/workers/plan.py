@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlops_tune import registry, stores
 from mlops_tune.data import Splits, load_splits
@@ -13,6 +13,9 @@ from mlops_tune.gate import GateAwarePruner
 from mlops_tune.optuna_setup import check_writable, make_pruner, make_sampler
 from mlops_tune.runners import Runner, get_runner
 from mlops_tune.search import SearchSpace
+
+if TYPE_CHECKING:
+    from mlops_tune.workers.projects import ProjectWorkers
 
 
 @dataclass
@@ -29,6 +32,8 @@ class Plan:
     runner: Runner
     #: trials of this study running at once in local processes (``study.n_jobs``)
     n_jobs: int = 1
+    #: runner=mlflow|docker: the study's workers are MLflow Project runs (none train in this process)
+    launcher: ProjectWorkers | None = None
 
     @property
     def gate(self) -> Mapping[str, Any]:
@@ -67,12 +72,12 @@ class Plan:
         stores.check_reachable(str(cfg["tracking"]["uri"]))
         check_writable(str(cfg["study"]["storage"]))
         runner = get_runner(cfg["runner"])
-        try:
-            runner.check(cfg)
-        except BaseException:
-            runner.close()
-            raise
-        return cls(cfg, str(cfg["study"]["name"]), space, family, sampler, pruner, splits, runner, n_jobs)
+        launcher = None
+        if cfg["runner"]["name"] in ("mlflow", "docker"):
+            from mlops_tune.workers.projects import ProjectWorkers
+
+            launcher = ProjectWorkers(cfg)
+        return cls(cfg, str(cfg["study"]["name"]), space, family, sampler, pruner, splits, runner, n_jobs, launcher)
 
     def start_from(self, point: Mapping[str, Any]) -> None:
         """Widen the space to hold ``point`` (a champion's architecture as trial 0); the sampler follows."""

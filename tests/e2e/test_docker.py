@@ -101,12 +101,13 @@ def test_knn_study_runs_every_trial_in_the_sklearn_image(engine, server: str, wo
     runs = mlflow_runs(server, experiment)
     children, workers = _children(runs), _workers(runs)
     assert len(children) == 4
-    if mode == ["runner.workers=2"]:  # two warm containers, each ONE Project run serving several trials
-        assert len(workers) == 2 and {w.info.status for w in workers} == {"FINISHED"}
-        assert {w.data.tags["mlflow.docker.image.uri"] for w in workers} == {DEFAULT_IMAGES["sklearn"]}
-        assert {c.data.tags[tracking.TAG_WORKER_RUN] for c in children} == {w.info.run_id for w in workers}
-    else:  # one container per trial: the Project run IS the trial's run
-        assert workers == [] and {c.data.tags["mlflow.project.entryPoint"] for c in children} == {"trial"}
+    # every container is a worker: a Project run of the `worker` entry point under the study's run;
+    # two warm containers share the trials, or one container per trial (fresh)
+    assert len(workers) == (2 if mode == ["runner.workers=2"] else 4)
+    assert {w.info.status for w in workers} == {"FINISHED"}
+    assert {w.data.tags["mlflow.docker.image.uri"] for w in workers} == {DEFAULT_IMAGES["sklearn"]}
+    assert {w.data.tags["mlflow.project.entryPoint"] for w in workers} == {"worker"}
+    assert {c.data.tags[tracking.TAG_WORKER_RUN] for c in children} == {w.info.run_id for w in workers}
     for child in children:  # every trial ran in the image, as its own child run
         tags = child.data.tags
         assert child.info.status == "FINISHED" and tags[tracking.TAG_STATE] == "COMPLETE"
@@ -133,6 +134,25 @@ def test_gate_met_in_containers_promotes_the_champion(engine, server: str, workd
     version = mlflow.MlflowClient(tracking_uri=server).get_model_version_by_alias(registry, "champion")
     best = max(c.data.metrics["val_accuracy"] for c in _children(mlflow_runs(server, experiment)))
     assert best >= 0.9 and version.version == "1"
+
+
+def test_confirmation_retrains_run_in_the_trials_container(engine, server: str, workdir: Path) -> None:
+    """gate.confirm=2: a trial that reached the threshold is retrained with another seed by the worker
+    that ran it, inside its container (the run's container tags say so), not in the study's process."""
+    experiment = _experiment()
+    result = _tune(workdir, server, experiment, "model=knn", "data=wine", "gate.threshold=0.9", "gate.confirm=2",
+                   "study.n_trials=3", "registry.promote=false")
+    assert result.code in (0, 1), result.stderr[-3000:]
+    runs = mlflow_runs(server, experiment)
+    confirms = [r for r in runs if "mlops_tune.confirm_of" in r.data.tags]
+    assert confirms, [r.data.tags for r in runs]
+    workers = {w.info.run_id for w in _workers(runs)}
+    for run in confirms:
+        tags = run.data.tags
+        assert tags["mlops_tune.image"] == "sklearn" and tags["mlops_tune.uid"] != "0"
+        assert tags["mlflow.docker.image.uri"] == DEFAULT_IMAGES["sklearn"]
+        assert tags[tracking.TAG_WORKER_RUN] in workers and run.info.status == "FINISHED"
+    assert "over 2 seeds" in result.stdout
 
 
 def test_trials_in_containers_are_pruned_through_the_storage_proxy(engine, server: str, workdir: Path) -> None:
@@ -192,7 +212,7 @@ def test_terminated_study_removes_its_trial_container(engine, server: str, workd
     runs = mlflow_runs(server, experiment)
     states = {r.info.run_name: r.info.status for r in runs}
     assert states and set(states.values()) == {"KILLED"}, states
-    assert len(_workers(runs)) == (2 if expected == 2 else 0)
+    assert len(_workers(runs)) == expected  # one worker run per container that ran
 
 
 def test_a_killed_warm_container_costs_its_trial_nothing(engine, server: str, workdir: Path) -> None:
@@ -206,14 +226,11 @@ def test_a_killed_warm_container_costs_its_trial_nothing(engine, server: str, wo
     proc = subprocess.Popen([str(BIN / "mlops-tune"), *args], cwd=workdir, env=command_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
-    # killed once trial 1 has reported its first epochs: mid-training, with most of its 60 epochs
-    # (some 0.1 s each on digits) still to go, not between two trials
+    # killed once trial 1's run exists (the worker created it: the trial holds its ticket and is
+    # RUNNING in Optuna), with its 60 epochs still to train, not between two trials
     while not [r for r in _children(mlflow_runs(server, experiment))
                if r.info.status == "RUNNING" and r.data.tags.get(tracking.TAG_TRIAL_NUMBER) == "1"]:
         assert proc.poll() is None and time.time() < deadline, "trial 1 did not start"
-        time.sleep(0.5)
-    while len(_intermediate_values(workdir / "optuna.db", "ann-digits", 1)) < 2:
-        assert proc.poll() is None and time.time() < deadline, "trial 1 did not start training"
         time.sleep(0.2)
     victim = _containers_left()
     assert len(victim.split()) == 1
@@ -368,9 +385,3 @@ def test_team_stack_postgres_backend_and_s3_artifacts(engine, postgres, s3_store
         assert "team-secret" not in result.stdout + result.stderr
     finally:
         devservices.stop_process(proc)
-
-
-def _intermediate_values(storage: Path, study_name: str, number: int) -> dict[int, float]:
-    """What trial ``number`` of the study (whose storage exists) has reported so far."""
-    trials = optuna.load_study(study_name=study_name, storage=f"sqlite:///{storage}").trials
-    return dict(trials[number].intermediate_values) if len(trials) > number else {}

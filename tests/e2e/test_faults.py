@@ -30,6 +30,7 @@ import pytest
 from optuna.trial import TrialState
 
 from devtools import devservices
+from mlops_tune import attrs, tracking
 from mlops_tune.attrs import NOT_CHARGED as ATTR_NOT_CHARGED
 from mlops_tune.attrs import RETRY_OF as ATTR_RETRY_OF
 from mlops_tune.gate import judged
@@ -360,6 +361,40 @@ def test_sigterm_with_runner_mlflow_ends_the_trial_process_and_its_run(workdir: 
     assert {r.info.status for r in mlflow_runs(workdir)} == {"KILLED"}
     leftover = subprocess.run(["pgrep", "-f", "mlops_tune.worker"], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""  # the trial's (warm worker's) process is gone too
+
+
+def test_a_killed_project_worker_costs_its_trial_nothing(workdir: Path) -> None:
+    """runner=mlflow: the worker process (a Project run) is SIGKILLed while trial 0 is in its fit.
+    The study gives the trial back, starts a new worker, and spends its whole budget on trials
+    that trained; nothing is left RUNNING."""
+    hold = workdir / "hold"
+    hold.touch()
+    storage, name = f"sqlite:///{workdir / 'optuna.db'}", "killed-worker"
+    proc = _start([f"study.storage={storage}", f"study.name={name}", "study.n_trials=2", "runner=mlflow", *SLOW],
+                  workdir, MLOPS_TUNE_TEST_HOLD=str(hold))
+
+    def trial_0_in_its_fit() -> bool:
+        [trial, *_] = optuna.load_study(study_name=name, storage=storage).trials
+        return trial.state == TrialState.RUNNING and {attrs.TICKET, attrs.RUN} <= set(trial.user_attrs)
+
+    _wait_for(proc, trial_0_in_its_fit)
+    [pid] = subprocess.run(["pgrep", "-f", "mlops_tune.worker"], capture_output=True, text=True).stdout.split()
+    os.kill(int(pid), signal.SIGKILL)
+    hold.unlink()  # the trials after it train at once
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    assert trials[0].state == TrialState.FAIL and "exited mid-trial" in trials[0].user_attrs[attrs.NOT_CHARGED]
+    [retry] = [t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == 0]
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(trials) == 3  # the budget, whole
+    assert "not charged to the budget" in out
+    runs = mlflow_runs(workdir)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert next(r for r in runs if r.info.run_id == trials[0].user_attrs[attrs.RUN]).info.status == "KILLED"
+    workers = sorted(r.info.status for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "worker")
+    assert workers == ["FAILED", "FINISHED"]  # the killed worker, and the one that ran the rest
+    assert subprocess.run(["pgrep", "-f", "mlops_tune.worker"], capture_output=True, text=True).stdout == ""
 
 
 # ----------------------------------------------------------------------------- races and stores

@@ -1,7 +1,7 @@
-"""study.n_jobs: trials of one study at once, each extra lane a process of its own.
+"""study.n_jobs: trials of one study at once, each helper process a process of its own.
 
-Real processes, a real SQLite Optuna storage and MLflow store; Keras trials (the lanes are
-for Keras: ``auto`` gives sklearn trials one lane). Short trainings (``model.epochs``) keep
+Real processes, a real SQLite Optuna storage and MLflow store; Keras trials (the helper processes are
+for Keras: ``auto`` gives sklearn trials one process). Short trainings (``model.epochs``) keep
 the tests quick; the figures (time to target, trials per minute) are in benchmarks/.
 """
 
@@ -38,13 +38,13 @@ def _trials(workdir: Path, study: str = "ann-digits") -> list[optuna.trial.Froze
     return optuna.load_study(study_name=study, storage=f"sqlite:///{workdir / 'optuna.db'}").get_trials()
 
 
-def _lanes_left() -> str:
+def _helpers_left() -> str:
     """The study's helper processes still alive (multiprocessing's spawned children)."""
     found = subprocess.run(["pgrep", "-f", "--", "--multiprocessing-fork"], capture_output=True, text=True)
     return found.stdout.strip()
 
 
-def test_two_lanes_train_at_once_under_one_parent_run_within_the_budget(workdir: Path) -> None:
+def test_two_processes_train_at_once_under_one_parent_run_within_the_budget(workdir: Path) -> None:
     proc = subprocess.run([str(BIN / "mlops-tune"), "study.n_jobs=2", "study.n_trials=4", "gate.threshold=0.999",
                            "model.epochs=4", "study.pruner=none"], cwd=workdir, env=_env(),
                           capture_output=True, text=True, timeout=600)
@@ -58,7 +58,7 @@ def test_two_lanes_train_at_once_under_one_parent_run_within_the_budget(workdir:
         assert f"[trial   {number}] COMPLETE" in proc.stdout
     spans = [(t.datetime_start, t.datetime_complete) for t in trials]
     assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:]), spans
-    # the probe (study.probe=widest) is trial 1: the first lane ready runs it, the other trial 0 beside it
+    # the probe (study.probe=widest) is trial 1: the first process ready runs it, the other trial 0 beside it
     assert trials[1].user_attrs[attrs.MUTATIONS] == "model.hidden_units:widest"
     assert trials[1].params["hidden_units_0"] == 256 and trials[0].params["hidden_units_0"] == 8
     assert spans[1][0] <= spans[0][0] < spans[1][1], spans
@@ -69,11 +69,11 @@ def test_two_lanes_train_at_once_under_one_parent_run_within_the_budget(workdir:
     assert len(children) == 4
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     assert {r.info.status for r in children} == {"FINISHED"}
-    assert _lanes_left() == ""
+    assert _helpers_left() == ""
 
 
-def test_a_gate_met_in_one_lane_stops_the_other_lanes_trial(workdir: Path) -> None:
-    """The base model passes 0.5 after a few epochs; the other lane's trial (30 epochs) stops
+def test_a_gate_met_in_one_process_stops_the_others_trial(workdir: Path) -> None:
+    """The base model passes 0.5 after a few epochs; the other process's trial (30 epochs) stops
     at its next epoch instead of training on, and the study ends with nothing running."""
     proc = subprocess.run([str(BIN / "mlops-tune"), "study.n_jobs=2", "study.n_trials=10", "gate.threshold=0.5",
                            "study.pruner=none", "registry.promote=false"], cwd=workdir, env=_env(),
@@ -90,23 +90,23 @@ def test_a_gate_met_in_one_lane_stops_the_other_lanes_trial(workdir: Path) -> No
         assert trial.user_attrs[attrs.GATE_STOP] is True
     assert proc.stdout.count("(stopped: another trial met the gate)") == len(stopped)
     assert all(r.info.status == "FINISHED" for r in mlflow_runs(workdir))
-    assert _lanes_left() == ""
+    assert _helpers_left() == ""
 
 
-def test_a_check_that_fails_ends_the_lanes_started_before_it(workdir: Path) -> None:
-    """The lanes start before the config and data are checked (they import meanwhile): a bad
-    input is still one line and exit 2 from the study alone, with no lane left and nothing written."""
+def test_a_check_that_fails_ends_the_helpers_started_before_it(workdir: Path) -> None:
+    """The processes start before the config and data are checked (they import meanwhile): a bad
+    input is still one line and exit 2 from the study alone, with no process left and nothing written."""
     (workdir / "bad.csv").write_text("a,b,label\n1,2,x\n3,nan,y\n4,5,x\n6,7,y\n")
     proc = subprocess.run([str(BIN / "mlops-tune"), "study.n_jobs=2", "data=csv", f"data.path={workdir / 'bad.csv'}",
                            "data.target=label"], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing values in column(s) 'b'" in lines[0], lines
-    assert _lanes_left() == ""
+    assert _helpers_left() == ""
     assert not (workdir / "optuna.db").exists() and mlflow_runs(workdir) == []
 
 
-def test_sigterm_stops_every_lane_and_closes_their_runs(workdir: Path) -> None:
+def test_sigterm_stops_every_helper_and_closes_their_runs(workdir: Path) -> None:
     proc = subprocess.Popen([str(BIN / "mlops-tune"), "study.n_jobs=2", "study.n_trials=10", "gate.threshold=0.999",
                              "study.pruner=none"], cwd=workdir, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -126,14 +126,14 @@ def test_sigterm_stops_every_lane_and_closes_their_runs(workdir: Path) -> None:
     assert "stopped by SIGTERM" in err
     statuses = {r.info.status for r in mlflow_runs(workdir)}
     assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
-    assert _lanes_left() == ""
+    assert _helpers_left() == ""
     # the trials in flight were given back: a rerun trains them (nothing stays RUNNING in Optuna)
     assert optuna.trial.TrialState.RUNNING not in {t.state for t in _trials(workdir)}
 
 
-def test_lanes_under_mlflow_run_log_into_the_project_runs_experiment(workdir: Path) -> None:
+def test_helpers_under_mlflow_run_log_into_the_project_runs_experiment(workdir: Path) -> None:
     """`mlflow run -e tune` makes the Project run the study's parent run, in the experiment it
-    was given: the lane's trials go there too (not tracking.experiment) and none resumes it."""
+    was given: the process's trials go there too (not tracking.experiment) and none resumes it."""
     overrides = (f"study.n_jobs=2 study.n_trials=2 model.epochs=2 gate.threshold=0.999 "
                  f"study.storage=sqlite:///{workdir / 'optuna.db'} hydra.run.dir={workdir / 'outputs'}")
     env = command_env(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
@@ -205,7 +205,7 @@ def test_a_killed_worker_process_costs_its_trial_nothing(workdir: Path) -> None:
     runs = mlflow_runs(workdir)
     assert "RUNNING" not in {r.info.status for r in runs}
     assert next(r for r in runs if r.info.run_id == trials[number].user_attrs[attrs.RUN]).info.status == "KILLED"
-    assert _lanes_left() == ""
+    assert _helpers_left() == ""
 
 
 def test_worker_processes_stop_when_their_study_is_killed(workdir: Path) -> None:
@@ -218,7 +218,7 @@ def test_worker_processes_stop_when_their_study_is_killed(workdir: Path) -> None
     deadline = time.time() + 120
     while _alive(pid) and time.time() < deadline:
         time.sleep(0.5)
-    assert not _alive(pid) and _lanes_left() == "", "the helper process outlived its study"
+    assert not _alive(pid) and _helpers_left() == "", "the helper process outlived its study"
     trial = _trials(workdir)[number]
     assert trial.state == optuna.trial.TrialState.FAIL and attrs.NOT_CHARGED in trial.user_attrs
     run = next(r for r in mlflow_runs(workdir) if r.info.run_id == trial.user_attrs[attrs.RUN])

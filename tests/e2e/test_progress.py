@@ -28,7 +28,7 @@ def test_the_main_job_prints_progress_and_no_library_noise(workdir: Path) -> Non
     """`make run`'s job (mlops-tune on the embedded defaults), with TensorFlow's log level not preset."""
     env = command_env()
     env.pop("TF_CPP_MIN_LOG_LEVEL")
-    env.pop("MLOPS_TUNE_N_JOBS")  # the real default: study.n_jobs=auto (its extra lane prints no noise either)
+    env.pop("MLOPS_TUNE_N_JOBS")  # the real default: study.n_jobs=auto (its helper process prints no noise either)
     for key in threads.TF_THREAD_VARS:  # set in this process by in-process studies of other tests
         env.pop(key, None)
     proc = subprocess.run([str(BIN / "mlops-tune")], cwd=workdir, env=env, capture_output=True, text=True,
@@ -37,7 +37,7 @@ def test_the_main_job_prints_progress_and_no_library_noise(workdir: Path) -> Non
     output = proc.stdout + proc.stderr
     assert NOISE.findall(output) == [], output
     lines = proc.stdout.splitlines()
-    # nothing silent at start-up: the data, the stores, the header, the lanes, then the first trial
+    # nothing silent at start-up: the data, the stores, the header, the processes, then the first trial
     assert lines[0] == "study 'ann-digits': loading data 'digits' ..."
     assert lines[1].startswith("study 'ann-digits': opening the stores (Optuna sqlite:///")
     n_jobs = threads.resolve_n_jobs("auto", "inprocess", "keras_dense", 20)

@@ -139,6 +139,8 @@ def test_killed_worker_trial_is_failed_and_retried(stores: dict[str, str], workd
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
     assert retried[0].params == trials[0].params
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+    # the killed trial cost the budget nothing: the study still judged n_trials trials
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 3, [t.state for t in trials]
     runs = _runs(stores)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     killed = next(r for r in runs if r.info.run_id == trials[0].user_attrs["mlflow_run_id"])

@@ -38,7 +38,7 @@ def test_a_paused_backlog_starts_no_write_until_resumed_or_waited_for() -> None:
     backlog.submit("two", lambda: done.append(2))
     backlog.pause()
     backlog.submit("three", lambda: done.append(3))
-    backlog.wait()  # resumes: the lane's trials are over
+    backlog.wait()  # resumes: the worker's trials are over
     assert done == [1, 2, 3]
     backlog.close()
 

@@ -25,20 +25,83 @@ def test_the_first_claim_wins(storage_url: str) -> None:
     assert claim(storage_url, "other", "parent_run", "b") == "b"  # per study
 
 
+def _storage(url: str):
+    from mlops_tune.optuna_setup import make_storage
+
+    return make_storage({"storage": url, "heartbeat_interval": 60, "grace_period": 120})
+
+
 def test_the_budget_hands_out_n_tickets_and_takes_back_unused_ones(storage_url: str) -> None:
-    one, two = Budget(storage_url, "s"), Budget(storage_url, "s")
+    storage = _storage(storage_url)
+    one, two = Budget(storage_url, "s", storage), Budget(storage_url, "s", storage)
     assert one.take(2, "w1") and two.take(2, "w2")
     ticket = one.hand_over()
-    assert ticket.startswith("ticket-") and one.hand_over() == ""
+    assert ticket.startswith("tickets:") and " w1/" in ticket and one.hand_over() == ""
     with two.held():  # no trial took two's ticket: it comes back on leaving
         pass
-    assert one.take(2, "w1")  # the freed ticket
+    assert one.take(2, "w1")  # the freed place
     with one.held():
         pass
-    three = Budget(storage_url, "s")
+    three = Budget(storage_url, "s", storage)
     assert three.take(2, "w3")
-    assert not Budget(storage_url, "s").take(2, "w4")  # both held: the budget is spent
+    assert not Budget(storage_url, "s", storage).take(2, "w4")  # both held: the budget is spent
     three.release_text(three.hand_over())  # a trial that did not train gives its ticket back
-    assert Budget(storage_url, "s").take(2, "w5")
-    Budget(storage_url, "s").release_text(ticket.split()[0] + " not-the-holder")  # never frees another's
-    assert not Budget(storage_url, "s").take(2, "w6")
+    assert Budget(storage_url, "s", storage).take(2, "w5")
+    assert not Budget(storage_url, "other", storage).tickets.held()  # per study
+    Budget(storage_url, "s", storage).release_text(ticket)  # given back twice: the same as once
+    Budget(storage_url, "s", storage).release_text(ticket)
+    assert Budget(storage_url, "s", storage).tickets.held() == 1
+
+
+def test_racing_workers_never_hold_more_tickets_than_the_budget(storage_url: str) -> None:
+    """Eight threads, each with its own storage object (as separate workers have), take tickets as
+    fast as they can and give some back: the good tickets held at any time never exceed the limit,
+    and in the end exactly the limit are held."""
+    import threading
+
+    limit, held, lock, errors = 5, [], threading.Lock(), []
+
+    def worker(index: int) -> None:
+        try:
+            budget = Budget(storage_url, "race", _storage(storage_url))
+            for round_ in range(6):
+                if not budget.take(limit, f"w{index}"):
+                    continue
+                ticket = budget.hand_over()
+                with lock:
+                    held.append(ticket)
+                    assert len(held) <= limit, held
+                if round_ % 2 == 0:  # a trial that did not train
+                    with lock:
+                        held.remove(ticket)
+                    budget.release_text(ticket)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(held) == limit
+    assert Budget(storage_url, "race", _storage(storage_url)).tickets.held() == limit
+
+
+def test_tickets_work_through_the_storage_proxy(tmp_path: Path) -> None:
+    """A container reaches the study only through Optuna's gRPC storage proxy: its tickets are the
+    same as those the study's own process takes on the database."""
+    from mlops_tune.optuna_setup import StorageServer, open_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    direct = _storage(url)
+    server = StorageServer(url)
+    try:
+        remote = Budget(server.url, "s", open_storage(server.url))
+        assert remote.take(2, "container")
+        assert Budget(url, "s", direct).take(2, "host")
+        assert not Budget(url, "s", direct).take(2, "host")  # the container's ticket counts
+        Budget(url, "s", direct).release_text(remote.hand_over())  # the host gives the container's back
+        assert Budget(server.url, "s", open_storage(server.url)).take(2, "container")
+    finally:
+        server.stop()

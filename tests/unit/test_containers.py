@@ -1,4 +1,4 @@
-"""What a trial container is given (mlops_tune.runners.containers), without a Docker engine."""
+"""What a trial container is given (mlops_tune.workers.containers), without a Docker engine."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlops_tune.runners import containers
+from mlops_tune.workers import containers
 
 
 def test_a_credentials_file_another_worker_made_meanwhile_is_no_error(tmp_path: Path,

@@ -33,7 +33,7 @@ def test_auto_is_one_trial_per_core_for_keras_in_process_only(monkeypatch: pytes
             threads.parse_n_jobs(bad)
 
 
-def test_threads_are_split_between_lanes_and_what_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_are_split_between_processes_and_what_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threads, "cpu_count", lambda: 4)
     assert threads.thread_env(2) == {"TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "1"}
     assert threads.thread_env(8) == {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
@@ -120,16 +120,16 @@ def test_a_met_gate_stops_the_trials_still_running() -> None:
 
 def test_epochs_are_reported_only_where_the_pruner_can_use_them() -> None:
     """Each report is a storage write: median reads from its warm-up on, none reads nothing
-    (with lanes it is still asked, to stop once another lane met the gate)."""
-    assert reporting("median", lanes=False) == (MEDIAN_WARMUP, MEDIAN_WARMUP)
-    assert reporting("median", lanes=True) == (MEDIAN_WARMUP, 0)
-    assert reporting("none", lanes=False) == (None, None)
-    assert reporting("none", lanes=True) == (None, 0)
-    assert reporting({"_target_": "optuna.pruners.ThresholdPruner"}, lanes=False) == (0, 0)
+    (with workers in parallel it is still asked, to stop once another met the gate)."""
+    assert reporting("median", parallel=False) == (MEDIAN_WARMUP, MEDIAN_WARMUP)
+    assert reporting("median", parallel=True) == (MEDIAN_WARMUP, 0)
+    assert reporting("none", parallel=False) == (None, None)
+    assert reporting("none", parallel=True) == (None, 0)
+    assert reporting({"_target_": "optuna.pruners.ThresholdPruner"}, parallel=False) == (0, 0)
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
     for pruner, expected in (("median", set(range(MEDIAN_WARMUP, 12))), ("none", set()), ("hyperband", set(range(12)))):
         trial = study.ask()
-        reporter = OptunaReporter(trial, None, *reporting(pruner, lanes=False))
+        reporter = OptunaReporter(trial, None, *reporting(pruner, parallel=False))
         for epoch in range(12):
             reporter.report(0.5, epoch)
         assert set(next(t for t in study.get_trials() if t.number == trial.number).intermediate_values) == expected

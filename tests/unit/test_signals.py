@@ -2,7 +2,7 @@
 
 A KeyboardInterrupt raised inside MLflow's SQL store leaves that connection's SQLite
 transaction open; the next write (closing the runs as KILLED) then waits for ever. This is
-what hung `mlops-tune runner=mlflow` after SIGTERM: its main thread polls the trial's run.
+what hung `mlops-tune runner=mlflow` after SIGTERM when its main thread polled a trial's run.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_a_signal_outside_store_code_is_raised_at_once(handlers: None) -> None:
 def test_a_signal_inside_a_weakref_callback_is_not_lost(handlers: None) -> None:
     """The garbage collector runs weak-reference callbacks wherever the code is; an exception
     raised in one is printed and dropped ("Exception ignored in ..."). A SIGTERM landing there
-    was lost, and as the handler then ignores further signals, a study's lane trained on after
+    was lost, and as the handler then ignores further signals, a study's helper process trained on after
     SIGTERM until it was killed (its trial's run left RUNNING)."""
     import weakref
 

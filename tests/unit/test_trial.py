@@ -164,7 +164,7 @@ def test_a_process_running_trials_takes_its_imports_out_of_the_garbage_collector
 
 def test_keras_comes_without_scikit_learn_where_the_process_has_not_imported_it() -> None:
     """Keras imports scikit-learn at start for wrappers mlops-tune does not use (0.5-1.2 s of a
-    lane's start-up): a process that has not imported scikit-learn gets Keras without it, and
+    process's start-up): a process that has not imported scikit-learn gets Keras without it, and
     can still import scikit-learn afterwards; one that has (the study's own process, which
     loaded the data with it) is left as it is."""
     script = (
@@ -178,7 +178,7 @@ def test_keras_comes_without_scikit_learn_where_the_process_has_not_imported_it(
         "assert KNeighborsClassifier(n_neighbors=1).fit([[0.0], [1.0]], [0, 1]).predict([[0.9]])[0] == 1\n"
         "keras.layers.Dense(2)  # Keras itself works\n"
     )
-    for mode, before in (("lane", "False"), ("first", "True")):
+    for mode, before in (("process", "False"), ("first", "True")):
         done = _run_script(script, mode, TF_CPP_MIN_LOG_LEVEL="")
         assert done.stdout.split() == [before]
         assert done.stderr == ""  # and TensorFlow printed nothing while it loaded (see test_logs.py)

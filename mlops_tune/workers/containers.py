@@ -18,10 +18,10 @@ Images are used as built (``build_image=False``): nothing is rebuilt per trial.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +39,8 @@ PASS_THROUGH = (
 )
 _MEMORY = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$")
 MAKE_IMAGES = "build it with `make images`"
+#: seconds a Docker engine call may take when a worker is stopped
+STOP_TIMEOUT = 60
 
 
 def check(runner_cfg: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[str, list[str], str | None]:
@@ -144,6 +146,46 @@ def _env_file(workdir: Path) -> str | None:
     return str(path)
 
 
-def remove(container: str) -> None:
-    """Remove a trial's container (MLflow stops its ``docker run`` client on an interrupt, not the container)."""
-    subprocess.run(["docker", "rm", "--force", container], capture_output=True, check=False)
+def signal_container(container: str, signum: int) -> None:
+    """Send a worker's container ``signum`` (its worker closes its runs on SIGTERM); gone already: nothing."""
+    with _container(container) as found:
+        if found is not None:
+            found.kill(signal=signum)
+
+
+def end(container: str, deadline: float) -> None:
+    """Wait for a stopped worker's container to exit until ``deadline`` (time.monotonic()), then
+    kill it; remove it either way (MLflow's ``--rm`` may not have yet)."""
+    import time
+
+    with _container(container) as found:
+        if found is None:
+            return
+        try:
+            found.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except Exception:  # still running after the grace: requests' ReadTimeout
+            found.kill()
+        found.remove(force=True)
+
+
+@contextlib.contextmanager
+def _container(name: str) -> Iterator[Any]:
+    """The container ``name`` through the Docker SDK (None when it is gone); errors of a container
+    that goes away meanwhile are ignored."""
+    import docker
+    from docker.errors import DockerException
+
+    client = None
+    try:
+        client = docker.from_env(timeout=STOP_TIMEOUT)
+        found = client.containers.get(name)
+    except DockerException:  # NotFound, or the engine is gone: nothing to do
+        if client is not None:
+            client.close()
+        yield None
+        return
+    try:
+        with contextlib.suppress(DockerException):
+            yield found
+    finally:
+        client.close()
