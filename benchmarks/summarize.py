@@ -41,7 +41,7 @@ def main() -> None:
                 if lower.get(key) is not None:
                     rows.append(f"| median time to {lower['target']}, mlops-tune / {peer} | {lower[key]:.2f}x | |")
         outside = ttt.get("time_outside_training_ms_median") or {}
-        # one lane without the probe: runs long enough to measure (with it, most runs end at trial 1)
+        # one process without the probe: runs long enough to measure (with it, most runs end at trial 1)
         one = "mlops-tune n_jobs=1 probe=none"
         if outside.get(one) is not None:
             plain = outside.get("optuna tpe")
@@ -49,7 +49,8 @@ def main() -> None:
                         f"Optuna TPE | {outside[one]:.0f} ms / {plain:.0f} ms | <= 150 ms added |")
         pace = ttt.get("trials_per_minute_median") or {}
         if "mlops-tune probe=none" in pace and one in pace:
-            rows.append(f"| digits ANN trials/min (`probe=none`), mlops-tune two lanes (`n_jobs=auto`) / one lane / "
+            rows.append(f"| digits ANN trials/min (`probe=none`), mlops-tune two processes (`n_jobs=auto`) "
+                        f"/ one process / "
                         f"plain Optuna TPE | {pace['mlops-tune probe=none']:.1f} / {pace[one]:.1f} / "
                         f"{pace.get('optuna tpe', float('nan')):.1f} | |")
         if ttt.get("start_up_seconds_median") is not None:

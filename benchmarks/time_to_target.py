@@ -9,11 +9,11 @@ with patience 5), a budget of 20 trials:
 * ``mlops-tune``            the real ``mlops-tune`` command with its defaults (study.n_jobs=auto,
                             pruner=median, TPE, MLflow tracking, Optuna SQLite storage, the
                             base model as trial 0, the probe as trial 1, promotion in the registry)
-* ``mlops-tune n_jobs=1``   the same, one trial at a time (what the parallel lanes buy)
+* ``mlops-tune n_jobs=1``   the same, one trial at a time (what the parallel processes buy)
 * ``mlops-tune pruner=none`` the same without pruning (what the pruner buys, or costs)
 * ``mlops-tune probe=none``  the same without the probe (trial 1 = the base at its widest
                             layers): what the probe buys, or costs
-* ``mlops-tune n_jobs=1 probe=none`` one lane, no probe: its runs have enough trials to measure
+* ``mlops-tune n_jobs=1 probe=none`` one process, no probe: its runs have enough trials to measure
                             the time a trial spends outside training
 * ``mlops-tune sampler=mutation`` the same with the mutation sampler (mutations of the best so
                             far, starting from the base model) instead of TPE
@@ -398,7 +398,7 @@ def merge() -> dict[str, Any]:
         "first_result_seconds_median": {m: round(statistics.median(r["curve"][0][0] for r in rs), 2)
                                         for m, rs in runs.items() if rs and all(r["curve"] for r in rs)},
         # per trial, outside training and evaluation, one trial at a time (TPE's sampling included)
-        # one lane without the probe: runs of 4-20 trials, most of which log no model (with the probe
+        # one process without the probe: runs of 4-20 trials, most of which log no model (with the probe
         # a run is trials 0 and 1, both new bests that log their model: not a trial's usual cost)
         "time_outside_training_ms_median": {m: overhead(m) for m in ("mlops-tune n_jobs=1 probe=none",
                                                                      "mlops-tune n_jobs=1", "optuna tpe")},
