@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from devtools import devservices  # noqa: E402
-from mlops_tune.cli import CONF_DIR  # noqa: E402
+from mlops_tune.config.cli import CONF_DIR  # noqa: E402
 
 DEFAULT_IMAGES = yaml.safe_load((CONF_DIR / "runner" / "docker.yaml").read_text())["images"]
 
@@ -69,8 +69,8 @@ CASES = {
 TARGET_KNN_WARM_DOCKER_S = 0.1
 TARGET_ANN_WARM_RATIO = 1.2
 TARGET_TWO_WORKERS_SPEEDUP = 1.6
-TRIAL_IMPORTS = ("import mlops_tune.worker, mlops_tune.trial, mlops_tune.optuna_setup, mlflow, sklearn.neighbors, "
-                 "optuna, hydra, grpc")
+TRIAL_IMPORTS = ("import mlops_tune.worker, mlops_tune.trial, mlops_tune.search.optuna_setup, mlflow, "
+                 "sklearn.neighbors, optuna, hydra, grpc")
 
 
 def study_overheads(server: str, work: Path, overrides: list[str], n_trials: int, mode: list[str]) -> dict:

@@ -124,9 +124,9 @@ def run_mlops_tune(seed: int, launched: float, *overrides: str) -> dict[str, Any
 def space_and_base() -> tuple[Any, dict[str, Any]]:
     from hydra import compose, initialize_config_dir
 
-    from mlops_tune.cli import CONF_DIR
     from mlops_tune.config import to_plain
-    from mlops_tune.search import SearchSpace
+    from mlops_tune.config.cli import CONF_DIR
+    from mlops_tune.search.space import SearchSpace
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = to_plain(compose(config_name="tune"))
@@ -443,7 +443,7 @@ def main() -> None:
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # a peer in a fresh process: one JSON line out
-        from mlops_tune.logs import quiet_libraries
+        from mlops_tune.runtime.logs import quiet_libraries
 
         quiet_libraries()
         print(json.dumps(METHODS[args.one](args.seed, args.launched)))

@@ -24,10 +24,10 @@ from hydra import compose, initialize_config_dir
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from mlops_tune import tracking  # noqa: E402
-from mlops_tune.cli import CONF_DIR  # noqa: E402
 from mlops_tune.config import to_plain, validate_train  # noqa: E402
+from mlops_tune.config.cli import CONF_DIR  # noqa: E402
 from mlops_tune.data import load_splits  # noqa: E402
+from mlops_tune.records import tracking  # noqa: E402
 from mlops_tune.trial import run_trial  # noqa: E402
 
 CASES = {

@@ -10,4 +10,4 @@ __all__ = ["UsageError", "__version__"]
 
 __version__ = "0.1.0"
 
-from mlops_tune.errors import UsageError
+from mlops_tune.runtime.errors import UsageError

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlops_tune.cli import hydra_main, record_job
-from mlops_tune.errors import EXIT_OK
+from mlops_tune.config.cli import hydra_main, record_job
+from mlops_tune.runtime.errors import EXIT_OK
 
 PROG = "mlops-train"
 
 
 def train(cfg: Any) -> int:
     """The ``mlops-train`` task: validate, load the data, run one tracked trial, print a summary."""
-    from mlops_tune import faults, tracking
     from mlops_tune.config import load_train
     from mlops_tune.data import load_splits
-    from mlops_tune.logs import set_verbose
-    from mlops_tune.secrets import redact
+    from mlops_tune.records import tracking
+    from mlops_tune.runtime import faults
+    from mlops_tune.runtime.logs import set_verbose
+    from mlops_tune.runtime.secrets import redact
     from mlops_tune.trial import run_trial
 
     set_verbose(bool(cfg.get("verbose")))

@@ -18,10 +18,11 @@ from typing import Any, Protocol
 import numpy as np
 from optuna.exceptions import TrialPruned
 
-from mlops_tune import faults, tracking
-from mlops_tune.backlog import Backlog, take
 from mlops_tune.data import Splits, load_splits
 from mlops_tune.families import get_family
+from mlops_tune.records import tracking
+from mlops_tune.records.backlog import Backlog, take
+from mlops_tune.runtime import faults
 
 #: the config sections that make up one trial (and its reproducible YAML)
 TRIAL_SECTIONS = ("model", "data", "seed", "tracking")
@@ -243,7 +244,7 @@ def run_trial(
                 fit = family.fit(model_cfg, inputs, seed, on_epoch)
             finally:
                 if backlog is not None and len(history) > 1:
-                    backlog.pause()  # until the next trial's epoch 1: see mlops_tune.backlog
+                    backlog.pause()  # until the next trial's epoch 1: see mlops_tune.records.backlog
                 if isinstance(reporter, OptunaReporter):
                     reporter.close()  # may raise a storage error met by its thread
             if isinstance(reporter, OptunaReporter):

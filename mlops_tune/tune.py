@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlops_tune import junit
-from mlops_tune.cli import hydra_main, note_job, record_job
-from mlops_tune.errors import EXIT_GATE_MISSED, EXIT_OK, EnvironmentFault, StudyAborted, UsageError
+from mlops_tune.config.cli import hydra_main, note_job, record_job
+from mlops_tune.runtime.errors import EXIT_GATE_MISSED, EXIT_OK, EnvironmentFault, StudyAborted, UsageError
+from mlops_tune.show import junit
 
 PROG = "mlops-tune"
 
@@ -23,8 +23,8 @@ PROG = "mlops-tune"
 def tune(cfg: Any) -> int:
     """The ``mlops-tune`` task: validate, run the study, write the best config next to the logs."""
     from mlops_tune.config import load_tune
-    from mlops_tune.logs import quiet_libraries, set_verbose
-    from mlops_tune.secrets import redact_text
+    from mlops_tune.runtime.logs import quiet_libraries, set_verbose
+    from mlops_tune.runtime.secrets import redact_text
     from mlops_tune.study import Study
 
     set_verbose(bool(cfg.get("verbose")))
@@ -40,7 +40,7 @@ def tune(cfg: Any) -> int:
                          time.perf_counter() - started, error=redact_text(str(exc) or "interrupted"))
         raise
     _write_outputs(result)
-    from mlops_tune.report import verdict_line
+    from mlops_tune.show.report import verdict_line
 
     note_job(f"study '{result.study_name}': {verdict_line(result)}")
     if junit_path:
@@ -57,7 +57,7 @@ def _write_outputs(result: Any) -> None:
     Hydra's output folder, where CI archives them."""
     import yaml
 
-    from mlops_tune.secrets import redact_config
+    from mlops_tune.runtime.secrets import redact_config
 
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -82,9 +82,9 @@ def _job(cfg: Any) -> int:
 
 
 def main() -> None:
-    from mlops_tune import heap
+    from mlops_tune.runtime import heap
 
-    heap.defer()  # until the first trial: see mlops_tune.heap
+    heap.defer()  # until the first trial: see mlops_tune.runtime.heap
     hydra_main("tune", _job, PROG)
 
 

@@ -28,7 +28,7 @@ def serve(folder: Path) -> int:
     from omegaconf import OmegaConf
 
     from mlops_tune.config import load_tune
-    from mlops_tune.logs import quiet_libraries, set_verbose
+    from mlops_tune.runtime.logs import quiet_libraries, set_verbose
     from mlops_tune.workers.loop import Assignment, run_worker
     from mlops_tune.workers.plan import Plan
 
@@ -72,15 +72,15 @@ def container_tags() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mlops_tune import exits, faults, heap, secrets
-    from mlops_tune.errors import EXIT_USAGE
+    from mlops_tune.runtime import exits, faults, heap, secrets
+    from mlops_tune.runtime.errors import EXIT_USAGE
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not (Path(args[0]) / ASSIGNMENT_FILE).is_file():
         print(f"usage: python -m mlops_tune.worker FOLDER (a folder with {CONFIG_FILE} and {ASSIGNMENT_FILE}, "
               "written by a study with runner=mlflow or runner=docker)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    heap.defer()  # until the first trial: see mlops_tune.heap
+    heap.defer()  # until the first trial: see mlops_tune.runtime.heap
     faults.install_signal_handlers()
     faults.quiet_background_faults()
     secrets.guard_streams()

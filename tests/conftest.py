@@ -228,7 +228,7 @@ def compose_config(config: str, *overrides: str) -> Any:
     (a DictConfig, unresolved; ``mlops_tune.config.load_train``/``load_tune`` turn it into a checked dict)."""
     from hydra import compose, initialize_config_dir
 
-    from mlops_tune.cli import CONF_DIR
+    from mlops_tune.config.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=config, overrides=list(overrides))

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mlops_tune.errors import UsageError, first_line
+from mlops_tune.runtime.errors import UsageError, first_line
 
 InputKind = Literal["flat", "image"]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from mlops_tune.data import Dataset, with_encoded_labels
-from mlops_tune.errors import UsageError, first_line
-from mlops_tune.logs import tensorflow_load_filtered
+from mlops_tune.runtime.errors import UsageError, first_line
+from mlops_tune.runtime.logs import tensorflow_load_filtered
 
 
 def load_images(path: str, image_size: Sequence[int] = (32, 32), color_mode: str = "grayscale") -> Dataset:

@@ -9,9 +9,9 @@ else in mlops-tune branches on family names.
 
 from __future__ import annotations
 
-from mlops_tune import heap
-from mlops_tune.errors import UsageError, first_line
 from mlops_tune.families._base import EpochCallback, Family, FitResult
+from mlops_tune.runtime import heap
+from mlops_tune.runtime.errors import UsageError, first_line
 
 __all__ = ["BUILTIN_FAMILIES", "EpochCallback", "Family", "FitResult", "get_family", "load_class", "settle_imports"]
 
@@ -68,7 +68,7 @@ _settled: set[str] = set()
 
 
 def settle_imports(family: str) -> None:
-    """Import the framework of ``family`` once in this process, then :func:`mlops_tune.heap.settle`
+    """Import the framework of ``family`` once in this process, then :func:`mlops_tune.runtime.heap.settle`
     (in a process mlops-tune started: its imports leave the garbage collector's sweeps, so
     Keras' ``clear_session`` before each model takes 12-19 ms instead of 0.37-0.44 s). Called
     before the first trial by the processes that run trials (the study's process, its helpers, Project workers)."""

@@ -36,10 +36,10 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def validate(self, model_cfg: Mapping[str, Any]) -> None:
-        """Raise :class:`~mlops_tune.errors.UsageError` naming the bad ``model.*`` key."""
+        """Raise :class:`~mlops_tune.runtime.errors.UsageError` naming the bad ``model.*`` key."""
 
     def check_data(self, model_cfg: Mapping[str, Any], splits: Splits) -> None:  # noqa: B027 - optional hook
-        """Raise :class:`~mlops_tune.errors.UsageError` when the model cannot work on this data
+        """Raise :class:`~mlops_tune.runtime.errors.UsageError` when the model cannot work on this data
         (too many parameters for ``model.max_params``, more neighbours than samples ...)."""
 
     @abc.abstractmethod

@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mlops_tune.data import Splits
-from mlops_tune.errors import UsageError, check_int
 from mlops_tune.families._base import EpochCallback, Family, FitResult, pinned_requirements, tensor_signature
-from mlops_tune.logs import tensorflow_load_filtered, verbose
+from mlops_tune.runtime.errors import UsageError, check_int
+from mlops_tune.runtime.logs import tensorflow_load_filtered, verbose
 
 ACTIVATIONS = ("relu", "tanh", "elu", "selu", "gelu", "sigmoid", "swish")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam")

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from mlops_tune.data import Splits
-from mlops_tune.errors import UsageError
 from mlops_tune.families import load_class
 from mlops_tune.families._base import EpochCallback, Family, FitResult, pinned_requirements
+from mlops_tune.runtime.errors import UsageError
 
 #: model keys that are not constructor arguments of the estimator
 RESERVED_KEYS = frozenset({"name", "family", "_target_", "scaler"})

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mlops_tune.errors import UsageError
 from mlops_tune.runners._base import Runner, TrialContext
+from mlops_tune.runtime.errors import UsageError
 
 __all__ = ["RUNNERS", "Runner", "TrialContext", "get_runner"]
 

@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlops_tune import heap
 from mlops_tune.data import Splits
+from mlops_tune.runtime import heap
 from mlops_tune.trial import TrialOutcome, run_trial
 
 
@@ -44,12 +44,12 @@ class Runner(abc.ABC):
 
     def start(self, cfg: Mapping[str, Any]) -> None:
         """The study's trials are next: what is worth doing once, before them (in a process
-        mlops-tune started, the imports leave the garbage collector's sweeps: ``mlops_tune.heap``)."""
+        mlops-tune started, the imports leave the garbage collector's sweeps: ``mlops_tune.runtime.heap``)."""
         heap.settle()
 
     def drain(self) -> None:  # noqa: B027 - optional hook
         """The worker's trials are over: wait for what they left to write (the in-process runner's
-        models, see ``mlops_tune.backlog``); raise a write that failed."""
+        models, see ``mlops_tune.records.backlog``); raise a write that failed."""
 
     @abc.abstractmethod
     def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,

@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mlops_tune import attrs
-from mlops_tune.backlog import Backlog
 from mlops_tune.families import settle_imports
-from mlops_tune.optuna_setup import reporting
+from mlops_tune.records.backlog import Backlog
 from mlops_tune.runners._base import Runner, TrialContext
+from mlops_tune.runtime import keys
+from mlops_tune.search.optuna_setup import reporting
 from mlops_tune.trial import OptunaReporter, TrialOutcome, run_trial
 
 
 class InProcessRunner(Runner):
     """Calls :func:`~mlops_tune.trial.run_trial` directly; a trial's params, config, dataset input
-    and model are written by a thread while trials train (``mlops_tune.backlog``)."""
+    and model are written by a thread while trials train (``mlops_tune.records.backlog``)."""
 
     def __init__(self, runner_cfg: Mapping[str, Any]) -> None:
         super().__init__(runner_cfg)
@@ -45,6 +45,6 @@ class InProcessRunner(Runner):
                                     *reporting(context.pruner, context.parallel), background=True),
             evaluate_test=False,
             should_log_model=lambda val_accuracy: val_accuracy > context.best_value(),
-            on_run_started=lambda run_id: trial.set_user_attr(attrs.RUN, run_id),
+            on_run_started=lambda run_id: trial.set_user_attr(keys.RUN, run_id),
             backlog=self.backlog,
         )

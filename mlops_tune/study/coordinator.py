@@ -10,14 +10,16 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from mlops_tune import attrs, claims, faults, report, threads, tracking
-from mlops_tune.gate import judged
-from mlops_tune.optuna_setup import make_storage
-from mlops_tune.progress import Progress
-from mlops_tune.report import StudyResult
-from mlops_tune.secrets import redact_text
+from mlops_tune.records import claims, tracking
+from mlops_tune.runtime import faults, keys, threads
+from mlops_tune.runtime.secrets import redact_text
+from mlops_tune.search.gate import judged
+from mlops_tune.search.optuna_setup import make_storage
+from mlops_tune.show import report
+from mlops_tune.show.progress import Progress
+from mlops_tune.show.report import StudyResult
 from mlops_tune.study.finish import finish
-from mlops_tune.study.records import TAG_START, parent_run, reconcile, study_for_data, study_params
+from mlops_tune.study.runs import TAG_START, parent_run, reconcile, study_for_data, study_params
 from mlops_tune.study.start import probe, start_point
 from mlops_tune.trial import data_source
 from mlops_tune.workers.local import LocalProcesses
@@ -113,15 +115,15 @@ class Study:
         if budget.claim("base_trial", self.worker) != self.worker:  # joining: another worker or a resume
             plan.sampler.reseed_rng()  # workers seeded alike must not propose the same points
             return None, None
-        if plan.splits.fingerprint and attrs.DATA_FINGERPRINT not in study.user_attrs:
-            study.set_user_attr(attrs.DATA_FINGERPRINT, plan.splits.fingerprint)
+        if plan.splits.fingerprint and keys.DATA_FINGERPRINT not in study.user_attrs:
+            study.set_user_attr(keys.DATA_FINGERPRINT, plan.splits.fingerprint)
         study.enqueue_trial(plan.space.encode(start), user_attrs={
-            attrs.PARENT: attrs.ROOT, **({attrs.START: origin} if origin else {})})
+            keys.PARENT: keys.ROOT, **({keys.START: origin} if origin else {})})
         found = probe(plan, start)
         if found is None:
             return None, None
         params = plan.space.encode(found[0])
-        lineage = {attrs.PARENT: attrs.BASE if not origin else existing, attrs.MUTATIONS: ",".join(found[1])}
+        lineage = {keys.PARENT: keys.BASE if not origin else existing, keys.MUTATIONS: ",".join(found[1])}
 
         def enqueue(study: optuna.Study) -> None:
             study.enqueue_trial(params, user_attrs=lineage)

@@ -10,13 +10,16 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import attrs, claims, faults, gate, registry, report, tracking
 from mlops_tune.data import Splits
 from mlops_tune.families import get_family
-from mlops_tune.gate import judged
-from mlops_tune.report import StudyResult
-from mlops_tune.search import SearchSpace
-from mlops_tune.study.records import describe_study_run
+from mlops_tune.records import claims, registry, tracking
+from mlops_tune.runtime import faults, keys
+from mlops_tune.search import gate
+from mlops_tune.search.gate import judged
+from mlops_tune.search.space import SearchSpace
+from mlops_tune.show import report
+from mlops_tune.show.report import StudyResult
+from mlops_tune.study.runs import describe_study_run
 from mlops_tune.trial import trial_config
 
 
@@ -35,7 +38,7 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
     best_cfg = test_accuracy = model_uri = None
     if best is not None:
         best_cfg = trial_config(space.apply(cfg, space.decode(best.params)))
-        model_uri = best.user_attrs.get(attrs.MODEL_URI)
+        model_uri = best.user_attrs.get(keys.MODEL_URI)
         metrics["best_val_accuracy"] = float(best.value or 0.0)
         if model_uri and not tracking.model_ready(model_uri):  # written by another worker of the study
             print(f"study '{study.study_name}': the model of trial {best.number} was not written "
@@ -60,7 +63,7 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
         result = _promote(best, result, str(cfg["registry"]["name"]), budget, worker, family, splits)
     result = replace(result, report_html=report.log_study_page(study, cfg, space, result))
     describe_study_run(study.study_name, report.verdict_line(result),
-                                str(best.user_attrs.get(attrs.RUN, "")) if best else "")
+                                str(best.user_attrs.get(keys.RUN, "")) if best else "")
     report.summary(study, result)
     return result
 
@@ -71,7 +74,7 @@ def _promote(best: FrozenTrial, result: StudyResult, name: str, budget: claims.B
     if budget.claim("promotion", worker) != worker:
         print("registry: the study's model was already promoted (by another worker or an earlier run)", flush=True)
         return result
-    model_uri = best.user_attrs.get(attrs.MODEL_URI)
+    model_uri = best.user_attrs.get(keys.MODEL_URI)
     if not model_uri or result.test_accuracy is None:
         print("registry: the best trial logged no model; nothing registered", flush=True)
         return result

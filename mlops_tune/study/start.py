@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlops_tune import registry
-from mlops_tune.errors import UsageError
+from mlops_tune.records import registry
+from mlops_tune.runtime.errors import UsageError
 from mlops_tune.workers.plan import Plan
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mlops_tune.errors import UsageError
-from mlops_tune.secrets import redact, write_private
-from mlops_tune.stores import check_reachable
+from mlops_tune.records.stores import check_reachable
+from mlops_tune.runtime.errors import UsageError
+from mlops_tune.runtime.secrets import redact, write_private
 
 #: environment variables a trial may need for the tracking server or the artifact store
 PASS_THROUGH = (

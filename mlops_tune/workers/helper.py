@@ -1,6 +1,6 @@
 """The entry of a study's helper process (``mlops_tune.workers.local``): what the spawned
 interpreter runs. Only the standard library at import, so that the garbage collector is off
-(``mlops_tune.heap``) before the heavy imports start."""
+(``mlops_tune.runtime.heap``) before the heavy imports start."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ def serve(cfg: dict[str, Any], index: int, n_jobs: int, queue: Any, env: Mapping
     os.environ["MLOPS_TUNE_LIVE"] = "0"
     for key, value in env.items():
         os.environ.setdefault(key, value)
-    from mlops_tune import exits, faults, heap, secrets
+    from mlops_tune.runtime import exits, faults, heap, secrets
 
-    heap.defer()  # until the first trial: see mlops_tune.heap
+    heap.defer()  # until the first trial: see mlops_tune.runtime.heap
     faults.install_signal_handlers()
     faults.quiet_background_faults()
     secrets.guard_streams()
@@ -33,9 +33,9 @@ def serve(cfg: dict[str, Any], index: int, n_jobs: int, queue: Any, env: Mapping
 
 
 def _serve(cfg: dict[str, Any], n_jobs: int, queue: Any) -> int:
-    from mlops_tune import tracking
     from mlops_tune.families import get_family
-    from mlops_tune.logs import quiet_libraries, set_verbose
+    from mlops_tune.records import tracking
+    from mlops_tune.runtime.logs import quiet_libraries, set_verbose
     from mlops_tune.workers.loop import run_worker
     from mlops_tune.workers.plan import Plan
 

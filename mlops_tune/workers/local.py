@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from multiprocessing.connection import wait
 from typing import Any
 
-from mlops_tune import threads
 from mlops_tune.data import Splits
-from mlops_tune.errors import EnvironmentFault, StudyAborted
+from mlops_tune.runtime import threads
+from mlops_tune.runtime.errors import EnvironmentFault, StudyAborted
 from mlops_tune.workers import helper
 from mlops_tune.workers.loop import WorkerLoop
 from mlops_tune.workers.objective import give_back_lost

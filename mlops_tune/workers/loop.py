@@ -20,11 +20,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import attrs, claims, faults, gate, report, tracking
-from mlops_tune.errors import StudyAborted, TrialFailed
-from mlops_tune.optuna_setup import make_storage
-from mlops_tune.progress import Progress
+from mlops_tune.records import claims, tracking
 from mlops_tune.runners import TrialContext
+from mlops_tune.runtime import faults, keys
+from mlops_tune.runtime.errors import StudyAborted, TrialFailed
+from mlops_tune.search import gate
+from mlops_tune.search.optuna_setup import make_storage
+from mlops_tune.show import report
+from mlops_tune.show.progress import Progress
 from mlops_tune.workers.objective import Objective
 from mlops_tune.workers.plan import Plan
 
@@ -186,9 +189,9 @@ def failures_in_a_row(failures: list[str], trial: FrozenTrial) -> list[str]:
     because its environment failed neither counts nor resets the count)."""
     if trial.state != TrialState.FAIL:
         return []
-    if attrs.NOT_CHARGED in trial.user_attrs:
+    if keys.NOT_CHARGED in trial.user_attrs:
         return failures
-    return [*failures, str(trial.user_attrs.get(attrs.ERROR, "see its MLflow run"))]
+    return [*failures, str(trial.user_attrs.get(keys.ERROR, "see its MLflow run"))]
 
 
 def run_worker(plan: Plan, assignment: Assignment) -> None:

@@ -11,11 +11,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import attrs, claims, faults, gate, tracking
-from mlops_tune.errors import TrialFailed, first_line
-from mlops_tune.progress import Progress
+from mlops_tune.records import claims, tracking
 from mlops_tune.runners import TrialContext
-from mlops_tune.secrets import redact_text
+from mlops_tune.runtime import faults, keys
+from mlops_tune.runtime.errors import TrialFailed, first_line
+from mlops_tune.runtime.secrets import redact_text
+from mlops_tune.search import gate
+from mlops_tune.show.progress import Progress
 from mlops_tune.trial import TrialOutcome, trial_config
 from mlops_tune.workers.plan import Plan
 
@@ -35,14 +37,14 @@ class Objective:
         self.progress.trial_started(trial.number)
         ticket = self.budget.hand_over()
         if ticket:
-            trial.set_user_attr(attrs.TICKET, ticket)
+            trial.set_user_attr(keys.TICKET, ticket)
         trial_cfg = trial_config(plan.space.apply(plan.cfg, plan.space.suggest(trial)))
         try:
             return self._train(trial, trial_cfg)
         except optuna.TrialPruned:
             done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if plan.n_jobs > 1 and gate.met(done, plan.gate):  # not the model's doing: say so
-                trial.set_user_attr(attrs.GATE_STOP, True)
+                trial.set_user_attr(keys.GATE_STOP, True)
             raise
         except KeyboardInterrupt as exc:
             give_back(trial, str(exc) or "interrupted", self.budget)
@@ -53,7 +55,7 @@ class Objective:
                 give_back(trial, str(fault), self.budget)
                 raise fault from exc
             message = first_line(exc, 480) if str(exc).strip() else ""
-            trial.set_user_attr(attrs.ERROR, redact_text(f"{type(exc).__name__}: {message}")[:500])
+            trial.set_user_attr(keys.ERROR, redact_text(f"{type(exc).__name__}: {message}")[:500])
             raise TrialFailed(message) from exc
 
     def _train(self, trial: optuna.Trial, trial_cfg: Mapping[str, Any]) -> float:
@@ -81,8 +83,8 @@ class Objective:
                                               TAG_CONFIRM_OF: str(trial.number)})
             values.append(again.val_accuracy)
         mean, spread = statistics.fmean(values), max(values) - min(values)
-        trial.set_user_attr(attrs.CONFIRM_VALUES, [round(v, 6) for v in values])
-        trial.set_user_attr(attrs.CONFIRMED_MEAN, mean)
+        trial.set_user_attr(keys.CONFIRM_VALUES, [round(v, 6) for v in values])
+        trial.set_user_attr(keys.CONFIRMED_MEAN, mean)
         tracking.log_to(outcome.run_id, {"confirm_mean": mean, "confirm_spread": spread},
                         series={"seed_val_accuracy": values})
         verdict = "confirmed" if mean >= float(gate_cfg["threshold"]) else "NOT confirmed"
@@ -92,14 +94,14 @@ class Objective:
 
 def record_outcome(trial: optuna.Trial, outcome: TrialOutcome) -> None:
     """What the study keeps of a trial that trained: its times, size, latency and its logged model."""
-    trial.set_user_attr(attrs.N_PARAMS, int(outcome.n_params))
-    trial.set_user_attr(attrs.PREDICT_MS, round(outcome.predict_ms, 4))
-    for key, seconds in ((attrs.SECONDS, outcome.seconds), (attrs.FIT_SECONDS, outcome.fit_seconds),
-                         (attrs.EVALUATE_SECONDS, outcome.evaluate_seconds),
-                         (attrs.REPORT_SECONDS, outcome.report_seconds)):
+    trial.set_user_attr(keys.N_PARAMS, int(outcome.n_params))
+    trial.set_user_attr(keys.PREDICT_MS, round(outcome.predict_ms, 4))
+    for key, seconds in ((keys.SECONDS, outcome.seconds), (keys.FIT_SECONDS, outcome.fit_seconds),
+                         (keys.EVALUATE_SECONDS, outcome.evaluate_seconds),
+                         (keys.REPORT_SECONDS, outcome.report_seconds)):
         trial.set_user_attr(key, round(seconds, 3))
     if outcome.model_uri:
-        trial.set_user_attr(attrs.MODEL_URI, outcome.model_uri)
+        trial.set_user_attr(keys.MODEL_URI, outcome.model_uri)
 
 
 def give_back(trial: optuna.Trial, reason: str, budget: claims.Budget) -> None:
@@ -107,10 +109,10 @@ def give_back(trial: optuna.Trial, reason: str, budget: claims.Budget) -> None:
     storage may be what failed; then the next start does it from the stale heartbeat)."""
     with contextlib.suppress(Exception):
         lineage = trial.user_attrs
-        trial.set_user_attr(attrs.NOT_CHARGED, redact_text(reason)[:500])
-        budget.release_text(str(lineage.get(attrs.TICKET, "")))
-        retry = {k: v for k, v in lineage.items() if k in (attrs.PARENT, attrs.MUTATIONS)}
-        trial.study.enqueue_trial(dict(trial.params), user_attrs={**retry, attrs.RETRY_OF: trial.number},
+        trial.set_user_attr(keys.NOT_CHARGED, redact_text(reason)[:500])
+        budget.release_text(str(lineage.get(keys.TICKET, "")))
+        retry = {k: v for k, v in lineage.items() if k in (keys.PARENT, keys.MUTATIONS)}
+        trial.study.enqueue_trial(dict(trial.params), user_attrs={**retry, keys.RETRY_OF: trial.number},
                                   skip_if_exists=False)
 
 
@@ -125,15 +127,15 @@ def give_back_lost(study: optuna.Study, storage: Any, owners: tuple[str, ...], b
     study_id = storage.get_study_id_from_name(study.study_name)
     told = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not str(frozen.user_attrs.get(attrs.TICKET, "")).partition(" ")[2].startswith(owners):
+        if not str(frozen.user_attrs.get(keys.TICKET, "")).partition(" ")[2].startswith(owners):
             continue
         trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number))
-        if attrs.RETRY_OF in frozen.user_attrs:
-            trial.set_user_attr(attrs.ERROR, "its worker died twice while running it (out of memory? see "
+        if keys.RETRY_OF in frozen.user_attrs:
+            trial.set_user_attr(keys.ERROR, "its worker died twice while running it (out of memory? see "
                                 "runner.memory)")
         else:
             give_back(trial, reason, budget)
-        run_id = frozen.user_attrs.get(attrs.RUN)
+        run_id = frozen.user_attrs.get(keys.RUN)
         if run_id:
             with contextlib.suppress(Exception):
                 client = mlflow.MlflowClient()
@@ -148,6 +150,6 @@ def trial_tags(study_name: str, trial: optuna.Trial) -> dict[str, str]:
     """The child run's tags: the study, the trial number and its lineage (mutation sampler)."""
     lineage = trial.user_attrs
     tags = {tracking.TAG_STUDY: study_name, tracking.TAG_TRIAL_NUMBER: str(trial.number),
-            tracking.TAG_PARENT_TRIAL: str(lineage.get(attrs.PARENT, "")),
-            tracking.TAG_MUTATIONS: str(lineage.get(attrs.MUTATIONS, ""))}
+            tracking.TAG_PARENT_TRIAL: str(lineage.get(keys.PARENT, "")),
+            tracking.TAG_MUTATIONS: str(lineage.get(keys.MUTATIONS, ""))}
     return {key: value for key, value in tags.items() if value}

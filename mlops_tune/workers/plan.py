@@ -6,13 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mlops_tune import registry, stores
 from mlops_tune.data import Splits, load_splits
 from mlops_tune.families import Family, get_family
-from mlops_tune.gate import GateAwarePruner
-from mlops_tune.optuna_setup import check_writable, make_pruner, make_sampler
+from mlops_tune.records import registry, stores
 from mlops_tune.runners import Runner, get_runner
-from mlops_tune.search import SearchSpace
+from mlops_tune.search.gate import GateAwarePruner
+from mlops_tune.search.optuna_setup import check_writable, make_pruner, make_sampler
+from mlops_tune.search.space import SearchSpace
 
 if TYPE_CHECKING:
     from mlops_tune.workers.projects import ProjectWorkers

@@ -36,9 +36,12 @@ from typing import Any
 
 import optuna
 
-from mlops_tune import attrs, claims, gate, report, tracking
-from mlops_tune.errors import EnvironmentFault
-from mlops_tune.secrets import write_private
+from mlops_tune.records import claims, tracking
+from mlops_tune.runtime import keys
+from mlops_tune.runtime.errors import EnvironmentFault
+from mlops_tune.runtime.secrets import write_private
+from mlops_tune.search import gate
+from mlops_tune.show import report
 from mlops_tune.workers import ASSIGNMENT_FILE, CONFIG_FILE, containers
 from mlops_tune.workers.loop import Assignment
 from mlops_tune.workers.objective import give_back_lost
@@ -157,7 +160,7 @@ class ProjectWorkers:
         self.workdir = Path(tempfile.mkdtemp(prefix="mlops-tune-workers-"))
         storage = str(self.cfg["study"]["storage"])
         if self.docker:
-            from mlops_tune.optuna_setup import StorageServer
+            from mlops_tune.search.optuna_setup import StorageServer
 
             self.proxy = StorageServer(storage)
             storage = str(self.proxy.url)
@@ -230,8 +233,8 @@ class ProjectWorkers:
     def _finished_by(study: optuna.Study, owner: str) -> int:
         """The trials worker ``owner`` finished (their tickets name it)."""
         return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished()
-                   and attrs.NOT_CHARGED not in t.user_attrs
-                   and str(t.user_attrs.get(attrs.TICKET, "")).partition(" ")[2].startswith(owner))
+                   and keys.NOT_CHARGED not in t.user_attrs
+                   and str(t.user_attrs.get(keys.TICKET, "")).partition(" ")[2].startswith(owner))
 
     @staticmethod
     def _close_run(worker: _Worker, status: str) -> None:

@@ -11,7 +11,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from mlops_tune import attrs, tracking
+from mlops_tune.records import tracking
+from mlops_tune.runtime import keys
 from tests.conftest import mlflow_client, mlflow_runs, run_command
 
 
@@ -50,7 +51,7 @@ def test_changed_data_starts_a_new_study_and_unchanged_data_resumes(workdir: Pat
     assert len(found) == 2 and "knn-csv" in found
     [renamed] = [name for name in found if name != "knn-csv"]
     assert renamed.startswith("knn-csv-data-")
-    fingerprints = {name: s.user_attrs[attrs.DATA_FINGERPRINT] for name, s in found.items()}
+    fingerprints = {name: s.user_attrs[keys.DATA_FINGERPRINT] for name, s in found.items()}
     assert len(set(fingerprints.values())) == 2
     # no mixed trials: each study's trials ran on its own data (their runs say so, the MLflow way)
     runs = mlflow_runs(workdir)
@@ -90,7 +91,7 @@ def test_start_from_champion_makes_trial_0_the_champions_architecture(workdir: P
     assert second.code in (0, 1), second.stderr
     trial0 = studies(workdir)["next-build"].trials[0]
     assert trial0.params == best.params
-    assert trial0.user_attrs[attrs.START].startswith(f"champion models:/mlops-tune-knn-wine/{champion.version}")
+    assert trial0.user_attrs[keys.START].startswith(f"champion models:/mlops-tune-knn-wine/{champion.version}")
     [parent] = [p for p in parents(workdir) if p.data.tags[tracking.TAG_STUDY] == "next-build"]
     assert parent.data.tags["mlops_tune.start_from"].startswith("champion models:/mlops-tune-knn-wine/")
     # a champion outside the search space widens it (here: a space without scalers), never fails
@@ -159,7 +160,7 @@ def test_gate_confirm_passes_on_the_mean_over_seeds_not_on_one_lucky_seed(workdi
     assert "did not confirm over gate.confirm=3 seeds" in confirmed.stdout
     trial = studies(workdir)["three-seeds"].trials[0]
     assert trial.value == pytest.approx(values[0])  # Optuna's value: the first run's
-    assert trial.user_attrs[attrs.CONFIRM_VALUES] == pytest.approx(values, abs=1e-6)
+    assert trial.user_attrs[keys.CONFIRM_VALUES] == pytest.approx(values, abs=1e-6)
     runs = mlflow_runs(workdir)
     [child] = [r for r in runs if r.data.tags.get(tracking.TAG_STUDY) == "three-seeds"
                and r.data.tags.get(tracking.TAG_TRIAL_NUMBER) == "0"]
@@ -178,7 +179,7 @@ def test_gate_max_params_is_respected_and_named_when_it_is_what_failed(workdir: 
     assert small.code == 0, small.stdout[-2000:]
     study = studies(workdir)["fits"]
     winner = max((t for t in study.trials if t.value is not None and t.value >= 0.3
-                  and t.user_attrs[attrs.N_PARAMS] <= 1000), key=lambda t: t.value)
+                  and t.user_attrs[keys.N_PARAMS] <= 1000), key=lambda t: t.value)
     [parent] = [p for p in parents(workdir) if p.data.tags[tracking.TAG_STUDY] == "fits"]
     assert parent.data.tags["mlops_tune.best_trial"] == str(winner.number)
     champion = mlflow_client(workdir).get_model_version_by_alias("mlops-tune-ann-digits", "champion")

@@ -19,8 +19,8 @@ import yaml
 from optuna.trial import TrialState
 
 from devtools import devservices
-from mlops_tune import tracking
-from mlops_tune.cli import CONF_DIR
+from mlops_tune.config.cli import CONF_DIR
+from mlops_tune.records import tracking
 from tests.conftest import BIN, IN_CI, ROOT, command_env, mlflow_runs, run_command
 
 DEFAULT_IMAGES = yaml.safe_load((CONF_DIR / "runner" / "docker.yaml").read_text())["images"]

@@ -30,10 +30,11 @@ import pytest
 from optuna.trial import TrialState
 
 from devtools import devservices
-from mlops_tune import attrs, tracking
-from mlops_tune.attrs import NOT_CHARGED as ATTR_NOT_CHARGED
-from mlops_tune.attrs import RETRY_OF as ATTR_RETRY_OF
-from mlops_tune.gate import judged
+from mlops_tune.records import tracking
+from mlops_tune.runtime import keys
+from mlops_tune.runtime.keys import NOT_CHARGED as ATTR_NOT_CHARGED
+from mlops_tune.runtime.keys import RETRY_OF as ATTR_RETRY_OF
+from mlops_tune.search.gate import judged
 from tests.conftest import BIN, IN_CI, IS_ROOT, command_env, mlflow_runs, read_only
 
 SECRET = "S3cretPW"
@@ -375,7 +376,7 @@ def test_a_killed_project_worker_costs_its_trial_nothing(workdir: Path) -> None:
 
     def trial_0_in_its_fit() -> bool:
         [trial, *_] = optuna.load_study(study_name=name, storage=storage).trials
-        return trial.state == TrialState.RUNNING and {attrs.TICKET, attrs.RUN} <= set(trial.user_attrs)
+        return trial.state == TrialState.RUNNING and {keys.TICKET, keys.RUN} <= set(trial.user_attrs)
 
     _wait_for(proc, trial_0_in_its_fit)
     [pid] = subprocess.run(["pgrep", "-f", "mlops_tune.worker"], capture_output=True, text=True).stdout.split()
@@ -384,14 +385,14 @@ def test_a_killed_project_worker_costs_its_trial_nothing(workdir: Path) -> None:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-3000:]
     trials = optuna.load_study(study_name=name, storage=storage).trials
-    assert trials[0].state == TrialState.FAIL and "exited mid-trial" in trials[0].user_attrs[attrs.NOT_CHARGED]
-    [retry] = [t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == 0]
+    assert trials[0].state == TrialState.FAIL and "exited mid-trial" in trials[0].user_attrs[keys.NOT_CHARGED]
+    [retry] = [t for t in trials if t.user_attrs.get(keys.RETRY_OF) == 0]
     assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(trials) == 3  # the budget, whole
     assert "not charged to the budget" in out
     runs = mlflow_runs(workdir)
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    assert next(r for r in runs if r.info.run_id == trials[0].user_attrs[attrs.RUN]).info.status == "KILLED"
+    assert next(r for r in runs if r.info.run_id == trials[0].user_attrs[keys.RUN]).info.status == "KILLED"
     workers = sorted(r.info.status for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "worker")
     assert workers == ["FAILED", "FINISHED"]  # the killed worker, and the one that ran the rest
     assert subprocess.run(["pgrep", "-f", "mlops_tune.worker"], capture_output=True, text=True).stdout == ""

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlops_tune import cli
+from mlops_tune.config import cli
 from mlops_tune.train import train
 from mlops_tune.tune import tune
 from tests.conftest import IN_CI, mlflow_runs

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlops_tune import junit
+from mlops_tune.show import junit
 
 
 def _suite(path: Path) -> ET.Element:

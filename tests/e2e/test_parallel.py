@@ -18,8 +18,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mlops_tune import attrs, threads
-from mlops_tune.gate import judged
+from mlops_tune.runtime import keys, threads
+from mlops_tune.search.gate import judged
 from tests.conftest import BIN, ROOT, command_env, mlflow_runs
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def test_two_processes_train_at_once_under_one_parent_run_within_the_budget(work
     spans = [(t.datetime_start, t.datetime_complete) for t in trials]
     assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:]), spans
     # the probe (study.probe=widest) is trial 1: the first process ready runs it, the other trial 0 beside it
-    assert trials[1].user_attrs[attrs.MUTATIONS] == "model.hidden_units:widest"
+    assert trials[1].user_attrs[keys.MUTATIONS] == "model.hidden_units:widest"
     assert trials[1].params["hidden_units_0"] == 256 and trials[0].params["hidden_units_0"] == 8
     assert spans[1][0] <= spans[0][0] < spans[1][1], spans
     runs = mlflow_runs(workdir)
@@ -87,7 +87,7 @@ def test_a_gate_met_in_one_process_stops_the_others_trial(workdir: Path) -> None
     # a trial still training when the gate was met was stopped (PRUNED), and says why; at which epoch depends
     # on where it was then (its last epoch, at worst): test_a_met_gate_stops_the_trials_still_running drives that
     for trial in stopped:
-        assert trial.user_attrs[attrs.GATE_STOP] is True
+        assert trial.user_attrs[keys.GATE_STOP] is True
     assert proc.stdout.count("(stopped: another trial met the gate)") == len(stopped)
     assert all(r.info.status == "FINISHED" for r in mlflow_runs(workdir))
     assert _helpers_left() == ""
@@ -179,7 +179,7 @@ def _helper_in_training(workdir: Path, proc: subprocess.Popen, out: Path) -> tup
         if found and (workdir / "optuna.db").exists():
             pid = int(found.group(1))
             for trial in _trials(workdir):
-                ticket = str(trial.user_attrs.get(attrs.TICKET, "")).partition(" ")[2]
+                ticket = str(trial.user_attrs.get(keys.TICKET, "")).partition(" ")[2]
                 if (trial.state == optuna.trial.TrialState.RUNNING and ticket.startswith(owner.format(pid=pid))
                         and trial.intermediate_values):
                     return pid, trial.number
@@ -199,12 +199,12 @@ def test_a_killed_worker_process_costs_its_trial_nothing(workdir: Path) -> None:
     assert f"a worker process was killed; trial(s) [{number}] run again here" in text
     trials = _trials(workdir)
     assert sum(judged(t) for t in trials) == 4  # the killed trial was not charged
-    assert trials[number].state == optuna.trial.TrialState.FAIL and attrs.NOT_CHARGED in trials[number].user_attrs
-    assert [judged(t) for t in trials if t.user_attrs.get(attrs.RETRY_OF) == number] == [True]
+    assert trials[number].state == optuna.trial.TrialState.FAIL and keys.NOT_CHARGED in trials[number].user_attrs
+    assert [judged(t) for t in trials if t.user_attrs.get(keys.RETRY_OF) == number] == [True]
     assert optuna.trial.TrialState.RUNNING not in {t.state for t in trials}
     runs = mlflow_runs(workdir)
     assert "RUNNING" not in {r.info.status for r in runs}
-    assert next(r for r in runs if r.info.run_id == trials[number].user_attrs[attrs.RUN]).info.status == "KILLED"
+    assert next(r for r in runs if r.info.run_id == trials[number].user_attrs[keys.RUN]).info.status == "KILLED"
     assert _helpers_left() == ""
 
 
@@ -220,6 +220,6 @@ def test_worker_processes_stop_when_their_study_is_killed(workdir: Path) -> None
         time.sleep(0.5)
     assert not _alive(pid) and _helpers_left() == "", "the helper process outlived its study"
     trial = _trials(workdir)[number]
-    assert trial.state == optuna.trial.TrialState.FAIL and attrs.NOT_CHARGED in trial.user_attrs
-    run = next(r for r in mlflow_runs(workdir) if r.info.run_id == trial.user_attrs[attrs.RUN])
+    assert trial.state == optuna.trial.TrialState.FAIL and keys.NOT_CHARGED in trial.user_attrs
+    run = next(r for r in mlflow_runs(workdir) if r.info.run_id == trial.user_attrs[keys.RUN])
     assert run.info.status == "KILLED"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from mlops_tune import threads
-from mlops_tune.cli import multirun_table
-from mlops_tune.progress import Progress
+from mlops_tune.config.cli import multirun_table
+from mlops_tune.runtime import threads
+from mlops_tune.show.progress import Progress
 from tests.conftest import BIN, command_env, run_command
 
 #: lines the libraries print on their own (TensorFlow's C++ logs, absl, matplotlib, Optuna,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from devtools import devservices
-from mlops_tune import tracking
+from mlops_tune.records import tracking
 from tests import browser
 from tests.conftest import mlflow_client, mlflow_runs, run_command
 

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mlops_tune import tracking
+from mlops_tune.records import tracking
 from tests.conftest import BIN, ROOT, command_env, mlflow_runs
 
 pytestmark = pytest.mark.usefixtures("workdir")

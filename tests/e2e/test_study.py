@@ -11,8 +11,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mlops_tune import attrs, tracking
-from mlops_tune.gate import judged
+from mlops_tune.records import tracking
+from mlops_tune.runtime import keys
+from mlops_tune.search.gate import judged
 from tests.conftest import BIN, command_env, heavy_imports_after, kill_when_a_trial_runs, mlflow_client, mlflow_runs
 
 pytestmark = pytest.mark.usefixtures("workdir")
@@ -210,8 +211,8 @@ def test_trial_1_probes_the_base_model_at_its_widest_layers(tune, workdir: Path)
     base, probe = load_study(workdir, "ann-digits").trials
     # the base model, then the same model with its Dense layer as wide as conf/search/ann.yaml allows
     assert base.params["hidden_units_0"] == 8 and probe.params == {**base.params, "hidden_units_0": 256}
-    assert probe.user_attrs[attrs.PARENT] == attrs.BASE
-    assert probe.user_attrs[attrs.MUTATIONS] == "model.hidden_units:widest"
+    assert probe.user_attrs[keys.PARENT] == keys.BASE
+    assert probe.user_attrs[keys.MUTATIONS] == "model.hidden_units:widest"
     assert "<- #base model.hidden_units:widest" in result.stdout
     _, children = parents_and_children(workdir)
     [run] = [c for c in children if c.data.tags[tracking.TAG_TRIAL_NUMBER] == "1"]
@@ -220,18 +221,18 @@ def test_trial_1_probes_the_base_model_at_its_widest_layers(tune, workdir: Path)
     # switched off: trial 1 is the sampler's
     result = tune(*common, "study.name=no-probe", "study.probe=none")
     assert result.code == 1, result.stderr
-    assert attrs.MUTATIONS not in load_study(workdir, "no-probe").trials[1].user_attrs
+    assert keys.MUTATIONS not in load_study(workdir, "no-probe").trials[1].user_attrs
     # a widest model over model.max_params is not tried, and the study says so
     result = tune(*common, "study.name=small", "model.max_params=2000")
     assert result.code == 1, result.stderr
     assert "no probe of the widest layers (model.hidden_units: this architecture has 19,210 parameters" \
         in result.stdout
-    assert attrs.MUTATIONS not in load_study(workdir, "small").trials[1].user_attrs
+    assert keys.MUTATIONS not in load_study(workdir, "small").trials[1].user_attrs
     # nor one over the gate's deployment limit: it could not pass
     result = tune(*common, "study.name=deployable", "gate.max_params=2000")
     assert result.code == 1, result.stderr
     assert "no probe of the widest layers (over gate.max_params=2,000)" in result.stdout
-    assert attrs.MUTATIONS not in load_study(workdir, "deployable").trials[1].user_attrs
+    assert keys.MUTATIONS not in load_study(workdir, "deployable").trials[1].user_attrs
 
 
 @pytest.mark.slow

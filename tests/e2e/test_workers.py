@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from devtools import devservices
-from mlops_tune import claims, tracking
+from mlops_tune.records import claims, tracking
 from tests.conftest import BIN, command_env, kill_when_a_trial_runs, mlflow_runs
 
 STORAGE_MODES = ["sqlite", "postgres"]

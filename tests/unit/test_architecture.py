@@ -33,16 +33,16 @@ MLFLOW_SQL_EXCEPTIONS = {
     # a new SQLite store is seeded from a migrated, empty copy (MLflow's ~60 migrations take ~3 s per
     # new store): the copy must lose MLflow's Default experiment, whose artifact root would point
     # into the cache. No public API deletes an experiment for good. Bounded by mlflow<4 in pyproject.
-    ("mlops_tune/stores.py", "_template"),
+    ("mlops_tune/records/stores.py", "_template"),
 }
 
 
 #: (module, private name) allowed, each with why no public way exists
 PRIVATE_EXCEPTIONS = {
     # MLflow maps every installed distribution to its modules on the first log_model (~1 s, inside a
-    # trial); mlops_tune.tracking.warm_model_logging fills that cache while a model trains. No public
+    # trial); mlops_tune.records.tracking.warm_model_logging fills that cache while a model trains. No public
     # API warms it; if the helper moves, log_model does the work itself. Bounded by mlflow<4 in pyproject.
-    ("mlops_tune/tracking.py", "_init_packages_to_modules_map"),
+    ("mlops_tune/records/tracking.py", "_init_packages_to_modules_map"),
 }
 
 

@@ -1,4 +1,4 @@
-"""A finished trial's MLflow writes, done in a thread while the next trial trains (mlops_tune.backlog)."""
+"""A finished trial's MLflow writes, done in a thread while the next trial trains (mlops_tune.records.backlog)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mlops_tune import faults, tracking
-from mlops_tune.backlog import Backlog
 from mlops_tune.config import validate_train
 from mlops_tune.families import get_family
+from mlops_tune.records import tracking
+from mlops_tune.records.backlog import Backlog
+from mlops_tune.runtime import faults
 from mlops_tune.trial import run_trial
 from tests.conftest import mlflow_runs
 from tests.unit.test_trial import compose_plain

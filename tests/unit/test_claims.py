@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mlops_tune.claims import Budget, claim
+from mlops_tune.records.claims import Budget, claim
 
 
 @pytest.fixture(params=["sqlite", "journal"])
@@ -26,7 +26,7 @@ def test_the_first_claim_wins(storage_url: str) -> None:
 
 
 def _storage(url: str):
-    from mlops_tune.optuna_setup import make_storage
+    from mlops_tune.search.optuna_setup import make_storage
 
     return make_storage({"storage": url, "heartbeat_interval": 60, "grace_period": 120})
 
@@ -91,7 +91,7 @@ def test_racing_workers_never_hold_more_tickets_than_the_budget(storage_url: str
 def test_tickets_work_through_the_storage_proxy(tmp_path: Path) -> None:
     """A container reaches the study only through Optuna's gRPC storage proxy: its tickets are the
     same as those the study's own process takes on the database."""
-    from mlops_tune.optuna_setup import StorageServer, open_storage
+    from mlops_tune.search.optuna_setup import StorageServer, open_storage
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     direct = _storage(url)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlops_tune.cli import summarize_hydra_error
+from mlops_tune.config.cli import summarize_hydra_error
 
 HYDRA_UNKNOWN = """Could not override 'gate.treshold'.
 To append to your config use +gate.treshold=0.9

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mlops_tune.config import load_train, load_tune
-from mlops_tune.errors import UsageError, check_int
+from mlops_tune.runtime.errors import UsageError, check_int
 from tests.conftest import compose_config
 
 

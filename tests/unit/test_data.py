@@ -10,7 +10,7 @@ import pytest
 
 from mlops_tune.data import load_csv, load_npz, load_sklearn, load_splits, split
 from mlops_tune.data.images import load_keras
-from mlops_tune.errors import UsageError
+from mlops_tune.runtime.errors import UsageError
 
 
 @pytest.mark.parametrize(("name", "n_classes", "image"), [

@@ -22,7 +22,7 @@ KEPT = [
 ]
 SCRIPT = f"""
 import os, sys, threading
-from mlops_tune.logs import tensorflow_load_filtered
+from mlops_tune.runtime.logs import tensorflow_load_filtered
 noise, kept = {NOISE!r}, {KEPT!r}
 print("before", file=sys.stderr, flush=True)
 with tensorflow_load_filtered():

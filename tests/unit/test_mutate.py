@@ -7,8 +7,8 @@ import pytest
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from mlops_tune import attrs
-from mlops_tune.mutate import operator_weights
+from mlops_tune.runtime import keys
+from mlops_tune.search.mutate import operator_weights
 
 
 def _trial(number: int, value: float | None, state: TrialState = TrialState.COMPLETE, **user_attrs: object):
@@ -20,12 +20,12 @@ def _trial(number: int, value: float | None, state: TrialState = TrialState.COMP
 
 def test_weights_favour_operators_that_beat_their_parent() -> None:
     trials = [
-        _trial(0, 0.5, **{attrs.PARENT: attrs.ROOT}),
-        _trial(1, 0.7, **{attrs.PARENT: 0, attrs.MUTATIONS: "k:increase"}),     # win
-        _trial(2, 0.4, **{attrs.PARENT: 1, attrs.MUTATIONS: "k:decrease"}),     # loss
-        _trial(3, 0.6, **{attrs.PARENT: 1, attrs.MUTATIONS: "k:decrease,p:change"}),  # loss
-        _trial(4, None, TrialState.PRUNED, **{attrs.PARENT: 1, attrs.MUTATIONS: "k:increase"}),  # tried, no win
-        _trial(5, None, TrialState.RUNNING, **{attrs.PARENT: 1, attrs.MUTATIONS: "k:change"}),  # not judged yet
+        _trial(0, 0.5, **{keys.PARENT: keys.ROOT}),
+        _trial(1, 0.7, **{keys.PARENT: 0, keys.MUTATIONS: "k:increase"}),     # win
+        _trial(2, 0.4, **{keys.PARENT: 1, keys.MUTATIONS: "k:decrease"}),     # loss
+        _trial(3, 0.6, **{keys.PARENT: 1, keys.MUTATIONS: "k:decrease,p:change"}),  # loss
+        _trial(4, None, TrialState.PRUNED, **{keys.PARENT: 1, keys.MUTATIONS: "k:increase"}),  # tried, no win
+        _trial(5, None, TrialState.RUNNING, **{keys.PARENT: 1, keys.MUTATIONS: "k:change"}),  # not judged yet
     ]
     weights = operator_weights(trials)
     assert weights["k:increase"] == pytest.approx((1 + 2 * 1) / (1 + 2))

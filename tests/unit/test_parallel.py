@@ -10,10 +10,10 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 
-from mlops_tune import threads
-from mlops_tune.errors import UsageError
-from mlops_tune.gate import GateAwarePruner
-from mlops_tune.optuna_setup import MEDIAN_WARMUP, LikeForLikeMedianPruner, reporting
+from mlops_tune.runtime import threads
+from mlops_tune.runtime.errors import UsageError
+from mlops_tune.search.gate import GateAwarePruner
+from mlops_tune.search.optuna_setup import MEDIAN_WARMUP, LikeForLikeMedianPruner, reporting
 from mlops_tune.trial import OptunaReporter
 from mlops_tune.workers.loop import ask
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
-from mlops_tune import registry
-from mlops_tune.errors import UsageError
+from mlops_tune.records import registry
+from mlops_tune.runtime.errors import UsageError
 
 
 def test_only_a_strictly_better_accuracy_at_the_stored_precision_beats() -> None:
@@ -87,7 +87,7 @@ def test_the_champion_is_judged_on_todays_test_split(logged_models) -> None:
 
 def test_a_store_failing_while_the_champion_is_judged_moves_nothing(logged_models) -> None:
     """An environment fault is not a reason to replace the champion: no version, no alias change."""
-    from mlops_tune.errors import EnvironmentFault
+    from mlops_tune.runtime.errors import EnvironmentFault
 
     uris = logged_models(2)
     registry.promote(uris[0], "m", 0.9, {})

@@ -8,11 +8,11 @@ import optuna
 import pytest
 import yaml
 
-from mlops_tune.attrs import BASE, MUTATIONS, PARENT
-from mlops_tune.cli import CONF_DIR
-from mlops_tune.errors import UsageError
-from mlops_tune.mutate import MutationSampler
-from mlops_tune.search import SearchSpace
+from mlops_tune.config.cli import CONF_DIR
+from mlops_tune.runtime.errors import UsageError
+from mlops_tune.runtime.keys import BASE, MUTATIONS, PARENT
+from mlops_tune.search.mutate import MutationSampler
+from mlops_tune.search.space import SearchSpace
 
 
 def _model(name: str) -> dict:

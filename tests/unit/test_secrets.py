@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlops_tune import secrets
+from mlops_tune.runtime import secrets
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mlops_tune import faults
+from mlops_tune.runtime import faults
 
 
 @pytest.fixture

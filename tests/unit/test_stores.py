@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mlops_tune.errors import UsageError
-from mlops_tune.stores import absolute_sqlite, check_reachable, filesystem_of
+from mlops_tune.records.stores import absolute_sqlite, check_reachable, filesystem_of
+from mlops_tune.runtime.errors import UsageError
 
 
 def test_relative_sqlite_uris_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,8 +54,8 @@ def _journal(path: Path) -> str:
 def test_sqlite_stores_write_ahead_with_normal_sync(tmp_path: Path) -> None:
     """MLflow's store and Optuna's storage on local SQLite files: WAL, synchronous=NORMAL (1);
     a study's transactions then cost about half (benchmarks/time_to_target.py)."""
-    from mlops_tune import tracking
-    from mlops_tune.optuna_setup import make_storage
+    from mlops_tune.records import tracking
+    from mlops_tune.search.optuna_setup import make_storage
 
     tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "wal")
     storage = make_storage({"storage": f"sqlite:///{tmp_path / 'optuna.db'}", "heartbeat_interval": 60,
@@ -82,7 +82,7 @@ def test_the_write_ahead_log_can_be_turned_off(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = ("from mlops_tune import tracking; import sys; "
+    code = ("from mlops_tune.records import tracking; import sys; "
             "tracking.connect('sqlite:///' + sys.argv[1], 'plain')")
     env = {**os.environ, "MLOPS_TUNE_SQLITE_WAL": "0"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "mlflow.db")], env=env, check=True, timeout=120)

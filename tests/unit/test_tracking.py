@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mlops_tune import stores, tracking
+from mlops_tune.records import stores, tracking
 
 
 def test_flatten_nests_keys_and_keeps_lists_as_json() -> None:
@@ -131,7 +131,7 @@ def test_model_logging_is_warmed_once_in_a_thread_of_its_own() -> None:
     script = (
         "import threading\n"
         "from mlflow.utils import requirements_utils as r\n"
-        "from mlops_tune import tracking\n"
+        "from mlops_tune.records import tracking\n"
         "assert r._MODULES_TO_PACKAGES is None\n"
         "tracking.warm_model_logging(); tracking.warm_model_logging()\n"
         "assert [t.name for t in threading.enumerate()].count('mlops-tune-warm-mlflow') <= 1\n"

@@ -10,8 +10,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mlops_tune import tracking
 from mlops_tune.config import to_plain, validate_train
+from mlops_tune.records import tracking
 from mlops_tune.trial import run_trial
 from tests.conftest import compose_config, mlflow_runs
 
@@ -138,7 +138,7 @@ def test_a_process_running_trials_takes_its_imports_out_of_the_garbage_collector
     a library) keeps its collector as it was."""
     script = (
         "import gc, sys\n"
-        "from mlops_tune import heap\n"
+        "from mlops_tune.runtime import heap\n"
         "from mlops_tune.families import settle_imports\n"
         "if sys.argv[1] == 'library':\n"
         "    settle_imports('sklearn')\n"

@@ -23,13 +23,15 @@ from urllib.parse import urlsplit
 
 import optuna
 
-from mlops_tune import claims, gate, locks
-from mlops_tune.errors import UsageError, first_line
-from mlops_tune.mutate import MutationSampler
-from mlops_tune.retries import retrying
-from mlops_tune.search import SearchSpace
-from mlops_tune.secrets import redact
-from mlops_tune.stores import write_ahead_sqlite
+from mlops_tune.records import claims
+from mlops_tune.records.stores import write_ahead_sqlite
+from mlops_tune.runtime import locks
+from mlops_tune.runtime.errors import UsageError, first_line
+from mlops_tune.runtime.retries import retrying
+from mlops_tune.runtime.secrets import redact
+from mlops_tune.search import gate
+from mlops_tune.search.mutate import MutationSampler
+from mlops_tune.search.space import SearchSpace
 
 
 def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
@@ -216,7 +218,7 @@ class StorageServer:
         self.url = f"grpc://127.0.0.1:{self.port}"
         env = {**os.environ, "MLOPS_TUNE_PROXY_STORAGE": storage_url}
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "mlops_tune.optuna_setup", str(self.port)],
+            [sys.executable, "-m", "mlops_tune.search.optuna_setup", str(self.port)],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True,  # a Ctrl-C meant for the study is handled by the study
         )

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from mlops_tune.errors import EnvironmentFault, first_line
-from mlops_tune.secrets import redact, redact_text
+from mlops_tune.runtime.errors import EnvironmentFault, first_line
+from mlops_tune.runtime.secrets import redact, redact_text
 
 #: errnos that say the disk or its permissions failed, not the model
 DISK_ERRNOS = {
@@ -159,7 +159,7 @@ def signal_exit_code(exc: BaseException) -> int:
 #: SQLite transaction open in this process, and every later write (closing the runs as KILLED)
 #: waits on it for ever. A signal arriving there is delivered again a moment later.
 ATOMIC_MODULES = ("sqlalchemy", "sqlite3", "alembic", "psycopg2", "mlflow.store", "optuna.storages",
-                  "mlops_tune.claims", "mlops_tune.locks")
+                  "mlops_tune.records.claims", "mlops_tune.runtime.locks")
 #: how often (every 20 ms) a signal is put off before it is raised wherever the code is
 MAX_DEFERRALS = 250
 

@@ -18,8 +18,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mlops_tune import attrs
-from mlops_tune.report_svg import (
+from mlops_tune.runtime import keys
+from mlops_tune.show.svg import (
     epochs_svg,
     esc,
     history_svg,
@@ -35,7 +35,7 @@ def report_data(study: Any, space: Any, cfg: Mapping[str, Any], verdict: Mapping
     """Everything the page shows, as plain JSON-able data.
 
     Args:
-        study: the Optuna study. space: its :class:`~mlops_tune.search.SearchSpace`.
+        study: the Optuna study. space: its :class:`~mlops_tune.search.space.SearchSpace`.
         verdict: ``passed``, ``best_trial``, ``best_value``, ``test_accuracy``, ``registered``.
         histories: per-epoch validation accuracy of each trial (by trial number).
         run_links: the MLflow UI address of each trial's run (by trial number).
@@ -54,12 +54,12 @@ def report_data(study: Any, space: Any, cfg: Mapping[str, Any], verdict: Mapping
             "number": trial.number, "state": trial.state.name,
             "value": None if value is None or not math.isfinite(value) else float(value),
             "params": params,
-            "parent": str(trial.user_attrs.get(attrs.PARENT, "")),
-            "mutations": str(trial.user_attrs.get(attrs.MUTATIONS, "")),
-            "retry_of": trial.user_attrs.get(attrs.RETRY_OF),
-            "start": str(trial.user_attrs.get(attrs.START, "")),
-            "error": str(trial.user_attrs.get(attrs.ERROR) or trial.user_attrs.get(attrs.NOT_CHARGED) or ""),
-            "seconds": trial.user_attrs.get(attrs.SECONDS),
+            "parent": str(trial.user_attrs.get(keys.PARENT, "")),
+            "mutations": str(trial.user_attrs.get(keys.MUTATIONS, "")),
+            "retry_of": trial.user_attrs.get(keys.RETRY_OF),
+            "start": str(trial.user_attrs.get(keys.START, "")),
+            "error": str(trial.user_attrs.get(keys.ERROR) or trial.user_attrs.get(keys.NOT_CHARGED) or ""),
+            "seconds": trial.user_attrs.get(keys.SECONDS),
             "epochs": [float(v) for v in histories.get(trial.number, [])],
             "run": run_links.get(trial.number, ""),
         })
@@ -81,7 +81,7 @@ def lineage(trials: Sequence[Mapping[str, Any]], winner: int | None) -> dict[str
     sampler proposed without a parent (TPE, random) hangs under the root, in the order it ran.
     """
     numbers = {t["number"] for t in trials}
-    roots = [t["number"] for t in trials if t["parent"] == attrs.ROOT]
+    roots = [t["number"] for t in trials if t["parent"] == keys.ROOT]
     root = min(roots) if roots else None
     edges = []
     for t in trials:
@@ -90,7 +90,7 @@ def lineage(trials: Sequence[Mapping[str, Any]], winner: int | None) -> dict[str
         parent = t["parent"]
         if parent.isdigit() and int(parent) in numbers:
             source, label = int(parent), t["mutations"] or "mutation"
-        elif parent == attrs.BASE:
+        elif parent == keys.BASE:
             source, label = root, t["mutations"] or "mutation"
         else:
             source, label = root, "sampled" if not t["mutations"] else t["mutations"]
@@ -116,7 +116,7 @@ def table_html(data: Mapping[str, Any]) -> str:
     out = ['<table id="trials"><thead><tr><th>rank</th><th>trial</th><th>state</th>'
            f'<th>{esc(data["metric"])}</th><th>parameters</th><th>from</th><th>seconds</th><th>run</th></tr></thead><tbody>']
     for rank, t in enumerate(rows, 1):
-        origin = (t.get("start") or "base model") if t["parent"] == attrs.ROOT else (
+        origin = (t.get("start") or "base model") if t["parent"] == keys.ROOT else (
             f"#{t['parent']} {t['mutations']}" if t["mutations"] else t["parent"] or "sampled")
         run = (f'<a href="{esc(t["run"])}" target="_top">MLflow run</a>' if t["run"] else "")
         error = f'<div class="error">{esc(t["error"])}</div>' if t["error"] else ""

@@ -20,8 +20,8 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import attrs
-from mlops_tune.search import SearchSpace
+from mlops_tune.runtime import keys
+from mlops_tune.search.space import SearchSpace
 
 
 class MutationSampler(BaseSampler):
@@ -69,8 +69,8 @@ class MutationSampler(BaseSampler):
                 break
         if not ops:  # nothing to mutate: the fallback samples the trial
             return
-        study.enqueue_trial(params, user_attrs={attrs.PARENT: parent.number if parent else attrs.BASE,
-                                                attrs.MUTATIONS: ",".join(ops)}, skip_if_exists=False)
+        study.enqueue_trial(params, user_attrs={keys.PARENT: parent.number if parent else keys.BASE,
+                                                keys.MUTATIONS: ",".join(ops)}, skip_if_exists=False)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return {}
@@ -98,8 +98,8 @@ def operator_weights(trials: list[FrozenTrial]) -> dict[str, float]:
     tries: dict[str, int] = {}
     wins: dict[str, int] = {}
     for t in trials:
-        ops = t.user_attrs.get(attrs.MUTATIONS)
-        parent = t.user_attrs.get(attrs.PARENT)
+        ops = t.user_attrs.get(keys.MUTATIONS)
+        parent = t.user_attrs.get(keys.PARENT)
         if not ops or not isinstance(parent, int) or t.state not in (TrialState.COMPLETE, TrialState.PRUNED,
                                                                          TrialState.FAIL):
             continue

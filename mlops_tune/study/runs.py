@@ -11,9 +11,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from mlops_tune import attrs, claims, tracking
-from mlops_tune.errors import UsageError
-from mlops_tune.gate import judged
+from mlops_tune.records import claims, tracking
+from mlops_tune.runtime import keys
+from mlops_tune.runtime.errors import UsageError
+from mlops_tune.search.gate import judged
 
 #: a study's parent run: what trial 0 was (``base`` or the champion it started from)
 TAG_START = "mlops_tune.start_from"
@@ -24,7 +25,7 @@ def study_for_data(storage: optuna.storages.BaseStorage, name: str, fingerprint:
     data; then ``<name>-data-<fingerprint>`` (the old study left as it is) or, with
     ``study.on_data_change=fail``, exit 2."""
     try:
-        stored = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get(attrs.DATA_FINGERPRINT)
+        stored = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get(keys.DATA_FINGERPRINT)
     except KeyError:  # no such study yet
         return name
     if not fingerprint or stored in (None, fingerprint):  # an older study without one: adopts this data
@@ -61,7 +62,7 @@ def parent_run(study: optuna.Study, experiment_id: str, budget: claims.Budget) -
     # Under `mlflow run -e tune` the Project run is the study's run. Take the variable out
     # of the environment: MLflow would otherwise resume that run for the first trial.
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)
-    known = study.user_attrs.get(attrs.PARENT_RUN)
+    known = study.user_attrs.get(keys.PARENT_RUN)
     if known:
         return str(known), False
     name = study.study_name
@@ -70,7 +71,7 @@ def parent_run(study: optuna.Study, experiment_id: str, budget: claims.Budget) -
     if winner != candidate:  # another worker was first: use its run, drop ours
         tracking.delete_run(candidate)
         return winner, False
-    study.set_user_attr(attrs.PARENT_RUN, candidate)
+    study.set_user_attr(keys.PARENT_RUN, candidate)
     return candidate, True
 
 
@@ -80,10 +81,10 @@ def reconcile(study: optuna.Study, experiment_id: str, parent_run_id: str, budge
         optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     for trial in trials:
-        if trial.state == TrialState.FAIL and not judged(trial) and attrs.TICKET in trial.user_attrs:
-            budget.release_text(str(trial.user_attrs[attrs.TICKET]))
+        if trial.state == TrialState.FAIL and not judged(trial) and keys.TICKET in trial.user_attrs:
+            budget.release_text(str(trial.user_attrs[keys.TICKET]))
     running = [t for t in trials if t.state == TrialState.RUNNING]
-    live = {str(t.user_attrs[attrs.RUN]) for t in running if attrs.RUN in t.user_attrs}
+    live = {str(t.user_attrs[keys.RUN]) for t in running if keys.RUN in t.user_attrs}
     closed = close_orphan_runs(experiment_id, parent_run_id, live)
     if closed:
         print(f"closed {len(closed)} MLflow run(s) left RUNNING by a dead worker or a failed store", flush=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mlops_tune.errors import UsageError
+from mlops_tune.runtime.errors import UsageError
 
 AUTO = "auto"
 #: families whose trials are long enough to be worth a process of their own

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mlops_tune.errors import UsageError
+from mlops_tune.runtime.errors import UsageError
 
 DIMENSION_TYPES = ("int", "float", "categorical", "int_list")
 

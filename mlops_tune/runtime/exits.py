@@ -12,8 +12,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from mlops_tune import faults, secrets
-from mlops_tune.errors import EXIT_CRASH, EXIT_USAGE, EnvironmentFault, StudyAborted, UsageError
+from mlops_tune.runtime import faults, secrets
+from mlops_tune.runtime.errors import EXIT_CRASH, EXIT_USAGE, EnvironmentFault, StudyAborted, UsageError
 
 
 def run_mapped(task: Callable[[], int], prog: str, note: Callable[[str], object] = lambda _outcome: None) -> int:

@@ -1,7 +1,7 @@
 """MLflow runs: connecting to the store, run lifecycle, batched logging, closing orphans.
 
 Layout (docs/architecture.md): one parent run per study, one child run per trial. Runs are
-made here; the registry and its champion alias are ``mlops_tune.registry``.
+made here; the registry and its champion alias are ``mlops_tune.records.registry``.
 """
 
 from __future__ import annotations
@@ -18,13 +18,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mlops_tune import locks
-from mlops_tune.errors import UsageError, first_line
-from mlops_tune.faults import classify
-from mlops_tune.logs import quiet_libraries
-from mlops_tune.retries import retrying
-from mlops_tune.secrets import redact, redact_config, redact_text
-from mlops_tune.stores import check_reachable, configure_http, fail_fast, seed_new_sqlite_store, write_ahead_sqlite
+from mlops_tune.records.stores import (
+    check_reachable,
+    configure_http,
+    fail_fast,
+    seed_new_sqlite_store,
+    write_ahead_sqlite,
+)
+from mlops_tune.runtime import locks
+from mlops_tune.runtime.errors import UsageError, first_line
+from mlops_tune.runtime.faults import classify
+from mlops_tune.runtime.logs import quiet_libraries
+from mlops_tune.runtime.retries import retrying
+from mlops_tune.runtime.secrets import redact, redact_config, redact_text
 
 TAG_STUDY = "mlops_tune.study"
 TAG_GATE = "mlops_tune.gate"
@@ -324,7 +330,7 @@ def log_config(cfg: Mapping[str, Any], artifact: str = "config.yaml", run_id: st
 def start_model(run_id: str, experiment_id: str, name: str, params: Mapping[str, str]) -> str:
     """A model of ``run_id`` that is yet to be written (MLflow's PENDING logged model, linked to
     the run as its output); returns its ``models:/`` URI. A flavor's ``log_model(model_id=...)``
-    writes and finalizes it (``Family.log_model``), in the background (``mlops_tune.backlog``)."""
+    writes and finalizes it (``Family.log_model``), in the background (``mlops_tune.records.backlog``)."""
     import mlflow
     from mlflow.entities import LoggedModelOutput
 
@@ -354,7 +360,7 @@ def fail_model(model_uri: str) -> None:
 def model_ready(model_uri: str, grace: float = 30.0, poll: float = 0.2) -> bool:
     """Whether the model behind ``model_uri`` is written. While it is PENDING and less than
     ``grace`` seconds old this waits (another worker of the study may be writing it, see
-    ``mlops_tune.backlog``: its writes start within seconds); False when its writing failed,
+    ``mlops_tune.records.backlog``: its writes start within seconds); False when its writing failed,
     or it is still PENDING after that (its writer died, or the store failed under it before
     the writer could mark it FAILED). Other URIs: True."""
     import mlflow

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlops_tune import locks
+from mlops_tune.runtime import locks
 
 _TABLE = "mlops_tune_claims"
 

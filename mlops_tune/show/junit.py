@@ -6,7 +6,7 @@ rerun of the same study replaces its earlier case. A study that met the gate pas
 one that missed it fails with the best accuracy and the threshold in the message; one
 that crashed or was stopped by failures is an error.
 
-``python -m mlops_tune.junit verdict reports/junit.xml --exit-code N`` prints the CI
+``python -m mlops_tune.show.junit verdict reports/junit.xml --exit-code N`` prints the CI
 verdict for an exit code (``SUCCESS``, ``UNSTABLE: ...`` naming the studies that missed,
 ``FAILURE: ...``); the Jenkinsfile's Gate stage uses it.
 """
@@ -19,7 +19,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from mlops_tune.locks import exclusive
+from mlops_tune.runtime.locks import exclusive
 
 SUITE = "mlops-tune gate"
 
@@ -81,7 +81,7 @@ def verdict(path: str | os.PathLike[str], exit_code: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlops_tune.junit")
+    parser = argparse.ArgumentParser(prog="python -m mlops_tune.show.junit")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verdict", help="print the CI verdict for an mlops-tune exit code")
     v.add_argument("report")

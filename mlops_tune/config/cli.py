@@ -11,7 +11,7 @@ discards the task's return value; this wrapper restores the contract:
 * errors are one line on stderr, no traceback, for everything that is the user's doing
   and for failures of the environment (a store, a server, the disk);
 * a password in a URL on the command line is moved out of it before Hydra records the
-  command line (see ``mlops_tune.secrets``); a stopped job stops the whole multirun.
+  command line (see ``mlops_tune.runtime.secrets``); a stopped job stops the whole multirun.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from mlops_tune import exits, faults, secrets
-from mlops_tune.errors import EXIT_USAGE
+from mlops_tune.runtime import exits, faults, secrets
+from mlops_tune.runtime.errors import EXIT_USAGE
 
-CONF_DIR = Path(os.environ.get("MLOPS_TUNE_CONF", Path(__file__).resolve().parent / "conf"))
+CONF_DIR = Path(os.environ.get("MLOPS_TUNE_CONF", Path(__file__).resolve().parents[1] / "conf"))
 _CODES_ENV = "MLOPS_TUNE_EXIT_CODES_FILE"
 
 Task = Callable[[Any], int]
@@ -139,7 +139,7 @@ def note_job(outcome: str) -> None:
 
 
 def run_task(task: Task, cfg: Any, prog: str) -> int:
-    """Run one job, mapping exceptions onto exit codes (``mlops_tune.exits``)."""
+    """Run one job, mapping exceptions onto exit codes (``mlops_tune.runtime.exits``)."""
     return exits.run_mapped(lambda: task(cfg), prog, lambda outcome: _job_summary.setdefault("outcome", outcome))
 
 

@@ -1,9 +1,9 @@
 """Turning a composed Hydra config (or a config file) into a plain, validated dict.
 
 Hydra already rejects overrides of keys that do not exist (``foo=1``). The schemas of
-``mlops_tune.schema`` reject keys added with ``+`` that nothing reads and values of the
+``mlops_tune.config.schema`` reject keys added with ``+`` that nothing reads and values of the
 wrong type; this module adds what a type cannot say (ranges, required values, names of
-code a config may point at), each as a :class:`~mlops_tune.errors.UsageError` naming the key.
+code a config may point at), each as a :class:`~mlops_tune.runtime.errors.UsageError` naming the key.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from mlops_tune import threads
-from mlops_tune.errors import UsageError, check_int
+from mlops_tune.runtime import threads
+from mlops_tune.runtime.errors import UsageError, check_int
 
 SAMPLERS = ("tpe", "random", "mutation")
 PRUNERS = ("median", "hyperband", "none")
@@ -22,7 +22,7 @@ GATE_METRICS = ("val_accuracy",)
 
 def load_train(cfg: Any) -> dict[str, Any]:
     """A ``train`` config (or one trial's), resolved, typed by the schema and checked."""
-    from mlops_tune.schema import TrainConfig
+    from mlops_tune.config.schema import TrainConfig
 
     plain = apply_schema(to_plain(cfg), TrainConfig)
     validate_train(plain)
@@ -31,7 +31,7 @@ def load_train(cfg: Any) -> dict[str, Any]:
 
 def load_tune(cfg: Any) -> dict[str, Any]:
     """A ``tune`` config, resolved, typed by the schema and checked."""
-    from mlops_tune.schema import TuneConfig
+    from mlops_tune.config.schema import TuneConfig
 
     plain = apply_schema(to_plain(cfg), TuneConfig)
     validate_tune(plain)
@@ -76,8 +76,8 @@ def to_plain(cfg: Any) -> dict[str, Any]:
         raise UsageError(f"{getattr(exc, 'full_key', 'config')}: {str(exc).splitlines()[0]}") from None
     assert isinstance(plain, dict)
     _mask_environment_values(cfg, plain)
-    from mlops_tune.secrets import move_credentials
-    from mlops_tune.stores import absolute_sqlite
+    from mlops_tune.records.stores import absolute_sqlite
+    from mlops_tune.runtime.secrets import move_credentials
 
     # relative SQLite files mean "in the working folder", for trial processes elsewhere too;
     # a password (from a config file or an ${oc.env:...}) goes where the libraries read it
@@ -96,7 +96,7 @@ def _mask_environment_values(cfg: Any, plain: Mapping[str, Any]) -> None:
     they may be secrets. (Passwords in URLs are handled by ``secrets.move_credentials``.)"""
     from omegaconf import DictConfig, OmegaConf
 
-    from mlops_tune.secrets import remember
+    from mlops_tune.runtime.secrets import remember
 
     def walk(node: Any, resolved: Any, prefix: str) -> None:
         if not isinstance(node, DictConfig) or not isinstance(resolved, Mapping):

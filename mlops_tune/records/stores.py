@@ -16,9 +16,9 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from mlops_tune import locks
-from mlops_tune.errors import UsageError
-from mlops_tune.secrets import redact, redact_text
+from mlops_tune.runtime import locks
+from mlops_tune.runtime.errors import UsageError
+from mlops_tune.runtime.secrets import redact, redact_text
 
 
 def absolute_sqlite(uri: str) -> str:

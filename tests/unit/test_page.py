@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
 
-from mlops_tune import attrs, html_report
 from mlops_tune.config import to_plain
-from mlops_tune.search import SearchSpace
+from mlops_tune.runtime import keys
+from mlops_tune.search.space import SearchSpace
+from mlops_tune.show import page
 from tests.conftest import compose_config
 
 CFG = to_plain(compose_config("tune", "model=ann", "data=digits"))
@@ -36,18 +37,18 @@ def make_study(specs: list[tuple[str, float, int, int]]) -> tuple[optuna.Study, 
         trial = study.ask()
         SPACE.suggest(trial)
         if number == 0:
-            trial.set_user_attr(attrs.PARENT, attrs.ROOT)
+            trial.set_user_attr(keys.PARENT, keys.ROOT)
         elif parent == -2:
-            trial.set_user_attr(attrs.PARENT, attrs.BASE)
-            trial.set_user_attr(attrs.MUTATIONS, "model.dropout:increase")
+            trial.set_user_attr(keys.PARENT, keys.BASE)
+            trial.set_user_attr(keys.MUTATIONS, "model.dropout:increase")
         elif parent >= 0:
-            trial.set_user_attr(attrs.PARENT, parent % number)
-            trial.set_user_attr(attrs.MUTATIONS, "model.hidden_units:widen_layer,model.learning_rate:decrease")
+            trial.set_user_attr(keys.PARENT, parent % number)
+            trial.set_user_attr(keys.MUTATIONS, "model.hidden_units:widen_layer,model.learning_rate:decrease")
         if state == "PRUNED":
             trial.report(value, 0)
             study.tell(trial, state=TrialState.PRUNED)
         elif state == "FAIL":
-            trial.set_user_attr(attrs.ERROR, "ValueError: <b>not html</b>")
+            trial.set_user_attr(keys.ERROR, "ValueError: <b>not html</b>")
             study.tell(trial, state=TrialState.FAIL)
         else:
             study.tell(trial, value)
@@ -63,8 +64,8 @@ def build(specs: list[tuple[str, float, int, int]]) -> tuple[dict, str]:
     verdict = {"passed": bool(best and best.value >= 0.95), "best_trial": best.number if best else None,
                "best_value": best.value if best else None, "test_accuracy": None, "registered": None}
     links = {t.number: f"/#/experiments/1/runs/run{t.number}" for t in study.trials}
-    data = html_report.report_data(study, SPACE, CFG, verdict, histories, links)
-    return data, html_report.render(data)
+    data = page.report_data(study, SPACE, CFG, verdict, histories, links)
+    return data, page.render(data)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -101,4 +102,4 @@ def test_edges_follow_the_recorded_parents() -> None:
     by_number = {t["number"]: t for t in data["trials"]}
     assert by_number[3]["value"] == pytest.approx(0.4)  # a pruned trial shows its last reported value
     assert isinstance(by_number[0]["params"]["hidden_units"], list)
-    assert html_report.readable([64, 32]) == "[64, 32]"
+    assert page.readable([64, 32]) == "[64, 32]"

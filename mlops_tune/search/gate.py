@@ -17,13 +17,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import attrs
+from mlops_tune.runtime import keys
 
 
 def limits(gate: Mapping[str, Any]) -> list[tuple[str, str, float]]:
     """The deployment limits set: ``(trial attribute, config key, limit)``."""
     return [(attr, f"gate.{key}", float(gate[key])) for attr, key in
-            ((attrs.N_PARAMS, "max_params"), (attrs.PREDICT_MS, "max_predict_ms")) if gate.get(key) is not None]
+            ((keys.N_PARAMS, "max_params"), (keys.PREDICT_MS, "max_predict_ms")) if gate.get(key) is not None]
 
 
 def _number(value: float) -> str:
@@ -48,7 +48,7 @@ def unconfirmed(trial: FrozenTrial, gate: Mapping[str, Any]) -> str:
     """Why a trial that reached the threshold is not confirmed ("" when it is, or needs none)."""
     if int(gate.get("confirm", 1)) <= 1:
         return ""
-    mean = trial.user_attrs.get(attrs.CONFIRMED_MEAN)
+    mean = trial.user_attrs.get(keys.CONFIRMED_MEAN)
     if mean is None:
         return f"not confirmed over gate.confirm={gate['confirm']} seeds"
     if float(mean) < float(gate["threshold"]):
@@ -86,8 +86,8 @@ def missed_because(trials: Sequence[FrozenTrial], gate: Mapping[str, Any]) -> st
         over = [float(t.user_attrs[attr]) for t in reached if float(t.user_attrs.get(attr, 0.0)) > limit]
         if over:
             parts.append(f"{len(over)} broke {key} (smallest {attr} {_number(min(over))} > {_number(limit)})")
-    means = [float(t.user_attrs[attrs.CONFIRMED_MEAN]) for t in reached
-             if not violations(t, gate) and unconfirmed(t, gate) and attrs.CONFIRMED_MEAN in t.user_attrs]
+    means = [float(t.user_attrs[keys.CONFIRMED_MEAN]) for t in reached
+             if not violations(t, gate) and unconfirmed(t, gate) and keys.CONFIRMED_MEAN in t.user_attrs]
     if means:
         parts.append(f"{len(means)} did not confirm over gate.confirm={gate['confirm']} seeds "
                      f"(best mean {max(means):.4f} < {gate['threshold']})")
@@ -103,8 +103,8 @@ def judged(trial: FrozenTrial) -> bool:
     """
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and attrs.ERROR in trial.user_attrs \
-        and attrs.NOT_CHARGED not in trial.user_attrs
+    return trial.state == TrialState.FAIL and keys.ERROR in trial.user_attrs \
+        and keys.NOT_CHARGED not in trial.user_attrs
 
 
 def best_value(trials: Sequence[FrozenTrial], gate: Mapping[str, Any]) -> float:

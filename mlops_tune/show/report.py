@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from mlops_tune import attrs, gate
+from mlops_tune.runtime import keys
+from mlops_tune.search import gate
 
 if TYPE_CHECKING:
     import optuna
 
-    from mlops_tune.search import SearchSpace
+    from mlops_tune.search.space import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -87,23 +88,23 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapse
         step = max(trial.intermediate_values)
         value = f"{trial.intermediate_values[step]:.4f}@{step}"
     best = _best(study)
-    seconds = trial.user_attrs.get(attrs.SECONDS)
+    seconds = trial.user_attrs.get(keys.SECONDS)
     if seconds is None and trial.datetime_complete and trial.datetime_start:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     origin = ""
-    if attrs.MUTATIONS in trial.user_attrs:
-        origin = f"  <- #{trial.user_attrs.get(attrs.PARENT)} {trial.user_attrs[attrs.MUTATIONS]}"
-    elif attrs.START in trial.user_attrs:
-        origin = f"  (start: the {trial.user_attrs[attrs.START]})"
-    elif trial.user_attrs.get(attrs.PARENT) == attrs.ROOT:
+    if keys.MUTATIONS in trial.user_attrs:
+        origin = f"  <- #{trial.user_attrs.get(keys.PARENT)} {trial.user_attrs[keys.MUTATIONS]}"
+    elif keys.START in trial.user_attrs:
+        origin = f"  (start: the {trial.user_attrs[keys.START]})"
+    elif trial.user_attrs.get(keys.PARENT) == keys.ROOT:
         origin = "  (base model)"
     error = ""
-    if trial.state == TrialState.FAIL and attrs.NOT_CHARGED in trial.user_attrs:
-        error = f"  not charged to the budget: {trial.user_attrs[attrs.NOT_CHARGED]}"
-    elif trial.state == TrialState.FAIL and attrs.ERROR in trial.user_attrs:
-        error = f"  error: {trial.user_attrs[attrs.ERROR]}"
+    if trial.state == TrialState.FAIL and keys.NOT_CHARGED in trial.user_attrs:
+        error = f"  not charged to the budget: {trial.user_attrs[keys.NOT_CHARGED]}"
+    elif trial.state == TrialState.FAIL and keys.ERROR in trial.user_attrs:
+        error = f"  error: {trial.user_attrs[keys.ERROR]}"
     mark = ""
-    if trial.state == TrialState.PRUNED and trial.user_attrs.get(attrs.GATE_STOP):
+    if trial.state == TrialState.PRUNED and trial.user_attrs.get(keys.GATE_STOP):
         mark = "  (stopped: another trial met the gate)"
     elif trial.value is not None and trial.value >= threshold:
         broken = gate.violations(trial, gate_cfg or {})
@@ -147,7 +148,7 @@ def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | No
     the best config (YAML) to the active run; return the CSV text."""
     import mlflow
 
-    from mlops_tune import tracking
+    from mlops_tune.records import tracking
 
     frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs",
                                           "datetime_start", "datetime_complete", "duration"))
@@ -237,16 +238,16 @@ def readable_param(name: str) -> str:
 
 def log_study_page(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace,
                    result: StudyResult) -> str:
-    """Build report.html (see :mod:`mlops_tune.html_report`), log it to the active (parent) run, return it."""
+    """Build report.html (see :mod:`mlops_tune.show.page`), log it to the active (parent) run, return it."""
     import mlflow
 
-    from mlops_tune import html_report
+    from mlops_tune.show import page
 
     client = mlflow.MlflowClient()
     experiment_id = mlflow.active_run().info.experiment_id if mlflow.active_run() else "0"
     histories, links = {}, {}
     for trial in study.get_trials(deepcopy=False):
-        run_id = trial.user_attrs.get(attrs.RUN)
+        run_id = trial.user_attrs.get(keys.RUN)
         if not run_id:
             continue
         links[trial.number] = f"/#/experiments/{experiment_id}/runs/{run_id}"
@@ -264,9 +265,9 @@ def log_study_page(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpa
     verdict = {"passed": result.gate_passed, "best_trial": result.best_trial, "best_value": result.best_value,
                "test_accuracy": result.test_accuracy, "registered": registered}
     try:
-        page = html_report.render(html_report.report_data(study, space, cfg, verdict, histories, links))
+        html = page.render(page.report_data(study, space, cfg, verdict, histories, links))
     except Exception as exc:  # a page is a convenience: never a reason to fail a study that ran
         print(f"study report: not written ({type(exc).__name__}: {exc}; please report this bug)", flush=True)
         return ""
-    mlflow.log_text(page, "report.html")
-    return page
+    mlflow.log_text(html, "report.html")
+    return html

@@ -40,9 +40,9 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from mlops_tune.faults import broken_response, classify
-from mlops_tune.retries import retrying
-from mlops_tune.stores import fail_fast
+from mlops_tune.records.stores import fail_fast
+from mlops_tune.runtime.faults import broken_response, classify
+from mlops_tune.runtime.retries import retrying
 
 #: the longest a write waits for the next trial's epoch 1 (a model others wait for: ``tracking.model_ready``)
 PAUSE_LIMIT = 5.0

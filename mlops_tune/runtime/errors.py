@@ -31,7 +31,7 @@ class EnvironmentFault(Exception):
 
     ``component`` is ``tracking`` (MLflow store or server), ``storage`` (Optuna storage),
     ``disk`` or ``registry``; the message names it and, where known, the file or URL.
-    The trial in flight is not charged to the budget (see ``mlops_tune.faults``).
+    The trial in flight is not charged to the budget (see ``mlops_tune.runtime.faults``).
     """
 
     def __init__(self, component: str, message: str) -> None:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mlops_tune.errors import EnvironmentFault, UsageError, first_line
+from mlops_tune.runtime.errors import EnvironmentFault, UsageError, first_line
 
 CHAMPION_ALIAS = "champion"
 #: test accuracies are stored and compared at this many decimals
