@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -21,6 +21,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from mlops_tune.runtime import keys
+from mlops_tune.search.seeding import TrialSeeded, trial_seed
 from mlops_tune.search.space import SearchSpace
 
 
@@ -42,19 +43,20 @@ class MutationSampler(BaseSampler):
                  feasible: Callable[[FrozenTrial], bool] = lambda trial: True) -> None:
         self._space = space
         self._feasible = feasible
-        self._rng = random.Random(seed)
-        self._fallback = RandomSampler(seed=seed)
+        self._fallback = TrialSeeded(lambda s: RandomSampler(seed=s), seed)
+        self._seed = self._fallback.seed
         self._max_tries = max_tries
 
     def reseed_rng(self) -> None:
-        self._rng = random.Random()
-        self._fallback.reseed_rng()
+        """Nothing to do: the choices for a study's N-th trial depend on the seed and N alone
+        (:mod:`mlops_tune.search.seeding`), whichever worker makes them."""
 
     def propose(self, study: optuna.Study) -> None:
         """Enqueue the next child (unless a trial is already waiting to run)."""
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
             return
+        rng = random.Random(trial_seed(self._seed, len(trials)))
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         parent = max(done, key=lambda t: (self._feasible(t), t.value or 0.0), default=None)
         point = self._space.decode(parent.params) if parent else dict(self._space.base)
@@ -63,7 +65,7 @@ class MutationSampler(BaseSampler):
         params: dict[str, Any] = {}
         ops: list[str] = []
         for _ in range(self._max_tries):
-            child, ops = self._space.mutate(point, self._rng, n_ops=self._rng.choice((1, 2)), weights=weights)
+            child, ops = self._space.mutate(point, rng, n_ops=rng.choice((1, 2)), weights=weights)
             params = self._space.encode(child)
             if ops and _key(params) not in tried:
                 break
@@ -71,6 +73,13 @@ class MutationSampler(BaseSampler):
             return
         study.enqueue_trial(params, user_attrs={keys.PARENT: parent.number if parent else keys.BASE,
                                                 keys.MUTATIONS: ",".join(ops)}, skip_if_exists=False)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._fallback.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._fallback.after_trial(study, trial, state, values)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return {}

@@ -31,6 +31,7 @@ from mlops_tune.runtime.retries import retrying
 from mlops_tune.runtime.secrets import redact
 from mlops_tune.search import gate
 from mlops_tune.search.mutate import MutationSampler
+from mlops_tune.search.seeding import TrialSeeded
 from mlops_tune.search.space import SearchSpace
 
 
@@ -101,6 +102,9 @@ def make_sampler(study_cfg: Mapping[str, Any], space: SearchSpace, seed: int,
                  gate_cfg: Mapping[str, Any] | None = None) -> optuna.samplers.BaseSampler:
     """``tpe`` (seeded, warm-started by the base trial), ``random``, ``mutation`` or ``{_target_: ...}``.
 
+    The built-in ones propose a study's trial N from ``seed`` and N, whichever worker asks
+    (:mod:`mlops_tune.search.seeding`); a sampler named by ``_target_`` is reseeded per worker.
+
     With deployment limits in ``gate_cfg`` (``max_params``, ``max_predict_ms``) the mutation
     sampler mutates the best trial within them (TPE reads each trial's Optuna constraints, set
     by the study: ``gate.constraints``).
@@ -109,13 +113,20 @@ def make_sampler(study_cfg: Mapping[str, Any], space: SearchSpace, seed: int,
     if sampler == "tpe":
         # constant_liar: trials still running in other workers count as poor, so
         # parallel trials explore apart (with one trial at a time it changes nothing)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, group=True,
-                                          constant_liar=True)
+        return TrialSeeded(lambda s: _quiet(optuna.samplers.TPESampler, seed=s, n_startup_trials=5,
+                                             multivariate=True, group=True, constant_liar=True), seed)
     if sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return TrialSeeded(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
     if sampler == "mutation":
         return MutationSampler(space, seed=seed, feasible=gate.feasible(gate_cfg or {}))
     return _instantiate(sampler, "study.sampler", optuna.samplers.BaseSampler)
+
+
+def _quiet(make: Any, **kwargs: Any) -> Any:
+    """``make(**kwargs)`` without Optuna's ExperimentalWarning (made afresh for every trial)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return make(**kwargs)
 
 
 def make_pruner(pruner: Any) -> optuna.pruners.BasePruner:

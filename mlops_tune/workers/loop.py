@@ -204,7 +204,7 @@ def run_worker(plan: Plan, assignment: Assignment) -> None:
             plan.name = assignment.name
             study = optuna.load_study(study_name=plan.name, storage=storage, sampler=plan.sampler,
                                       pruner=plan.pruner)
-            plan.sampler.reseed_rng()  # workers seeded alike must not propose the same points
+            plan.sampler.reseed_rng()  # a _target_ sampler: not the same points as other workers (search.seeding)
             progress = Progress(int(plan.cfg["study"]["n_trials"]), plan.threshold, str(plan.gate["metric"]),
                                 plan.cfg["model"].get("epochs"), live=False)
             context = replace(study_context(plan, study, assignment.experiment_id, assignment.parent_run_id),
