@@ -148,6 +148,14 @@ def _release_file(path: Path, study: str, name: str, value: str) -> bool:
 
 
 TICKETS = "#tickets"
+#: the user attribute of a ticket that names the worker that took it
+OWNER = "owner"
+
+
+def ticket_id(ticket: str) -> int | None:
+    """The id of a ticket recorded as ``"tickets:ID OWNER/TOKEN"`` (None for anything else)."""
+    name = ticket.partition(" ")[0]
+    return int(name[8:]) if name.startswith("tickets:") and name[8:].isdigit() else None
 
 
 class Tickets:
@@ -177,11 +185,13 @@ class Tickets:
         return self._study_id
 
     def take(self, limit: int, owner: str) -> str | None:
-        """A good ticket as ``"tickets:TRIAL_ID OWNER/TOKEN"``; None when ``limit`` are held."""
-        from optuna.trial import TrialState
+        """A good ticket as ``"tickets:TRIAL_ID OWNER/TOKEN"``; None when ``limit`` are held.
+        The ticket records ``owner`` (:meth:`give_back_unused` finds a dead worker's by it)."""
+        from optuna.trial import TrialState, create_trial
 
         study_id = self.study_id()
-        trial_id = int(self.storage.create_new_trial(study_id))
+        template = create_trial(state=TrialState.RUNNING, user_attrs={OWNER: owner})
+        trial_id = int(self.storage.create_new_trial(study_id, template_trial=template))
         number = self.storage.get_trial_number_from_id(trial_id)
         held = self.storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
         if sum(1 for t in held if t.number <= number) <= limit:
@@ -193,6 +203,21 @@ class Tickets:
         from optuna.trial import TrialState
 
         return len(self.storage.get_all_trials(self.study_id(), deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def give_back_unused(self, owners: tuple[str, ...], used: set[int]) -> int:
+        """Give back the tickets that workers named by ``owners`` (prefixes) took and no trial
+        holds (``used``: the ids that trials hold): a worker that died between taking a ticket
+        and starting its trial. Call it only for workers that have ended. Returns how many."""
+        from optuna.trial import TrialState
+
+        study_id = self.study_id()
+        theirs = [self.storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+                  for t in self.storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                  if str(t.user_attrs.get(OWNER, "")).startswith(owners)]
+        lost = [trial_id for trial_id in theirs if trial_id not in used]
+        for trial_id in lost:
+            self.give_back(trial_id)
+        return len(lost)
 
     def give_back(self, trial_id: int) -> None:
         import optuna
@@ -247,7 +272,7 @@ class Budget:
 
     def release_text(self, ticket: str) -> None:
         """Give back a ticket recorded as ``"tickets:ID OWNER/TOKEN"`` on a trial (best effort)."""
-        name = ticket.partition(" ")[0]
-        if name.startswith("tickets:") and name[8:].isdigit():
+        trial_id = ticket_id(ticket)
+        if trial_id is not None:
             with contextlib.suppress(Exception):
-                self.tickets.give_back(int(name[8:]))
+                self.tickets.give_back(trial_id)

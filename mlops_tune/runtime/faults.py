@@ -89,6 +89,10 @@ def _store_label(url: str, kind: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
+    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+    if _is_type(exc, "grpc") and callable(code) and callable(details):  # its str() starts "<_InactiveRpcError of"
+        with contextlib.suppress(Exception):
+            return redact_text(f"gRPC {code().name}: {first_line(str(details()), 200)}")
     return redact_text(first_line(exc, 240))
 
 

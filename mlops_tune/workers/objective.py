@@ -121,7 +121,8 @@ def give_back_lost(study: optuna.Study, storage: Any, owners: tuple[str, ...], b
     """The trials that dead workers left RUNNING, found by their tickets (which name the worker
     that took them: ``owners`` are prefixes): given back (not charged, failed, queued to run
     again), or charged as failed when a worker had died running the same trial before (the
-    trial's own doing: out of memory?). Their MLflow runs end KILLED. Returns them as told."""
+    trial's own doing: out of memory?). Their MLflow runs end KILLED. The tickets they took
+    that no trial holds are given back too. Returns the trials as told."""
     import mlflow
 
     study_id = storage.get_study_id_from_name(study.study_name)
@@ -143,6 +144,9 @@ def give_back_lost(study: optuna.Study, storage: Any, owners: tuple[str, ...], b
                 client.set_tag(str(run_id), tracking.TAG_ERROR, reason)
                 client.set_terminated(str(run_id), "KILLED")
         told.append(study.tell(trial, state=TrialState.FAIL))
+    # a ticket taken and held by no trial: the worker died (or its storage failed it) before its trial began
+    held = {claims.ticket_id(str(t.user_attrs.get(keys.TICKET, ""))) for t in study.get_trials(deepcopy=False)}
+    budget.tickets.give_back_unused(owners, {trial_id for trial_id in held if trial_id is not None})
     return told
 
 

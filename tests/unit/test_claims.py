@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import optuna
 import pytest
 
-from mlops_tune.records.claims import Budget, claim
+from mlops_tune.records.claims import Budget, claim, ticket_id
 
 
 @pytest.fixture(params=["sqlite", "journal"])
@@ -51,6 +52,24 @@ def test_the_budget_hands_out_n_tickets_and_takes_back_unused_ones(storage_url: 
     Budget(storage_url, "s", storage).release_text(ticket)  # given back twice: the same as once
     Budget(storage_url, "s", storage).release_text(ticket)
     assert Budget(storage_url, "s", storage).tickets.held() == 1
+
+
+def test_a_dead_workers_tickets_that_no_trial_holds_come_back(storage_url: str) -> None:
+    """A worker that died (or whose storage failed) between taking a ticket and starting its
+    trial must not shrink the budget: its tickets that no trial holds are given back, the one
+    its trained trial holds stays spent, and other workers' tickets are left alone."""
+    storage = _storage(storage_url)
+    dead, alive = Budget(storage_url, "s", storage), Budget(storage_url, "s", storage)
+    assert dead.take(3, "run-dead-host-1")
+    trained = dead.hand_over()  # its trial trained: this ticket stays spent
+    assert dead.take(3, "run-dead-host-1")  # taken, then the worker died: no trial holds it
+    assert alive.take(3, "run-alive-host-2")
+    assert not Budget(storage_url, "s", storage).take(3, "w")  # all three held
+    held = {ticket_id(trained)}
+    assert dead.tickets.give_back_unused(("run-dead",), held) == 1
+    assert dead.tickets.give_back_unused(("run-dead",), held) == 0  # once only
+    assert dead.tickets.held() == 2  # the trained trial's and the live worker's
+    assert Budget(storage_url, "s", storage).take(3, "w")  # the place came back
 
 
 def test_racing_workers_never_hold_more_tickets_than_the_budget(storage_url: str) -> None:
@@ -105,3 +124,21 @@ def test_tickets_work_through_the_storage_proxy(tmp_path: Path) -> None:
         assert Budget(server.url, "s", open_storage(server.url)).take(2, "container")
     finally:
         server.stop()
+
+
+def test_a_storage_proxy_that_fails_is_named_with_grpcs_status_in_one_line() -> None:
+    """A gRPC error's text starts "<_InactiveRpcError of RPC that terminated with:": the line a
+    worker prints must say what failed (status and details) instead."""
+    from optuna.storages import GrpcStorageProxy
+
+    from mlops_tune.runtime.faults import classify
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proxy = GrpcStorageProxy(host="127.0.0.1", port=port)
+    with pytest.raises(Exception) as failed:
+        proxy.get_all_studies()
+    fault = classify(failed.value, storage_url=f"grpc://127.0.0.1:{port}")
+    assert fault is not None and fault.component == "storage", fault
+    assert "gRPC UNAVAILABLE: " in str(fault) and "_InactiveRpcError" not in str(fault) and "\n" not in str(fault)
