@@ -11,15 +11,20 @@ import optuna
 import pandas as pd
 import pytest
 
-from mlops_tune.records import tracking
+from mlops_tune.records import claims, tracking
 from mlops_tune.runtime import keys
 from tests.conftest import mlflow_client, mlflow_runs, run_command
 
 
 def studies(folder: Path) -> dict[str, optuna.Study]:
+    """The studies of the storage, without their trial tickets' companions (``NAME#ID#tickets``,
+    one per study that ran a trial: checked here)."""
     storage = f"sqlite:///{folder / 'optuna.db'}"
-    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage)
-            for s in optuna.get_all_study_summaries(storage)}
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    companions = {name for name in names if name.endswith(claims.TICKETS)}
+    studies = names - companions
+    assert {name.split("#", 1)[0] for name in companions} <= studies, companions
+    return {name: optuna.load_study(study_name=name, storage=storage) for name in studies}
 
 
 def parents(folder: Path) -> list:
