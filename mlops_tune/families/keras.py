@@ -76,7 +76,7 @@ class _KerasFamily(Family):
     image = "keras"
 
     def preload(self) -> None:
-        """Import TensorFlow and Keras now (some 5 s here), and MLflow's Keras flavour (the
+        """Import TensorFlow and Keras now (the slowest import of a study), and MLflow's Keras flavour (the
         first logged model's import)."""
         _keras()
         import mlflow.keras  # noqa: F401

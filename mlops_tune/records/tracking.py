@@ -89,7 +89,7 @@ def connect(uri: str, experiment: str) -> str:
 
 
 def preload(uri: str) -> None:
-    """Import what :func:`connect` and the runs will need for ``uri`` (some 3 s here), touching
+    """Import what :func:`connect` and the runs will need for ``uri`` (seconds of imports), touching
     no store: a study's helper process does while the study checks its config and data."""
     import importlib
 

@@ -29,7 +29,7 @@ class InProcessRunner(Runner):
 
     def start(self, cfg: Mapping[str, Any]) -> None:
         """Import the model's framework now, not in trial 0 (in a process mlops-tune started,
-        with the garbage collector still off: some 1 s less for TensorFlow here)."""
+        with the garbage collector still off, which makes the imports faster)."""
         settle_imports(str(cfg["model"]["family"]))
 
     def run(self, trial_cfg: Mapping[str, Any], trial: Any, context: TrialContext,
