@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import uuid
@@ -171,25 +172,24 @@ class Tickets:
 
     def __init__(self, storage: Any, key: str) -> None:
         self.storage, self.name = storage, f"{key}{TICKETS}"
-        self._study_id: int | None = None
 
+    @functools.cached_property
     def study_id(self) -> int:
-        if self._study_id is None:
-            import optuna
-            from optuna.study import StudyDirection
+        """The companion study's id in the storage, created by the first worker that needs it."""
+        import optuna
+        from optuna.study import StudyDirection
 
-            try:
-                self._study_id = int(self.storage.create_new_study([StudyDirection.MAXIMIZE], self.name))
-            except optuna.exceptions.DuplicatedStudyError:  # another worker created it
-                self._study_id = int(self.storage.get_study_id_from_name(self.name))
-        return self._study_id
+        try:
+            return int(self.storage.create_new_study([StudyDirection.MAXIMIZE], self.name))
+        except optuna.exceptions.DuplicatedStudyError:  # another worker created it
+            return int(self.storage.get_study_id_from_name(self.name))
 
     def take(self, limit: int, owner: str) -> str | None:
         """A good ticket as ``"tickets:TRIAL_ID OWNER/TOKEN"``; None when ``limit`` are held.
         The ticket records ``owner`` (:meth:`give_back_unused` finds a dead worker's by it)."""
         from optuna.trial import TrialState, create_trial
 
-        study_id = self.study_id()
+        study_id = self.study_id
         template = create_trial(state=TrialState.RUNNING, user_attrs={OWNER: owner})
         trial_id = int(self.storage.create_new_trial(study_id, template_trial=template))
         number = self.storage.get_trial_number_from_id(trial_id)
@@ -202,7 +202,7 @@ class Tickets:
     def held(self) -> int:
         from optuna.trial import TrialState
 
-        return len(self.storage.get_all_trials(self.study_id(), deepcopy=False, states=(TrialState.RUNNING,)))
+        return len(self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.RUNNING,)))
 
     def give_back_unused(self, owners: tuple[str, ...], used: set[int]) -> int:
         """Give back the tickets that workers named by ``owners`` (prefixes) took and no trial
@@ -210,7 +210,7 @@ class Tickets:
         and starting its trial. Call it only for workers that have ended. Returns how many."""
         from optuna.trial import TrialState
 
-        study_id = self.study_id()
+        study_id = self.study_id
         theirs = [self.storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
                   for t in self.storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
                   if str(t.user_attrs.get(OWNER, "")).startswith(owners)]
