@@ -113,20 +113,13 @@ def make_sampler(study_cfg: Mapping[str, Any], space: SearchSpace, seed: int,
     if sampler == "tpe":
         # constant_liar: trials still running in other workers count as poor, so
         # parallel trials explore apart (with one trial at a time it changes nothing)
-        return TrialSeeded(lambda s: _quiet(optuna.samplers.TPESampler, seed=s, n_startup_trials=5,
-                                             multivariate=True, group=True, constant_liar=True), seed)
+        return TrialSeeded(lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=5, multivariate=True,
+                                                                group=True, constant_liar=True), seed)
     if sampler == "random":
         return TrialSeeded(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
     if sampler == "mutation":
         return MutationSampler(space, seed=seed, feasible=gate.feasible(gate_cfg or {}))
     return _instantiate(sampler, "study.sampler", optuna.samplers.BaseSampler)
-
-
-def _quiet(make: Any, **kwargs: Any) -> Any:
-    """``make(**kwargs)`` without Optuna's ExperimentalWarning (made afresh for every trial)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return make(**kwargs)
 
 
 def make_pruner(pruner: Any) -> optuna.pruners.BasePruner:
