@@ -106,11 +106,13 @@ def run_mlops_tune(seed: int, launched: float, *overrides: str) -> dict[str, Any
     overheads = []
     for t, after in zip(done, [*done[1:], None], strict=True):
         a = t.user_attrs
-        if t.state != optuna.trial.TrialState.COMPLETE or "fit_seconds" not in a:
+        times = a.get("times") or {"fit": a.get("fit_seconds"),  # before the one attribute: three
+                                    "evaluate": a.get("evaluate_seconds", 0.0), "report": a.get("report_seconds", 0.0)}
+        if t.state != optuna.trial.TrialState.COMPLETE or times["fit"] is None:
             continue
         wall = (t.datetime_complete - t.datetime_start).total_seconds()
         gap = (after.datetime_start - t.datetime_complete).total_seconds() if after is not None else 0.0
-        training = a["fit_seconds"] - a.get("report_seconds", 0.0) + a.get("evaluate_seconds", 0.0)
+        training = times["fit"] - times["report"] + times["evaluate"]
         overheads.append(wall + max(0.0, gap) - training)
     first = min((t.datetime_start for t in trials if t.datetime_start), default=None)
     return {"reached": hit is not None, "trials": hit[1] if hit else len(done),

@@ -26,12 +26,12 @@ TICKET = "ticket"
 NOT_CHARGED = "not_charged"
 #: the number of the trial a retried trial repeats
 RETRY_OF = "retry_of"
-#: wall seconds of the trial, of its fit and of its evaluation
+#: wall seconds of the trial
 SECONDS = "seconds"
-FIT_SECONDS = "fit_seconds"
-EVALUATE_SECONDS = "evaluate_seconds"
-#: of fit_seconds, the time spent reporting epochs to Optuna (and asking whether to prune)
-REPORT_SECONDS = "report_seconds"
+#: where they went, one attribute (each is a storage write, through the proxy for a container):
+#: ``{"fit": s, "evaluate": s, "report": s}``, ``report`` being the part of ``fit`` spent reporting
+#: epochs to Optuna (and asking whether to prune)
+TIMES = "times"
 #: the trial's model size and prediction latency (ms per sample, validation split): gate constraints
 N_PARAMS = "n_params"
 PREDICT_MS = "predict_ms"

@@ -279,7 +279,9 @@ def _serve(port: int) -> None:
     """The proxy process: serve the storage named in the environment until terminated."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.get_storage(os.environ["MLOPS_TUNE_PROXY_STORAGE"])
+    url = os.environ["MLOPS_TUNE_PROXY_STORAGE"]
+    write_ahead_sqlite(url)  # as the study's own process writes it: no fsync per commit
+    storage = optuna.storages.get_storage(url)
     optuna.storages.run_grpc_proxy_server(storage, host="127.0.0.1", port=port)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +64,9 @@ def architecture(params: Mapping[str, Any]) -> str:
     return " ".join([f"{k}=[{','.join(map(str, v))}]" for k, v in lists.items()] + parts)
 
 
-def _best(study: optuna.Study) -> float | None:
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def _best(study: optuna.Study, done: Sequence[FrozenTrial] | None = None) -> float | None:
+    if done is None:
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return max((t.value for t in done if t.value is not None), default=None)
 
 
@@ -81,13 +82,14 @@ def study_header(name: str, cfg: Mapping[str, Any], space: SearchSpace, existing
 
 
 def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapsed: float,
-               gate_cfg: Mapping[str, Any] | None = None) -> None:
-    """One progress line: number, state, accuracy, seconds, best so far, architecture."""
+               gate_cfg: Mapping[str, Any] | None = None, done: Sequence[FrozenTrial] | None = None) -> None:
+    """One progress line: number, state, accuracy, seconds, best so far (of ``done``, the study's
+    complete trials, when the caller has them), architecture."""
     value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
         step = max(trial.intermediate_values)
         value = f"{trial.intermediate_values[step]:.4f}@{step}"
-    best = _best(study)
+    best = _best(study, done)
     seconds = trial.user_attrs.get(keys.SECONDS)
     if seconds is None and trial.datetime_complete and trial.datetime_start:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()

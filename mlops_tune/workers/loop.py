@@ -65,7 +65,7 @@ class WorkerLoop:
 
     def __init__(self, plan: Plan, study: optuna.Study, storage: Any, context: TrialContext, progress: Progress,
                  budget_key: str, started: float, first_trial: int | None = None, owner: str = "",
-                 trials: int | None = None) -> None:
+                 trials: int | None = None, after_first: Callable[[optuna.Study], None] | None = None) -> None:
         self.plan, self.study, self.storage, self.context = plan, study, storage, context
         self.study_id = int(storage.get_study_id_from_name(study.study_name))
         self.progress, self.started = progress, started
@@ -73,8 +73,10 @@ class WorkerLoop:
         self.worker = f"{owner}-{worker_id()}" if owner else worker_id()
         self.first_trial, self.trials = first_trial, trials
         self.failures: list[str] = []  # errors of the failed trials since the last good one
+        #: the study's complete trials as last read (one read serves a trial's line and the next gate check)
+        self.done: list[FrozenTrial] | None = None
         #: run before this loop's second trial (the probe with one worker: it follows trial 0)
-        self.after_first: Callable[[optuna.Study], None] | None = None
+        self.after_first = after_first
         self.objective = Objective(plan, context, self.budget, progress)
 
     def run(self, stop: threading.Event) -> None:
@@ -82,6 +84,7 @@ class WorkerLoop:
         n_total, timeout, limit = int(cfg["n_trials"]), cfg["timeout"], int(cfg["max_consecutive_failures"])
         ran = 0
         while not stop.is_set() and ran != self.trials and not gate.met(self._done(), self.plan.gate):
+            self.done = None  # read afresh at the next check
             faults.check_stopped()  # a stop whose first raise was lost: no next trial
             if len(self.failures) >= limit:
                 raise StudyAborted(f"study '{self.plan.name}' stopped after {limit} failed trials in a row "
@@ -100,7 +103,10 @@ class WorkerLoop:
             ran += 1
 
     def _done(self) -> list[FrozenTrial]:
-        return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        """The study's complete trials: those its last trial line was drawn from, else read now."""
+        if self.done is None:
+            self.done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return self.done
 
     def _one_trial(self) -> None:
         """Ask, run the objective under the trial's heartbeat, tell; print the trial's line."""
@@ -122,7 +128,7 @@ class WorkerLoop:
         frozen = self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         self.progress.trial_finished(frozen.number, frozen.value, gate.judged(frozen))
         report.trial_line(self.study, frozen, self.plan.threshold, time.perf_counter() - self.started,
-                          self.plan.gate)
+                          self.plan.gate, done=self._done())
         self.failures = failures_in_a_row(self.failures, frozen)
 
     @contextlib.contextmanager

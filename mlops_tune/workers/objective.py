@@ -96,10 +96,10 @@ def record_outcome(trial: optuna.Trial, outcome: TrialOutcome) -> None:
     """What the study keeps of a trial that trained: its times, size, latency and its logged model."""
     trial.set_user_attr(keys.N_PARAMS, int(outcome.n_params))
     trial.set_user_attr(keys.PREDICT_MS, round(outcome.predict_ms, 4))
-    for key, seconds in ((keys.SECONDS, outcome.seconds), (keys.FIT_SECONDS, outcome.fit_seconds),
-                         (keys.EVALUATE_SECONDS, outcome.evaluate_seconds),
-                         (keys.REPORT_SECONDS, outcome.report_seconds)):
-        trial.set_user_attr(key, round(seconds, 3))
+    trial.set_user_attr(keys.SECONDS, round(outcome.seconds, 3))
+    trial.set_user_attr(keys.TIMES, {"fit": round(outcome.fit_seconds, 3),
+                                     "evaluate": round(outcome.evaluate_seconds, 3),
+                                     "report": round(outcome.report_seconds, 3)})
     if outcome.model_uri:
         trial.set_user_attr(keys.MODEL_URI, outcome.model_uri)
 

@@ -6,9 +6,13 @@ MLflow Project it generates (``docker_env`` naming the family's image for runner
 ``mlflow.projects.run(..., synchronous=False)``. Each is a worker like any other: it runs the
 worker loop (:func:`mlops_tune.workers.loop.run_worker`, from ``python -m mlops_tune.worker``)
 and pulls its trials from the study's Optuna storage; a container reaches the storage through
-Optuna's gRPC storage proxy, which the study serves on 127.0.0.1 while it runs. The study waits
-on each worker's ``SubmittedRun`` and stops one with Docker's own stop (SIGTERM, then SIGKILL
-after a grace) or ``SubmittedRun.cancel()``.
+Optuna's gRPC storage proxy, which the study serves on 127.0.0.1 while it runs.
+
+A local worker is a run of MLflow's asynchronous mode (an ``mlflow run`` process): the study
+waits on its ``SubmittedRun`` and stops it with ``SubmittedRun.cancel()``. A container is a run of
+MLflow's synchronous mode in a thread of the study's process (the asynchronous mode would spend
+seconds starting an ``mlflow run`` process before the container starts): the thread waits for it,
+and Docker's own stop (SIGTERM, then SIGKILL after a grace) stops it.
 
 A worker that ends before the work does is replaced: a killed one (``docker kill``, the OOM
 killer) costs its trial nothing (the trials its tickets name are given back and run again);
@@ -20,6 +24,7 @@ package.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -38,8 +43,8 @@ import optuna
 
 from mlops_tune.records import claims, tracking
 from mlops_tune.runtime import keys
-from mlops_tune.runtime.errors import EnvironmentFault
-from mlops_tune.runtime.secrets import write_private
+from mlops_tune.runtime.errors import EnvironmentFault, first_line
+from mlops_tune.runtime.secrets import redact_text, write_private
 from mlops_tune.search import gate
 from mlops_tune.show import report
 from mlops_tune.workers import ASSIGNMENT_FILE, CONFIG_FILE, containers
@@ -57,8 +62,12 @@ STOP_GRACE = 20
 class _Worker:
     label: str
     run_id: str
-    submitted: Any  # mlflow.projects.SubmittedRun
+    #: runner=mlflow: the SubmittedRun of MLflow's asynchronous mode (an ``mlflow run`` process)
+    submitted: Any
+    #: runner=docker: the container, which Docker stops
     container: str
+    #: waits for the worker's end and puts it on the study's queue
+    waiter: threading.Thread | None = None
 
 
 class ProjectWorkers:
@@ -142,7 +151,10 @@ class ProjectWorkers:
         for worker in workers:
             if worker.container:
                 containers.end(worker.container, deadline)
-            _wait_for_group(worker.submitted, deadline)
+            else:
+                _wait_for_group(worker.submitted, deadline)
+            if worker.waiter is not None:  # MLflow has marked its run ended: the study's status goes over it
+                worker.waiter.join(max(0.0, deadline - time.monotonic()))
             self._close_run(worker, "KILLED")
 
     def close(self) -> None:
@@ -207,13 +219,21 @@ class ProjectWorkers:
         options: dict[str, Any] = (
             {"docker_args": {**containers.docker_args(self.runner, container, self.workdir)}, "build_image": False}
             if self.docker else {"env_manager": "local"})
-        submitted = mlflow.projects.run(str(project), entry_point=WORKER_ENTRY_POINT,
-                                        parameters={"folder": str(folder)}, run_id=run_id,
-                                        experiment_id=assignment.experiment_id, synchronous=False, **options)
-        worker = _Worker(f"worker-{index}", run_id, submitted, container)
+        run = functools.partial(mlflow.projects.run, str(project), entry_point=WORKER_ENTRY_POINT,
+                                parameters={"folder": str(folder)}, run_id=run_id,
+                                experiment_id=assignment.experiment_id, **options)
+        worker = _Worker(f"worker-{index}", run_id, None, container)
+        if self.docker:
+            # MLflow's synchronous mode, in a thread: its asynchronous mode starts an `mlflow run` process
+            # per worker, seconds of start-up before the container does; Docker stops the container
+            wait = functools.partial(_ran, run, worker.label)
+        else:
+            worker.submitted = run(synchronous=False)
+            wait = worker.submitted.wait
         self.workers[run_id] = worker
-        threading.Thread(target=lambda: self.ended.put((worker, bool(submitted.wait()))),
-                         name=f"mlops-tune-{worker.label}", daemon=True).start()
+        worker.waiter = threading.Thread(target=lambda: self.ended.put((worker, bool(wait()))),
+                                         name=f"mlops-tune-{worker.label}", daemon=True)
+        worker.waiter.start()
 
     def _work_left(self, study: optuna.Study, budget: claims.Budget, assignment: Assignment,
                    gate_cfg: Mapping[str, Any]) -> bool:
@@ -245,6 +265,22 @@ class ProjectWorkers:
             client = mlflow.MlflowClient()
             if status == "KILLED" or client.get_run(worker.run_id).info.status == "RUNNING":
                 client.set_terminated(worker.run_id, status)
+
+
+def _ran(run: Any, label: str) -> bool:
+    """Run a worker's Project run to its end (``mlflow.projects.run(synchronous=True)``, which marks
+    the run FINISHED or FAILED); whether its worker succeeded."""
+    from mlflow.exceptions import ExecutionException
+
+    try:
+        run(synchronous=True)
+        return True
+    except ExecutionException:  # the worker exited non-zero: its output said why
+        return False
+    except Exception as exc:  # the Docker engine or the tracking server failed to start it
+        print(f"{label}: could not start its container: {redact_text(first_line(exc, 300))}", file=sys.stderr,
+              flush=True)
+        return False
 
 
 def _wait_for_group(submitted: Any, deadline: float) -> None:
