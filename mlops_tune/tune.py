@@ -3,7 +3,7 @@
 Exit codes: 0 gate met, 1 budget spent on trials that trained without reaching
 ``gate.threshold``, 2 bad usage/config/data or an environment unusable from the start,
 3 a crash or a failure of the environment during the study (including a study stopped by
-``study.max_consecutive_failures``), 130 / 143 stopped by SIGINT / SIGTERM.
+``study.max_consecutive_failures``), 130 / 143 / 129 stopped by SIGINT / SIGTERM / SIGHUP.
 ``mlops-tune -m model=ann,cnn,knn`` runs one study per model; it exits with the worst code.
 """
 
@@ -32,6 +32,8 @@ def tune(cfg: Any) -> int:
     plain = load_tune(cfg)
     started = time.perf_counter()
     junit_path = (plain.get("report") or {}).get("junit")
+    if junit_path:
+        junit.check(junit_path)  # what the study's end writes, refused now rather than after it ran
     try:
         result = Study(plain).run()
     except (StudyAborted, UsageError, EnvironmentFault, KeyboardInterrupt) as exc:

@@ -5,7 +5,7 @@ runs the task once per job. Hydra itself exits 1 on a config it cannot compose, 
 discards the task's return value; this wrapper restores the contract:
 
 * 0 success (gate met), 1 gate missed, 2 bad usage/config/data, 3 a crash or a failure of
-  the environment during the run, 130 / 143 stopped by SIGINT / SIGTERM;
+  the environment during the run, 130 / 143 / 129 stopped by SIGINT / SIGTERM / SIGHUP;
 * a multirun exits with the worst code of its jobs (codes are collected through a
   file, so launchers that run jobs in other processes report too);
 * errors are one line on stderr, no traceback, for everything that is the user's doing

@@ -2,12 +2,13 @@
 
 0 success, 2 bad usage/config/data (:class:`UsageError`), 3 a crash or a failure of the
 environment (:class:`EnvironmentFault`, :class:`StudyAborted`, anything unexpected: with its
-traceback), 130 / 143 stopped by SIGINT / SIGTERM. Every process mlops-tune starts (the
+traceback), 130 / 143 / 129 stopped by SIGINT / SIGTERM / SIGHUP. Every process mlops-tune starts (the
 commands, a study's helper processes, a trial's own process) ends through :func:`run_mapped`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 from collections.abc import Callable
@@ -46,5 +47,7 @@ def run_mapped(task: Callable[[], int], prog: str, note: Callable[[str], object]
 
 
 def say(prog: str, text: str) -> None:
-    """One line on stderr, passwords redacted."""
-    print(f"{prog}: {secrets.redact_text(text)}", file=sys.stderr, flush=True)
+    """One line on stderr, passwords redacted (none when stderr is gone: a closed pipe or terminal
+    must not turn the outcome into a crash)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"{prog}: {secrets.redact_text(text)}", file=sys.stderr, flush=True)

@@ -142,8 +142,13 @@ def classified(*, tracking_uri: str = "", storage_url: str = "") -> Iterator[Non
         raise fault from exc
 
 
+#: the signals that stop a job like Ctrl-C: SIGINT (a terminal), SIGTERM (Jenkins' abort, ``kill``),
+#: SIGHUP (the terminal or the ssh session closed); the exit code is 128 + the signal's number
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM: unwinds like Ctrl-C so that runs are closed as KILLED."""
+    """A stop signal (:data:`STOP_SIGNALS`): unwinds like Ctrl-C so that runs are closed as KILLED."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
@@ -155,7 +160,7 @@ class Stopped(KeyboardInterrupt):
 
 
 def signal_exit_code(exc: BaseException) -> int:
-    """130 for Ctrl-C / SIGINT, 143 for SIGTERM."""
+    """130 for Ctrl-C / SIGINT, 143 for SIGTERM, 129 for SIGHUP."""
     return exc.exit_code if isinstance(exc, Stopped) else 128 + signal.SIGINT
 
 
@@ -207,9 +212,10 @@ def reset_stop() -> None:
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM (Jenkins' abort, ``kill``) and SIGINT raise :class:`Stopped` in the main thread,
-    never inside a store call (see :data:`ATOMIC_MODULES`); :func:`check_stopped` raises it
-    again if that raise was lost."""
+    """The :data:`STOP_SIGNALS` raise :class:`Stopped` in the main thread, never inside a store
+    call (see :data:`ATOMIC_MODULES`); :func:`check_stopped` raises it again if that raise was
+    lost. On SIGHUP from a terminal that is gone, the output goes to /dev/null (writing to it
+    would fail and cut the closing of the runs short)."""
     deferred = [0]
     reset_stop()
 
@@ -221,13 +227,29 @@ def install_signal_handlers() -> None:
             timer.start()
             return
         # a second signal while we close runs must not cut the closing short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for each in STOP_SIGNALS:
+            signal.signal(each, signal.SIG_IGN)
+        if signum == signal.SIGHUP:
+            _silence_hung_up_terminal()
         _stopped.append(signum)
         raise Stopped(signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for each in STOP_SIGNALS:
+        signal.signal(each, stop)
+
+
+def _silence_hung_up_terminal() -> None:
+    """Point stdout and stderr at /dev/null where they are a terminal (after a hang-up every
+    write to it fails with EIO, and ``isatty`` already says no: a character device is enough);
+    pipes and files (a CI log) keep the closing lines."""
+    import stat
+
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def quiet_background_faults() -> None:

@@ -19,9 +19,40 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from mlops_tune.runtime.errors import UsageError
 from mlops_tune.runtime.locks import exclusive
 
 SUITE = "mlops-tune gate"
+
+
+def check(path: str | os.PathLike[str]) -> None:
+    """Refuse, before the study starts, a ``report.junit`` path its end could not write
+    (:class:`UsageError`, exit 2): a folder, something that is not a regular file, a file that
+    is not JUnit XML (it would be overwritten), a path under a file, or no write permission."""
+    file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"report.junit: {path} is a folder; name a file in it, e.g. {file / 'junit.xml'}")
+    if file.exists():
+        if not file.is_file():
+            raise UsageError(f"report.junit: {path} exists and is not a regular file")
+        try:
+            root = ET.parse(file).getroot() if file.stat().st_size else ET.Element("testsuites")
+        except (ET.ParseError, OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"report.junit: {path} exists and is not a JUnit XML file ({exc}); "
+                             "remove it or name another file") from None
+        if root.tag not in ("testsuites", "testsuite"):
+            raise UsageError(f"report.junit: {path} is XML but not JUnit (its root is <{root.tag}>); "
+                             "remove it or name another file")
+        if not os.access(file, os.W_OK):
+            raise UsageError(f"report.junit: {path} is not writable")
+        return
+    folder = file.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"report.junit: {folder} is a file, so {path} cannot be created")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"report.junit: {folder} is not writable")
 
 
 def record(path: str | os.PathLike[str], study: str, model: str, seconds: float, *,
@@ -76,7 +107,8 @@ def verdict(path: str | os.PathLike[str], exit_code: int) -> str:
         return "UNSTABLE: gate missed by " + ("; ".join(missed) or "a study (no JUnit report found)")
     detail = "; ".join(broken) or "see the log"
     meaning = {2: "bad config, data or set-up", 3: "the environment failed or a crash, not the model",
-               130: "stopped by SIGINT", 143: "stopped by SIGTERM (e.g. the build was aborted)"}
+               130: "stopped by SIGINT", 143: "stopped by SIGTERM (e.g. the build was aborted)",
+               129: "stopped by SIGHUP (the terminal or the ssh session closed)"}
     return f"FAILURE: mlops-tune exited {exit_code} ({meaning.get(exit_code, 'a crash')}): {detail}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -19,7 +20,7 @@ from mlops_tune.show import report
 from mlops_tune.show.progress import Progress
 from mlops_tune.show.report import StudyResult
 from mlops_tune.study.finish import finish
-from mlops_tune.study.runs import TAG_START, parent_run, reconcile, study_for_data, study_params
+from mlops_tune.study.runs import TAG_START, others_running, parent_run, reconcile, study_for_data, study_params
 from mlops_tune.study.start import probe, start_point
 from mlops_tune.trial import data_source
 from mlops_tune.workers.local import LocalProcesses
@@ -93,17 +94,17 @@ class Study:
             report.study_header(plan.name, self.cfg, plan.space, existing)
             started = time.perf_counter()
 
-            def new_loop() -> WorkerLoop:
-                loop = WorkerLoop(plan, study, storage, context, progress, budget.key, started, first)
-                loop.after_first = later
-                return loop
-
+            new_loop = functools.partial(WorkerLoop, plan, study, storage, context, progress, budget.key, started,
+                                         first, after_first=later)
             assignment = Assignment(plan.name, experiment_id, run_id, time.time(), first)
+            others = functools.partial(others_running, study, storage, plan.gate, budget)
             with progress:
                 if plan.launcher is not None:  # runner=mlflow|docker: no trial trains in this process
                     plan.launcher.run(study, storage, budget, assignment, started)
+                    while others():  # a dead process's trial taken back: new workers run it
+                        plan.launcher.run(study, storage, budget, assignment, started)
                 else:
-                    self._work(new_loop, assignment)
+                    self._work(new_loop, assignment, others)
             reconcile(study, experiment_id, run_id, budget)
             return finish(study, self.cfg, plan.space, plan.family, plan.splits, run_id, budget, self.worker)
 
@@ -124,17 +125,15 @@ class Study:
             return None, None
         params = plan.space.encode(found[0])
         lineage = {keys.PARENT: keys.BASE if not origin else existing, keys.MUTATIONS: ",".join(found[1])}
-
-        def enqueue(study: optuna.Study) -> None:
-            study.enqueue_trial(params, user_attrs=lineage)
+        enqueue = functools.partial(optuna.Study.enqueue_trial, params=params, user_attrs=lineage)
         if self.n_jobs == 1 and plan.launcher is None:
             return None, enqueue
         enqueue(study)  # another worker takes it beside trial 0
         number = max(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         return (number if self.helpers is not None else None), None
 
-    def _work(self, new_loop: Callable[[], WorkerLoop], assignment: Assignment) -> None:
-        """This process's worker(s) and the helpers until all ended; a killed helper's trials run again here."""
+    def _work(self, new_loop: Callable[..., WorkerLoop], assignment: Assignment, others: Callable[[], bool]) -> None:
+        """This process's workers until all ended; lost trials (a killed helper's, a dead process's) run here."""
         helpers, plan = self.helpers, self.plan
         if helpers is not None:
             helpers.release(assignment)
@@ -145,4 +144,6 @@ class Study:
         if helpers is not None:
             self.helpers = None  # waited for: nothing left to stop
             helpers.wait_and_rerun_lost(new_loop())
+        while others():
+            new_loop(after_first=None).run(threading.Event())  # the probe, if any, is enqueued already
         plan.runner.drain()  # the models its trials logged are written: the best is judged next

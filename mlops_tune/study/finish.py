@@ -14,6 +14,7 @@ from mlops_tune.data import Splits
 from mlops_tune.families import get_family
 from mlops_tune.records import claims, registry, tracking
 from mlops_tune.runtime import faults, keys
+from mlops_tune.runtime.errors import StudyAborted
 from mlops_tune.search import gate
 from mlops_tune.search.gate import judged
 from mlops_tune.search.space import SearchSpace
@@ -28,6 +29,11 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
     """The end of a study: the best trial judged on the test split, artifacts, verdict, promotion."""
     trials = study.get_trials(deepcopy=False)
     n_judged = sum(judged(t) for t in trials)
+    if n_judged == 0:  # a verdict (exit 1: the gate missed) needs a budget that trained
+        timeout = cfg["study"]["timeout"]
+        raise StudyAborted(f"study '{study.study_name}': no trial trained"
+                           + (f" (study.timeout={timeout} s ended the study before its first trial did; raise it)"
+                              if timeout is not None else "") + ": no verdict")
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     passing = [t for t in done if gate.meets(t, cfg["gate"])]
     feasible = [t for t in done if not gate.violations(t, cfg["gate"])]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -13,7 +14,8 @@ from optuna.trial import TrialState
 
 from mlops_tune.records import claims, tracking
 from mlops_tune.runtime import keys
-from mlops_tune.runtime.errors import UsageError
+from mlops_tune.runtime.errors import StudyAborted, UsageError
+from mlops_tune.search import gate
 from mlops_tune.search.gate import judged
 
 #: a study's parent run: what trial 0 was (``base`` or the champion it started from)
@@ -140,3 +142,44 @@ def close_orphan_runs(experiment_id: str, parent_run_id: str, live_run_ids: set[
             client.set_terminated(child.info.run_id, "KILLED")
             closed.append(child.info.run_id)
     return closed
+
+
+
+def others_running(study: optuna.Study, storage: Any, gate_cfg: Mapping[str, Any], budget: claims.Budget,
+                   pause: Callable[[float], object] = time.sleep) -> bool:
+    """Wait while trials that other processes run keep the study's verdict open (the gate not
+    met, and this process's worker found no ticket left): a live worker elsewhere, or a dead one
+    whose heartbeat is not yet ``study.grace_period`` old. Returns True once a dead worker's trial
+    was taken back (failed as stale, queued again, its ticket free): the caller runs it. So a
+    verdict never judges a budget still in flight: exit 1 means the budget trained.
+
+    Raises:
+        StudyAborted: trials are in flight and the storage keeps no heartbeats to tell a live
+            process from a dead one (a journal file): no verdict can be given yet.
+    """
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    announced = False
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        running = [t.number for t in trials if t.state == TrialState.RUNNING]
+        if not running or gate.met([t for t in trials if t.state == TrialState.COMPLETE], gate_cfg):
+            return False
+        if not interval:
+            raise StudyAborted(f"study '{study.study_name}': trial(s) {running} are still RUNNING in another "
+                               "process, and this storage keeps no heartbeats to tell whether it lives: no "
+                               "verdict yet; rerun once they ended")
+        if not announced:
+            print(f"study '{study.study_name}': waiting for trial(s) {running}, run by another process (a dead "
+                  "process's trial is taken back once its heartbeat is study.grace_period old) ...", flush=True)
+            announced = True
+        with contextlib.suppress(Exception):  # the storage failing: the next read meets it
+            optuna.storages.fail_stale_trials(study)
+        reaped = [t for t in study.get_trials(deepcopy=False) if t.number in running and t.state == TrialState.FAIL]
+        if reaped:
+            for trial in reaped:
+                if not judged(trial) and keys.TICKET in trial.user_attrs:
+                    budget.release_text(str(trial.user_attrs[keys.TICKET]))
+            print(f"study '{study.study_name}': trial(s) {[t.number for t in reaped]} of a dead process taken "
+                  "back: they run again here", flush=True)
+            return True
+        pause(float(interval))

@@ -191,6 +191,10 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "unknown probe": ("tune", ["study.probe=wider"], "study.probe"),
     "zero trials at once": ("tune", ["model=knn", "study.n_jobs=0"], "study.n_jobs"),
     "trials at once with another runner": ("tune", ["model=knn", "study.n_jobs=2", "runner=mlflow"], "study.n_jobs"),
+    # what the study writes at its end
+    "JUnit path is a folder": ("tune", ["model=knn", "report.junit={folder}"], "report.junit"),
+    "JUnit path is another file": ("tune", ["model=knn", "report.junit={good}"], "not a JUnit XML file"),
+    "JUnit path under a file": ("tune", ["model=knn", "report.junit={good}/junit.xml"], "is a file"),
 }
 
 

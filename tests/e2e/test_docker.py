@@ -290,6 +290,8 @@ def test_sklearn_image_has_no_tensorflow_and_runs_as_non_root(engine) -> None:
     (["runner.images.sklearn=mlops-tune-sklearn:no-such-tag"], {}, "make images"),
     ([], {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}, "Docker engine is not reachable"),
     (["runner.cpus=0"], {}, "runner.cpus"),
+    (["runner.memory=1m"], {}, "runner.memory: the Docker engine refuses"),  # below the engine's minimum
+    (["runner.cpus=64"], {}, "runner.cpus: the Docker engine refuses"),  # more than the machine has
     (["study.storage=journal:///tmp/x.log"], {}, "study.storage"),
 ])
 def test_bad_docker_setup_exits_2_and_writes_nothing(server: str, workdir: Path, args: list[str],

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pty
 import resource
+import select
 import shutil
 import signal
 import sqlite3
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -313,7 +316,7 @@ def test_store_turning_read_only_mid_study_is_exit_3(mlflow_template: Path, tmp_
 # ----------------------------------------------------------------------------- signals
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_mid_trial_closes_the_runs_and_the_trial_runs_again(signum: int, workdir: Path) -> None:
     storage, study = f"sqlite:///{workdir / 'optuna.db'}", "signalled"
     args = [f"study.storage={storage}", f"study.name={study}", "study.n_trials=2", "report.junit=junit.xml", *SLOW]
@@ -334,6 +337,44 @@ def test_a_signal_mid_trial_closes_the_runs_and_the_trial_runs_again(signum: int
     assert _judged_count(storage, study) == 2
     assert any(ATTR_RETRY_OF in t.user_attrs and judged(t) for t in _trials(storage, study))
     _no_running(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def test_a_closed_terminal_stops_the_study_and_closes_its_runs(workdir: Path) -> None:
+    """The real hang-up: mlops-tune runs on a pseudo-terminal that is its controlling terminal;
+    closing the terminal's side sends it SIGHUP and makes every later write to it fail (EIO)."""
+    storage, study = f"sqlite:///{workdir / 'optuna.db'}", "hung-up"
+    args = [f"study.storage={storage}", f"study.name={study}", "study.n_trials=2", *SLOW]
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([str(BIN / "mlops-tune"), *args], cwd=workdir,
+                            env=command_env(MLOPS_TUNE_TEST_SLEEP="60"), stdin=terminal, stdout=terminal,
+                            stderr=terminal, preexec_fn=lambda: os.login_tty(terminal))
+    os.close(terminal)
+    output, done = bytearray(), threading.Event()
+
+    def read_terminal() -> None:  # a terminal that nobody reads would block the writer
+        while not done.is_set():
+            if select.select([controller], [], [], 0.1)[0]:
+                try:
+                    output.extend(os.read(controller, 65536))
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        _wait_for(proc, lambda: any(t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+                                    for t in _trials(storage, study)))
+    finally:
+        done.set()  # no read may hold the terminal open while it closes
+        reader.join()
+        os.close(controller)  # the terminal closes: the kernel hangs up its session
+    assert proc.wait(timeout=60) == 129, output[-3000:].decode(errors="replace")
+    _no_running(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = mlflow_runs(workdir)
+    assert runs and {r.info.status for r in runs} == {"KILLED"}
+    rerun = _run(args, workdir, MLOPS_TUNE_TEST_SLEEP="0")
+    assert rerun.returncode == 1, rerun.stderr[-3000:]
+    assert _judged_count(storage, study) == 2
 
 
 def test_sigterm_stops_mlops_train_and_its_run_ends_killed(workdir: Path) -> None:
@@ -423,6 +464,63 @@ def test_journal_storage_honours_the_budget(workdir: Path) -> None:
     assert len(_journal_trials(storage)) == 3
     assert _run([*args, "study.n_trials=4"], workdir).returncode == 1
     assert len(_journal_trials(storage)) == 4
+
+
+def _kill_mid_trial(args: list[str], workdir: Path, trials: Callable[[], list]) -> None:
+    """Start a study and SIGKILL it while its first trial runs (its trial stays RUNNING)."""
+    proc = _start(args, workdir, MLOPS_TUNE_TEST_SLEEP="60")
+    _wait_for(proc, lambda: any(t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+                                for t in trials()))
+    proc.kill()
+    proc.communicate(timeout=60)
+
+
+def test_a_rerun_waits_for_a_dead_process_trial_instead_of_judging_without_it(workdir: Path) -> None:
+    """Exit 1 means the budget trained: a rerun that finds a trial of a killed process still
+    RUNNING (its heartbeat not yet stale) waits for it, takes it back once stale, and runs it."""
+    storage, study = f"sqlite:///{workdir / 'optuna.db'}", "dead-process"
+    args = [f"study.storage={storage}", f"study.name={study}", "study.n_trials=2", "study.heartbeat_interval=1",
+            "study.grace_period=3", *SLOW]
+    _kill_mid_trial(args, workdir, lambda: _trials(storage, study))
+    # the dead process's heartbeat is kept fresh by hand until the rerun is waiting for it: the rerun
+    # meets a trial that may still be alive, however long its own start takes
+    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=1, grace_period=3)
+    trial_id = rdb.get_trial_id_from_study_id_trial_number(rdb.get_study_id_from_name(study), 0)
+    rerun = _start(args, workdir, MLOPS_TUNE_TEST_SLEEP="0")
+    lines: list[str] = []
+    beating = threading.Event()
+    beating.set()
+
+    def beat() -> None:
+        while beating.is_set():
+            rdb.record_heartbeat(trial_id)
+            time.sleep(0.5)
+
+    threading.Thread(target=beat, daemon=True).start()
+    assert rerun.stdout is not None
+    for line in rerun.stdout:
+        lines.append(line)
+        if "waiting for trial(s) [0]" in line:
+            beating.clear()  # the process is dead after all: its heartbeat goes stale
+    _, err = rerun.communicate(timeout=120)
+    beating.clear()
+    out = "".join(lines)
+    assert rerun.returncode == 1, out[-2000:] + err[-2000:]
+    assert "waiting for trial(s) [0]" in out and "taken back" in out, out[-3000:]
+    assert _judged_count(storage, study) == 2
+    assert not [t for t in _trials(storage, study) if t.state == TrialState.RUNNING]
+    _no_running(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def test_a_rerun_without_heartbeats_gives_no_verdict_while_a_trial_is_in_flight(workdir: Path) -> None:
+    """A journal file keeps no heartbeats: a RUNNING trial of another process may be alive or
+    dead, so the rerun says so (exit 3), never "gate MISSED" over a budget that did not train."""
+    storage = f"journal:///{workdir / 'journal.log'}"
+    args = [f"study.storage={storage}", "study.n_trials=2", *SLOW]
+    _kill_mid_trial(args, workdir, lambda: _journal_trials(storage))
+    rerun = _run(args, workdir, MLOPS_TUNE_TEST_SLEEP="0")
+    assert rerun.returncode == 3, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    _one_error_line(rerun.stderr, "still RUNNING in another process", "no verdict")
 
 
 def _journal_trials(url: str) -> list:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
+from mlops_tune.runtime.errors import UsageError
 from mlops_tune.show import junit
 
 
@@ -41,6 +43,35 @@ def test_parallel_jobs_do_not_lose_cases(tmp_path: Path) -> None:
     with multiprocessing.get_context("fork").Pool(4) as pool:
         pool.map(_write, [(path, i) for i in range(16)])
     assert _suite(Path(path)).get("tests") == "16"
+
+
+def test_check_takes_what_record_can_write(tmp_path: Path) -> None:
+    junit.check(tmp_path / "new" / "folders" / "junit.xml")  # created by record
+    (tmp_path / "empty.xml").touch()
+    junit.check(tmp_path / "empty.xml")
+    written = tmp_path / "junit.xml"
+    junit.record(written, "knn-digits", "knn", 1.0)
+    junit.check(written)  # a rerun replaces its case
+    junit.record(tmp_path / "new" / "folders" / "junit.xml", "knn-digits", "knn", 1.0)
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda p: p.mkdir(), "is a folder"),
+    (lambda p: os.mkfifo(p), "not a regular file"),
+    (lambda p: p.write_text("a,b\n1,2\n"), "not a JUnit XML file"),
+    (lambda p: p.write_bytes(bytes(range(256))), "not a JUnit XML file"),
+    (lambda p: p.write_text("<project><dependency/></project>"), "its root is <project>"),
+    (lambda p: p.parent.rmdir() or p.parent.write_text("a file"), "is a file, so"),
+], ids=["folder", "fifo", "csv", "binary", "other xml", "under a file"])
+def test_check_refuses_a_path_the_end_of_a_study_could_not_write(tmp_path: Path, make, words: str) -> None:
+    path = tmp_path / "reports" / "junit.xml"
+    path.parent.mkdir()
+    make(path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(UsageError, match=r"report\.junit") as raised:
+        junit.check(path)
+    assert words in str(raised.value) and "\n" not in str(raised.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
 
 
 @pytest.mark.parametrize(("code", "prefix"), [(0, "SUCCESS"), (1, "UNSTABLE"), (2, "FAILURE"), (3, "FAILURE")])

@@ -54,6 +54,20 @@ def test_mlflow_runner_trials_are_project_runs_under_the_study(tune, workdir: Pa
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(_study(workdir).best_value)
 
 
+def test_a_timeout_that_ends_the_study_before_any_trial_trained_gives_no_verdict(tune, workdir: Path) -> None:
+    """Exit 1 says the budget trained: a worker process starts well after 10 ms of the study's
+    time, so its loop ends before its first trial, and the study says so (exit 3), no verdict."""
+    result = tune("model=knn", "runner=mlflow", "study.n_trials=3", "study.timeout=0.01")
+    assert result.code == 3, result.stderr[-2000:]
+    [line] = result.error_lines
+    assert "no trial trained" in line and "study.timeout=0.01" in line and "no verdict" in line
+    assert "gate MISSED" not in result.stdout
+    runs = mlflow_runs(workdir)
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED" and tracking.TAG_GATE not in parent.data.tags
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
 def test_mlflow_runner_prunes_across_the_process_boundary(tune, workdir: Path) -> None:
     result = tune("model=knn", "runner=mlflow", "study.n_trials=2", "gate.threshold=0.999",
                   "study.pruner={_target_:optuna.pruners.ThresholdPruner,lower:0.999}")
