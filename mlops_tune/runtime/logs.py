@@ -46,6 +46,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # a progress bar per model download (registry, test evaluation) from a tracking server
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's usage telemetry calls hosts on the internet from every process that uses MLflow (a
+    # CI agent, a container of trials): off unless the user says otherwise (MLFLOW_DISABLE_TELEMETRY
+    # or DO_NOT_TRACK set). Where nothing answers, its exit wait cost each process about a second.
+    if "DO_NOT_TRACK" not in os.environ:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # the `mlflow run` processes that start warm workers: no INFO line per step
     if verbose():
         return

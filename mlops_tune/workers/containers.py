@@ -36,6 +36,7 @@ PASS_THROUGH = (
     "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_S3_IGNORE_TLS",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
     "MLOPS_TUNE_VERBOSE", "TF_CPP_MIN_LOG_LEVEL",  # verbose=true reaches the trial in the container
+    "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK",  # the study's choice (runtime.logs.quiet_libraries) holds there too
 )
 _MEMORY = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$")
 MAKE_IMAGES = "build it with `make images`"

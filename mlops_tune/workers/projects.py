@@ -42,7 +42,7 @@ from typing import Any
 import optuna
 
 from mlops_tune.records import claims, tracking
-from mlops_tune.runtime import keys
+from mlops_tune.runtime import heap, keys
 from mlops_tune.runtime.errors import EnvironmentFault, first_line
 from mlops_tune.runtime.secrets import redact_text, write_private
 from mlops_tune.search import gate
@@ -115,6 +115,10 @@ class ProjectWorkers:
     def _run(self, study: optuna.Study, storage: Any, budget: claims.Budget, assignment: Assignment,
              started: float) -> None:
         gate_cfg, threshold = self.cfg["gate"], float(self.cfg["gate"]["threshold"])
+        # no trial trains in this process, so no first trial settles its heap: its start-up ends here
+        # (with the collector left off, the study's garbage piled up for its whole run, and its exit
+        # spent ~1 s collecting it)
+        heap.settle()
         self._folder(assignment)
         print(f"study '{assignment.name}': {self.describe()}", flush=True)
         for _ in range(self.n):

@@ -49,3 +49,18 @@ def test_tensorflows_load_lines_are_dropped_and_every_other_line_passes_in_order
                          "no newline at the end", "after 1"]
     else:
         assert lines == ["before", *KEPT, "no newline at the end", "after 1"]  # the forwarder has ended
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({}, "true"),  # MLflow's telemetry off in mlops-tune's processes by default
+    ({"MLFLOW_DISABLE_TELEMETRY": "false"}, "false"),  # the user's word holds
+    ({"DO_NOT_TRACK": "false"}, None),  # the other switch MLflow reads: left to it
+])
+def test_mlflow_telemetry_is_off_unless_the_user_says_otherwise(given: dict[str, str], expected: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "CI")}
+    # MLflow reads the variable when it would send (mlflow.telemetry.utils.is_telemetry_disabled)
+    probe = ("import os; from mlops_tune.runtime.logs import quiet_libraries; quiet_libraries(); "
+             "print(os.environ.get('MLFLOW_DISABLE_TELEMETRY'))")
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, **given}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(expected)]
