@@ -88,7 +88,7 @@ def to_plain(cfg: Any) -> dict[str, Any]:
 
 
 #: keys whose values may come from the environment and are printed as they are
-_SHOWN_ENV_KEYS = frozenset({"tracking.uri", "tracking.experiment"})
+_SHOWN_ENV_KEYS = frozenset({"tracking.uri", "tracking.experiment", "study.n_jobs"})
 
 
 def _mask_environment_values(cfg: Any, plain: Mapping[str, Any]) -> None:

@@ -216,6 +216,10 @@ def _redact_saved_configs() -> None:
 
 def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
     """Run ``job`` under Hydra with ``config_name`` from ``conf/``; exit with the contract's code."""
+    if "MLOPS_TUNE_CONF" in os.environ and not (CONF_DIR / f"{config_name}.yaml").is_file():
+        _say(prog, f"error: MLOPS_TUNE_CONF: {CONF_DIR} holds no {config_name}.yaml (the variable names the config "
+                   "folder to use instead of the built-in one; unset it, or point it at a copy of mlops_tune/conf)")
+        sys.exit(EXIT_USAGE)
     faults.install_signal_handlers()
     faults.quiet_background_faults()
     # before Hydra saves the command line in overrides.yaml / hydra.yaml

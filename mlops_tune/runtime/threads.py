@@ -47,7 +47,10 @@ def parse_n_jobs(value: object) -> int | str:
         return AUTO
     if text.isdigit() and int(text) >= 1:
         return int(text)
-    raise UsageError(f"study.n_jobs: must be 'auto' or a positive number of trials at once, got {value!r}")
+    # the default comes from the environment: name the variable the user has to fix
+    source = "MLOPS_TUNE_N_JOBS (study.n_jobs's default)" if os.environ.get("MLOPS_TUNE_N_JOBS") == str(value) \
+        else "study.n_jobs"
+    raise UsageError(f"{source}: must be 'auto' or a positive number of trials at once, got {value!r}")
 
 
 def resolve_n_jobs(value: object, runner: str, family: str, n_trials: int) -> int:

@@ -240,6 +240,21 @@ def test_bad_input_is_exit_2_with_one_line(case: str, outcomes: dict[str, tuple[
         assert not (folder / "optuna.db").exists()
 
 
+@pytest.mark.parametrize(("command", "env", "words"), [
+    ("tune", {"MLOPS_TUNE_N_JOBS": "abc"}, ["MLOPS_TUNE_N_JOBS", "got 'abc'"]),  # not a secret: shown
+    ("tune", {"MLOPS_TUNE_CONF": "/nonexistent/conf"}, ["MLOPS_TUNE_CONF", "/nonexistent/conf", "tune.yaml"]),
+    ("train", {"MLOPS_TUNE_CONF": "/nonexistent/conf"}, ["MLOPS_TUNE_CONF", "train.yaml"]),
+])
+def test_an_error_caused_by_an_environment_variable_names_the_variable(
+        tmp_path: Path, command: str, env: dict[str, str], words: list[str]) -> None:
+    result = run_command(f"mlops-{command}", "model=knn", cwd=tmp_path, **env)
+    assert result.code == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"mlops-{command}: error: "), result.stderr[-2000:]
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_the_bad_input_table_in_the_docs_lists_every_case() -> None:
     text = (ROOT / "docs" / "reliability.md").read_text()
     table = text.split("## Bad input", 1)[1]
