@@ -31,9 +31,8 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
     n_judged = sum(judged(t) for t in trials)
     if n_judged == 0:  # a verdict (exit 1: the gate missed) needs a budget that trained
         timeout = cfg["study"]["timeout"]
-        raise StudyAborted(f"study '{study.study_name}': no trial trained"
-                           + (f" (study.timeout={timeout} s ended the study before its first trial did; raise it)"
-                              if timeout is not None else "") + ": no verdict")
+        why = f" (study.timeout={timeout} s ended the study before its first trial did; raise it)" if timeout else ""
+        raise StudyAborted(f"study '{study.study_name}': no trial trained{why}: no verdict")
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     passing = [t for t in done if gate.meets(t, cfg["gate"])]
     feasible = [t for t in done if not gate.violations(t, cfg["gate"])]

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mlops_tune.records import claims, tracking
 from mlops_tune.runtime import keys
@@ -82,9 +82,7 @@ def reconcile(study: optuna.Study, experiment_id: str, parent_run_id: str, budge
     with contextlib.suppress(Exception):
         optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
-    for trial in trials:
-        if trial.state == TrialState.FAIL and not judged(trial) and keys.TICKET in trial.user_attrs:
-            budget.release_text(str(trial.user_attrs[keys.TICKET]))
+    release_tickets(trials, budget)
     running = [t for t in trials if t.state == TrialState.RUNNING]
     live = {str(t.user_attrs[keys.RUN]) for t in running if keys.RUN in t.user_attrs}
     closed = close_orphan_runs(experiment_id, parent_run_id, live)
@@ -144,6 +142,12 @@ def close_orphan_runs(experiment_id: str, parent_run_id: str, live_run_ids: set[
     return closed
 
 
+def release_tickets(trials: list[FrozenTrial], budget: claims.Budget) -> None:
+    """Give back the tickets of ``trials`` that failed without being judged (a dead worker's)."""
+    for trial in trials:
+        if trial.state == TrialState.FAIL and not judged(trial) and keys.TICKET in trial.user_attrs:
+            budget.release_text(str(trial.user_attrs[keys.TICKET]))
+
 
 def others_running(study: optuna.Study, storage: Any, gate_cfg: Mapping[str, Any], budget: claims.Budget,
                    pause: Callable[[float], object] = time.sleep) -> bool:
@@ -176,9 +180,7 @@ def others_running(study: optuna.Study, storage: Any, gate_cfg: Mapping[str, Any
             optuna.storages.fail_stale_trials(study)
         reaped = [t for t in study.get_trials(deepcopy=False) if t.number in running and t.state == TrialState.FAIL]
         if reaped:
-            for trial in reaped:
-                if not judged(trial) and keys.TICKET in trial.user_attrs:
-                    budget.release_text(str(trial.user_attrs[keys.TICKET]))
+            release_tickets(reaped, budget)
             print(f"study '{study.study_name}': trial(s) {[t.number for t in reaped]} of a dead process taken "
                   "back: they run again here", flush=True)
             return True

@@ -65,7 +65,7 @@ def check(runner_cfg: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[str, l
     if str(cfg["study"]["storage"]).startswith("journal:"):
         raise UsageError("study.storage: runner=docker serves the study's storage to the containers "
                          "through Optuna's gRPC proxy, which takes SQLite or PostgreSQL, not a journal file")
-    _check_image(image, runner_cfg)
+    _check_engine(image, runner_cfg)
     _check_experiment(uri, str(cfg["tracking"]["experiment"]))
     mounts: list[str] = []
     data_path = cfg["data"].get("path")
@@ -88,12 +88,12 @@ def _check_limits(runner_cfg: Mapping[str, Any]) -> None:
         raise UsageError(f"runner.memory: must be a size like 2g or 512m, or null, got {memory!r}")
 
 
-def _check_image(image: str, runner_cfg: Mapping[str, Any]) -> None:
+def _check_engine(image: str, runner_cfg: Mapping[str, Any]) -> None:
     """The engine answers, has the image, and takes the container limits (it creates a container
     with them, never started, and removes it: the engine's own rules, e.g. its minimum memory)."""
     try:
         import docker
-        from docker.errors import APIError, DockerException, ImageNotFound
+        from docker.errors import DockerException, ImageNotFound
     except ImportError:
         raise UsageError("runner=docker needs the Docker SDK: pip install 'mlops-tune[docker]'") from None
     try:
@@ -105,20 +105,29 @@ def _check_image(image: str, runner_cfg: Mapping[str, Any]) -> None:
                          "start dockerd or set DOCKER_HOST") from None
     try:
         client.images.get(image)
-        cpus, memory = runner_cfg.get("cpus"), runner_cfg.get("memory")
-        if cpus is not None or memory is not None:
-            try:
-                client.containers.create(image, command=["true"], network_mode="host", mem_limit=memory,
-                                         nano_cpus=int(float(cpus) * 1e9) if cpus is not None else None).remove()
-            except APIError as exc:
-                reason = str(exc.explanation or exc).splitlines()[0][:200]
-                key = "runner.memory" if "memory" in reason.lower() and memory is not None else "runner.cpus"
-                raise UsageError(f"{key}: the Docker engine refuses the container's limits{limits_text(runner_cfg)}: "
-                                 f"{reason}") from None
+        _check_limits_taken(client, image, runner_cfg)
     except ImageNotFound:
         raise UsageError(f"runner.images: image '{image}' not found; {MAKE_IMAGES}") from None
     finally:
         client.close()
+
+
+def _check_limits_taken(client: Any, image: str, runner_cfg: Mapping[str, Any]) -> None:
+    """Whether the engine takes ``runner.cpus``/``runner.memory``: a container created with them
+    (never started) and removed."""
+    from docker.errors import APIError
+
+    cpus, memory = runner_cfg.get("cpus"), runner_cfg.get("memory")
+    if cpus is None and memory is None:
+        return
+    try:
+        client.containers.create(image, command=["true"], network_mode="host", mem_limit=memory,
+                                 nano_cpus=int(float(cpus) * 1e9) if cpus is not None else None).remove()
+    except APIError as exc:
+        reason = str(exc.explanation or exc).splitlines()[0][:200]
+        key = "runner.memory" if "memory" in reason.lower() and memory is not None else "runner.cpus"
+        raise UsageError(f"{key}: the Docker engine refuses the container's limits{limits_text(runner_cfg)}: "
+                         f"{reason}") from None
 
 
 def _check_experiment(uri: str, name: str) -> None:
