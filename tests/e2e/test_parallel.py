@@ -39,9 +39,18 @@ def _trials(workdir: Path, study: str = "ann-digits") -> list[optuna.trial.Froze
 
 
 def _helpers_left() -> str:
-    """The study's helper processes still alive (multiprocessing's spawned children)."""
+    """The study's helper processes still alive (multiprocessing's spawned children; not those of an
+    MLflow server another test runs, whose uvicorn workers are spawned the same way)."""
     found = subprocess.run(["pgrep", "-f", "--", "--multiprocessing-fork"], capture_output=True, text=True)
-    return found.stdout.strip()
+
+    def of_a_server(pid: str) -> bool:
+        try:
+            parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            return b"uvicorn" in Path(f"/proc/{parent}/cmdline").read_bytes()
+        except (OSError, IndexError):
+            return False  # gone meanwhile, or unreadable: counted
+
+    return "\n".join(pid for pid in found.stdout.split() if not of_a_server(pid))
 
 
 def test_two_processes_train_at_once_under_one_parent_run_within_the_budget(workdir: Path) -> None:
