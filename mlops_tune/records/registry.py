@@ -15,6 +15,10 @@ from typing import Any
 from mlops_tune.runtime.errors import EnvironmentFault, UsageError, first_line
 
 CHAMPION_ALIAS = "champion"
+#: the version tag naming the study instance (``claims.Budget.key``) that registered it
+STUDY_KEY = "study_key"
+#: the version tag written once the alias decision is applied: ``champion`` or ``stays``
+DECISION = "decision"
 #: test accuracies are stored and compared at this many decimals
 ACCURACY_DECIMALS = 6
 
@@ -102,17 +106,57 @@ def champion_config(name: str) -> tuple[dict[str, Any], str] | None:
 Judge = Callable[[Any], float]
 
 
+def study_version(name: str, study_key: str) -> Any:
+    """The version of ``name`` a study registered (tag ``study_key``), or None: a promotion that
+    a killed process began is finished from it, never registered twice."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    quote = '"' if "'" in name else "'"
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"name={quote}{name}{quote}")
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+            return None
+        raise
+    mine = [v for v in versions if v.tags.get(STUDY_KEY) == study_key]
+    return min(mine, key=lambda v: int(v.version), default=None)
+
+
+def decided(version: Any) -> bool:
+    """Whether the alias decision about ``version`` was applied (it is the champion, or its tag says so)."""
+    if version is None:
+        return False
+    if DECISION in version.tags:
+        return True
+    champion = champion_version(version.name)
+    return champion is not None and str(champion.version) == str(version.version)
+
+
+def record_decision(name: str, version: str, champion: bool) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_model_version_tag(name, version, DECISION, CHAMPION_ALIAS if champion else "stays")
+
+
 def promote(model_uri: str, name: str, test_accuracy: float, tags: Mapping[str, str],
-            judge: Judge | None = None) -> tuple[str, bool, float | None]:
+            judge: Judge | None = None, existing: Any = None) -> tuple[str, bool, float | None]:
     """Register the model; make it the champion when it beats the current one. Prints what happened.
 
     With ``judge``, the current champion is evaluated on the same test split as the new model
     (the test accuracy it was registered with came from ITS data); without, its recorded one
-    is used. A champion that cannot be evaluated on this data is replaced.
+    is used. A champion that cannot be evaluated on this data is replaced. ``existing``: the
+    version registered by an earlier attempt that was stopped before the decision: it is
+    decided, not registered again. The decision is recorded on the version (tag ``decision``)
+    last, so every step before it can be redone.
 
     Returns the new version, whether it is now the champion, and the champion's figure compared.
     """
     current_version = champion_version(name)
+    if existing is not None and current_version is not None and current_version.version == existing.version:
+        record_decision(name, str(existing.version), True)
+        print(f"registry: {name} version {existing.version} is '{CHAMPION_ALIAS}'", flush=True)
+        return str(existing.version), True, None
     current: float | None = None
     if current_version is not None:
         if judge is None:
@@ -125,7 +169,7 @@ def promote(model_uri: str, name: str, test_accuracy: float, tags: Mapping[str, 
             except Exception as exc:
                 print(f"registry: the champion ({name} version {current_version.version}) cannot be evaluated on "
                       f"this data ({first_line(exc)}): it is replaced", flush=True)
-    version = register(model_uri, name, test_accuracy, tags)
+    version = str(existing.version) if existing is not None else register(model_uri, name, test_accuracy, tags)
     champion = beats(test_accuracy, current)
     where = " on this study's test split" if judge is not None and current is not None else ""
     if champion:
@@ -137,4 +181,5 @@ def promote(model_uri: str, name: str, test_accuracy: float, tags: Mapping[str, 
     else:
         print(f"registry: {name} version {version} registered; '{CHAMPION_ALIAS}' stays "
               f"(its test_accuracy {current:.4f}{where} >= {test_accuracy:.4f})", flush=True)
+    record_decision(name, version, champion)
     return version, champion, current

@@ -193,6 +193,24 @@ def run(
         mlflow.end_run("FINISHED")
 
 
+def finished_child(parent_run_id: str, tag: str, value: str) -> Any:
+    """A FINISHED child run of ``parent_run_id`` tagged ``tag`` = ``value`` (the newest), or None."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{tag}` = '{value}' "
+        "and attributes.status = 'FINISHED'"), max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def experiment_of(run_id: str) -> str:
+    import mlflow
+
+    return str(mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+
+
 def create_run(experiment_id: str, name: str, tags: Mapping[str, str]) -> str:
     """Create a run without making it active (its owner resumes it with :func:`run`)."""
     import mlflow

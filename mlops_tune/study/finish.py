@@ -3,6 +3,7 @@ verdict, and the promotion (exactly one per study, by claim)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -21,7 +22,10 @@ from mlops_tune.search.space import SearchSpace
 from mlops_tune.show import report
 from mlops_tune.show.report import StudyResult
 from mlops_tune.study.runs import describe_study_run
-from mlops_tune.trial import trial_config
+from mlops_tune.trial import run_trial, trial_config
+
+#: the child run that trained a trial's model again (its files were never written): the trial's number
+TAG_REBUILD_OF = "mlops_tune.rebuild_of"
 
 
 def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, family: Any, splits: Splits,
@@ -45,13 +49,17 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
         best_cfg = trial_config(space.apply(cfg, space.decode(best.params)))
         model_uri = best.user_attrs.get(keys.MODEL_URI)
         metrics["best_val_accuracy"] = float(best.value or 0.0)
-        if model_uri and not tracking.model_ready(model_uri):  # written by another worker of the study
-            print(f"study '{study.study_name}': the model of trial {best.number} was not written "
-                  f"({model_uri}); it is not judged on the test split", flush=True)
-            model_uri = None
-        if model_uri:
+        if model_uri and not tracking.model_ready(model_uri, grace=float(cfg["study"]["grace_period"])):
+            if passed:  # the gate's winner must exist: trained again from its config and seed
+                model_uri, test_accuracy = rebuild(best, best_cfg, splits, parent_run_id, study.study_name)
+            else:
+                print(f"study '{study.study_name}': the model of trial {best.number} was not written "
+                      f"({model_uri}); it is not judged on the test split", flush=True)
+                model_uri = None
+        if model_uri and test_accuracy is None:
             inputs = splits.as_input(family.input_kind)
             test_accuracy = family.accuracy(family.load_model(model_uri), inputs.x_test, inputs.y_test)
+        if test_accuracy is not None:
             metrics["test_accuracy"] = test_accuracy
     tracking.log_batch(metrics=metrics, tags={
         tracking.TAG_GATE: "passed" if passed else "missed",
@@ -65,7 +73,7 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
         trials_csv=report.log_study_artifacts(study, best_cfg, str(cfg["gate"]["metric"]), threshold),
     )
     if passed and cfg["registry"]["promote"] and best is not None:
-        result = _promote(best, result, str(cfg["registry"]["name"]), budget, worker, family, splits)
+        result = _promote(best, model_uri, result, cfg, budget, worker, splits)
     result = replace(result, report_html=report.log_study_page(study, cfg, space, result))
     describe_study_run(study.study_name, report.verdict_line(result),
                                 str(best.user_attrs.get(keys.RUN, "")) if best else "")
@@ -73,26 +81,77 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
     return result
 
 
-def _promote(best: FrozenTrial, result: StudyResult, name: str, budget: claims.Budget, worker: str,
-             family: Any, splits: Splits) -> StudyResult:
-    """Exactly one promotion per study, however many workers finish at once."""
-    if budget.claim("promotion", worker) != worker:
-        print("registry: the study's model was already promoted (by another worker or an earlier run)", flush=True)
-        return result
-    model_uri = best.user_attrs.get(keys.MODEL_URI)
+def rebuild(best: FrozenTrial, best_cfg: dict[str, Any], splits: Splits, parent_run_id: str,
+            study_name: str) -> tuple[str | None, float | None]:
+    """The model of the gate's winner, whose files were never written (its process was killed
+    before its background writes ended): trained again, in this process, from the trial's
+    config and seed, as a child run tagged ``mlops_tune.rebuild_of``; found, not trained again,
+    on the next run. Returns its URI and test accuracy (None: judge the model found)."""
+    found = tracking.finished_child(parent_run_id, TAG_REBUILD_OF, str(best.number))
+    if found is not None and found.data.tags.get(tracking.TAG_MODEL_URI):
+        return found.data.tags[tracking.TAG_MODEL_URI], None
+    print(f"study '{study_name}': the model of trial {best.number} was not written (its process was stopped "
+          "first); training it again from the trial's config and seed ...", flush=True)
+    outcome = run_trial(best_cfg, experiment_id=tracking.experiment_of(parent_run_id), splits=splits,
+                        parent_run_id=parent_run_id, run_name=f"trial-{best.number}-model",
+                        tags={tracking.TAG_STUDY: study_name, TAG_REBUILD_OF: str(best.number)})
+    print(f"study '{study_name}': trial {best.number} trained again: val_accuracy {outcome.val_accuracy:.4f} "
+          f"(first {best.value or 0.0:.4f})", flush=True)
+    return outcome.model_uri, outcome.test_accuracy
+
+
+def _promote(best: FrozenTrial, model_uri: str | None, result: StudyResult, cfg: Mapping[str, Any],
+             budget: claims.Budget, worker: str, splits: Splits) -> StudyResult:
+    """Exactly one promotion per study, however many workers finish at once, and every step of it
+    redone by the next run when a process is killed in the middle (see :func:`_take_promotion`)."""
+    name = str(cfg["registry"]["name"])
+    mine, version = _take_promotion(name, budget, worker, float(cfg["study"]["grace_period"]))
+    if not mine:
+        decision = str(version.tags.get(registry.DECISION, registry.CHAMPION_ALIAS))
+        print(f"registry: the study's model was already promoted: {name} version {version.version} "
+              f"({'the' if decision == registry.CHAMPION_ALIAS else 'not'} '{registry.CHAMPION_ALIAS}')",
+              flush=True)
+        return replace(result, registered_version=str(version.version),
+                       champion=decision == registry.CHAMPION_ALIAS)
     if not model_uri or result.test_accuracy is None:
         print("registry: the best trial logged no model; nothing registered", flush=True)
+        budget.release("promotion", worker)
         return result
     try:
         version, champion, previous = registry.promote(model_uri, name, result.test_accuracy, {
-            "study": result.study_name, "trial": str(best.number), "val_accuracy": f"{best.value:.6f}"},
-            judge=lambda version: judge_on(version, splits))
+            "study": result.study_name, registry.STUDY_KEY: budget.key, "trial": str(best.number),
+            "val_accuracy": f"{best.value:.6f}"}, judge=lambda version: judge_on(version, splits), existing=version)
     except BaseException:  # a failed promotion must not use up the study's claim
         budget.release("promotion", worker)
         raise
     if previous is not None:  # both figures on the same test split, on the study's run
         tracking.log_batch(metrics={"previous_champion_test_accuracy": previous})
     return replace(result, registered_version=version, champion=champion)
+
+
+def _take_promotion(name: str, budget: claims.Budget, worker: str, grace: float) -> tuple[bool, Any]:
+    """Whether this worker promotes the study's model now, and the version the study registered
+    (None: none yet). The promotion is the claim's holder's; once its decision is recorded on
+    the version (``registry.decided``) it is done. A holder that records no decision within
+    ``grace`` seconds (``study.grace_period``) was killed in the middle: its claim is taken over
+    and its steps are redone, reusing the version it registered."""
+    deadline, said = time.monotonic() + grace, False
+    while True:
+        holder = budget.claim("promotion", worker)
+        version = registry.study_version(name, budget.key)
+        if registry.decided(version):
+            return False, version
+        if holder == worker:
+            return True, version
+        if time.monotonic() >= deadline:
+            budget.release("promotion", holder)  # if it still holds it; then claimed again above
+            deadline = time.monotonic() + grace  # another taker won: theirs for a grace period
+            continue
+        if not said:
+            print(f"registry: another process began the study's promotion and has not finished it; waiting up "
+                  f"to {grace:g} s (study.grace_period) before taking it over", flush=True)
+            said = True
+        time.sleep(min(0.5, grace))
 
 
 def judge_on(version: Any, splits: Splits) -> float:
