@@ -102,6 +102,9 @@ def load_sklearn(dataset: str, image_shape: Sequence[int] | None = None) -> Data
     if loader is None or dataset in ("files", "sample_image", "sample_images", "svmlight_file", "svmlight_files"):
         raise UsageError(f"data.dataset: '{dataset}' is not a scikit-learn bundled dataset")
     bunch = loader()
+    if "target_names" not in bunch:
+        raise UsageError(f"data.dataset: '{dataset}' is a regression dataset (its target has no classes); "
+                         "mlops-tune tunes classifiers")
     if image_shape is not None:
         image_shape = _image_shape(image_shape, int(np.prod(np.shape(bunch.data)[1:])))
     names = [str(c) for c in bunch.target_names]
@@ -114,63 +117,32 @@ def load_sklearn(dataset: str, image_shape: Sequence[int] | None = None) -> Data
     )
 
 
-def load_csv(
-    path: str,
-    target: str,
-    features: Sequence[str] | None = None,
-    encode_categorical: bool = False,
-) -> Dataset:
-    """A CSV file with a header row; ``target`` names the label column."""
-    import pandas as pd
+#: more distinct labels than this, continuous or one per sample, is not a classification target
+MAX_CLASSES_UNCHECKED = 20
 
-    file = _existing_file(path, "data.path")
-    if features is not None and (isinstance(features, str) or not all(isinstance(f, str) for f in features)):
-        raise UsageError(f"data.features: must be a list of column names such as [a, b], got {features!r}")
-    try:
-        frame = pd.read_csv(file)
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise UsageError(f"data.path: cannot read {file} as CSV ({first_line(exc, 200)})") from None
-    columns = [str(c) for c in frame.columns]
-    if target not in frame.columns:
-        raise UsageError(f"data.target: column '{target}' not in {file} (columns: {', '.join(columns)})")
-    if frame.empty:
-        raise UsageError(f"data.path: {file} has a header but no data rows")
-    if features and target in features:
-        raise UsageError(f"data.features: lists the target column '{target}' (the label would leak into "
-                         "the features); leave it out")
-    wanted = list(features) if features else [c for c in frame.columns if c != target]
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        raise UsageError(f"data.features: column(s) {', '.join(map(repr, missing))} not in {file}")
-    if not wanted:
-        raise UsageError(f"data.features: {file} has no feature column besides '{target}'")
-    x_frame = frame[wanted]
-    text_columns = [c for c in wanted if not pd.api.types.is_numeric_dtype(x_frame[c])]
-    if text_columns and not encode_categorical:
-        raise UsageError(
-            f"data.features: column(s) {', '.join(map(repr, text_columns))} in {file} are not "
-            "numeric (set data.encode_categorical=true to one-hot encode them)"
-        )
-    if text_columns:
-        x_frame = pd.get_dummies(x_frame, columns=text_columns, dtype=np.float32)
-    if x_frame.isna().to_numpy().any():
-        bad = [str(c) for c in x_frame.columns if x_frame[c].isna().any()]
-        raise UsageError(f"data.features: missing values in column(s) {', '.join(map(repr, bad))} of {file}")
-    labels = frame[target]
-    if labels.isna().any():
-        raise UsageError(f"data.target: missing labels in column '{target}' of {file}")
-    codes, uniques = pd.factorize(labels, sort=True)
-    return Dataset(
-        x=x_frame.to_numpy(dtype=np.float32),
-        y=codes.astype(np.int64),
-        classes=[str(u) for u in uniques],
-        feature_names=[str(c) for c in x_frame.columns],
-    )
+
+def check_classes(labels: np.ndarray, what: str) -> None:
+    """Refuse labels that are not classes: a continuous value (many distinct non-integral
+    numbers) or mostly one or two rows per label (an identifier, a count), which would otherwise
+    be reported as too few samples per class."""
+    values = np.asarray(labels).reshape(-1)
+    distinct, counts = np.unique(values.astype(str) if values.dtype == object else values, return_counts=True)
+    if len(distinct) <= MAX_CLASSES_UNCHECKED:
+        return
+    numeric = np.issubdtype(values.dtype, np.number)
+    continuous = numeric and np.issubdtype(values.dtype, np.floating) and not np.all(np.mod(distinct, 1) == 0)
+    if continuous:
+        raise UsageError(f"{what} looks like a regression target ({len(distinct)} distinct values in "
+                         f"{len(values)} rows, e.g. {distinct[len(distinct) // 2]:g}); mlops-tune tunes classifiers: "
+                         "bin it into classes first")
+    if np.median(counts) < 3:  # most "classes" too small to split: not classes
+        raise UsageError(f"{what} has {len(distinct)} distinct values in {len(values)} rows, most of them in fewer "
+                         "than 3 rows: a continuous value or an identifier, not classes")
 
 
 def load_npz(path: str) -> Dataset:
     """A ``.npz`` archive with arrays ``x`` (samples first) and ``y``."""
-    file = _existing_file(path, "data.path")
+    file = existing_file(path, "data.path")
     with open(file, "rb") as handle:
         magic = handle.read(6)
     if not magic.startswith((b"PK", b"\x93NUMPY")):
@@ -204,7 +176,7 @@ def load_npz(path: str) -> Dataset:
 #: the loaders by ``data.loader``; image loaders are named (``module:function``) and imported when chosen
 LOADERS: Mapping[str, Callable[..., Dataset] | str] = {
     "sklearn": load_sklearn,
-    "csv": load_csv,
+    "csv": "mlops_tune.data.tabular:load_csv",
     "npz": load_npz,
     "images": "mlops_tune.data.images:load_images",
     "keras": "mlops_tune.data.images:load_keras",
@@ -336,10 +308,26 @@ def _is_text(head: bytes) -> bool:
     return bool(head) and all(32 <= b < 127 or b in (9, 10, 13) for b in head)
 
 
-def _existing_file(path: str, key: str) -> Path:
+def existing_file(path: str, key: str) -> Path:
+    """``path`` as a regular, readable file, or a one-line error saying what it is instead."""
+    import os
+    import stat
+
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise UsageError(f"{key}: file not found: {file}")
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        raise UsageError(f"{key}: file not found: {file}") from None
+    except OSError as exc:  # too long a name, a path through a file ...
+        raise UsageError(f"{key}: {file}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"{key}: {file} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or
+                stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise UsageError(f"{key}: {file} is {kind}, not a regular file")
+    if not os.access(file, os.R_OK):
+        raise UsageError(f"{key}: {file} cannot be read (permission denied)")
     return file
 
 
@@ -347,5 +335,6 @@ def with_encoded_labels(x: np.ndarray, y: np.ndarray, image_shape: tuple[int, in
     y = np.asarray(y).reshape(-1)
     if len(y) != len(x):
         raise UsageError(f"data: x has {len(x)} samples but y has {len(y)} labels")
+    check_classes(y, "data: array 'y'")
     uniques, codes = np.unique(y, return_inverse=True)
     return Dataset(x=x, y=codes.astype(np.int64), classes=[str(u) for u in uniques], image_shape=image_shape)

@@ -9,6 +9,7 @@ MLflow run (so no registry version either); for ``mlops-tune`` also no Optuna st
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -54,6 +55,13 @@ def _write_inputs(folder: Path) -> dict[str, str]:
     csv("missing_value.csv", good.assign(b=[np.nan, *good["b"][1:]]))
     raw("ragged.csv", b"a,b,label\n1,2,x\n3,4,y,5\n6,7,x\n")
     raw("binary.csv", bytes(range(256)) * 4)
+    csv("continuous.csv", good.assign(label=rng.normal(size=60) * 10))
+    csv("ids.csv", pd.DataFrame({"a": rng.normal(size=150), "b": rng.normal(size=150), "label": ["x", "y"] * 75,
+                                 "uid": [f"u{i:03d}" for i in range(150)]}))
+    raw("duplicate.csv", b"a,b,a,label\n" + b"".join(b"%d,%d,%d,%s\n" % (i, i % 3, i % 5, b"xy"[i % 2:i % 2 + 1])
+                                                   for i in range(60)))
+    os.mkfifo(folder / "fifo.csv")
+    files["fifo"] = str(folder / "fifo.csv")
     x = rng.normal(size=(60, 4)).astype(np.float32)
     y = np.arange(60) % 2
     npz("nan.npz", x=np.where(rng.random((60, 4)) < 0.1, np.nan, x), y=y)
@@ -62,6 +70,7 @@ def _write_inputs(folder: Path) -> dict[str, str]:
     npz("empty.npz")
     npz("lengths.npz", x=x, y=y[:50])
     npz("strings.npz", x=np.array([["a", "b"]] * 60), y=y)
+    npz("continuous.npz", x=x, y=rng.normal(size=60))
     raw("corrupt.npz", b"PK\x03\x04 not really a zip file")
     raw("csv_as.npz", (folder / "good.csv").read_bytes())
     for name, classes, corrupt in (("images", "ab", True), ("one_class_images", "a", False)):
@@ -102,7 +111,23 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "missing labels": ("train", [*CSV, "data.path={no_label}"], "missing labels"),
     "header-only CSV": ("train", [*CSV, "data.path={header_only}"], "no data rows"),
     "ragged CSV": ("train", [*CSV, "data.path={ragged_csv}"], "Expected 3 fields in line 3"),
-    "binary file as CSV": ("train", [*CSV, "data.path={binary_csv}"], "cannot read"),
+    "binary file as CSV": ("train", [*CSV, "data.path={binary_csv}"], "not a text CSV file"),
+    "continuous target": ("train", [*CSV, "data.path={continuous}"], "column 'label' of"),
+    "identifier as target": ("train", [*CSV[:2], "data.path={ids}", "data.target=uid", "+data.features=[a,b]"],
+                             "not classes"),
+    "duplicate column names": ("train", [*CSV, "data.path={duplicate_csv}"], "'a' appear more than once"),
+    "data.path is a folder": ("train", [*CSV, "data.path={folder}"], "is a folder, not a file"),
+    "data.path is a FIFO": ("train", [*CSV, "data.path={fifo}"], "is a FIFO (named pipe), not a regular file"),
+    "data.path is a device": ("train", [*CSV, "data.path=/dev/zero"], "/dev/zero is a device"),
+    "file name too long": ("train", [*CSV, f"data.path=/tmp/{'x' * 300}.csv"], "File name too long"),
+    "one-hot encoding that would explode": (
+        "train", [*CSV, "data.path={ids}", "data.encode_categorical=true"], "data.max_categories=100"),
+    "category limit not a number": (
+        "train", [*CSV, "data.path={ids}", "data.encode_categorical=true", "data.max_categories=many"],
+        "data.max_categories: must be a whole number"),
+    "regression dataset from scikit-learn": ("train", ["model=knn", "data=iris", "data.dataset=diabetes"],
+                                             "'diabetes' is a regression dataset"),
+    "continuous y in an npz": ("train", ["model=knn", "data=npz", "data.path={continuous_npz}"], "regression target"),
     "target listed in data.features (leakage)": (
         "train", [*CSV, "data.path={good}", "+data.features=[a,label]"], "target column 'label'"),
     "data.features as a string": ("train", [*CSV, "data.path={good}", "+data.features=ab"], "must be a list"),
@@ -233,6 +258,7 @@ def test_bad_input_is_exit_2_with_one_line(case: str, outcomes: dict[str, tuple[
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"mlops-{command}: error: "), result.stderr[-2000:]
     assert CASES[case][2] in lines[0], lines[0]
+    assert lines[0].isprintable(), lines[0]  # no byte of a file reaches the terminal raw
     assert SECRET not in result.stdout + result.stderr and "secret@" not in result.stderr
     assert mlflow_runs(folder) == []  # rejected before any run exists
     assert not (folder / "pwned").exists()

@@ -7,9 +7,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mlops_tune.data import load_csv, load_npz, load_sklearn, load_splits, split
+from mlops_tune.data import check_classes, load_npz, load_sklearn, load_splits, split
 from mlops_tune.data.images import load_keras
+from mlops_tune.data.tabular import load_csv
 from mlops_tune.runtime.errors import UsageError
 
 
@@ -151,3 +154,35 @@ def test_splits_handed_to_a_helper_process_arrive_equal(name: str) -> None:
     assert back.fingerprint  # a loaded dataset has one
     if name == "digits":  # the CNN's view of them too
         np.testing.assert_array_equal(back.as_input("image").x_val, splits.as_input("image").x_val)
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(min_value=3, max_value=40), min_size=2, max_size=60),
+       as_float=st.booleans(), offset=st.integers(min_value=-5, max_value=5))
+def test_labels_that_are_classes_pass(counts: list[int], as_float: bool, offset: int) -> None:
+    """Any number of classes, each with the 3 rows a split needs, as integers or integral floats."""
+    labels = np.repeat(np.arange(len(counts)) + offset, counts)
+    check_classes(labels.astype(np.float64) if as_float else labels, "y")
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False).filter(lambda v: v % 1 != 0),
+                       min_size=21, max_size=300, unique=True))
+def test_many_distinct_fractional_labels_are_a_regression_target(values: list[float]) -> None:
+    with pytest.raises(UsageError, match="regression target"):
+        check_classes(np.array(values), "data.target: column 'y'")
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(min_value=42, max_value=400))
+def test_one_label_per_row_is_not_classes(n: int) -> None:
+    with pytest.raises(UsageError, match="not classes"):
+        check_classes(np.array([f"id-{i}" for i in range(n)], dtype=object), "data.target: column 'id'")
+
+
+def test_a_header_with_control_bytes_is_never_printed_raw(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_bytes(b"a,b\x1b[2J,label\n1,2,x\n")
+    with pytest.raises(UsageError) as info:
+        load_csv(str(path), "label")
+    assert str(info.value).isprintable() and "binary data" in str(info.value)
