@@ -12,12 +12,15 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from mlops_tune.config import names
 from mlops_tune.runtime import threads
 from mlops_tune.runtime.errors import UsageError, check_int
 
 SAMPLERS = ("tpe", "random", "mutation")
 PRUNERS = ("median", "hyperband", "none")
 GATE_METRICS = ("val_accuracy",)
+
+names.register()  # tune.yaml's study.name and a multirun's job folders
 
 
 def load_train(cfg: Any) -> dict[str, Any]:
@@ -168,10 +171,10 @@ def validate_tune(cfg: Mapping[str, Any]) -> None:
                          "be failed as dead")
     if study["timeout"] is not None and study["timeout"] <= 0:
         raise UsageError(f"study.timeout: must be null or a positive number of seconds, got {study['timeout']!r}")
-    for key, names, namespace in (("sampler", SAMPLERS, "samplers"), ("pruner", PRUNERS, "pruners")):
+    for key, choices_of, namespace in (("sampler", SAMPLERS, "samplers"), ("pruner", PRUNERS, "pruners")):
         spec = study[key]
-        if not (spec in names or (isinstance(spec, Mapping) and "_target_" in spec)):
-            raise UsageError(f"study.{key}: '{spec}' is not one of {', '.join(names)} "
+        if not (spec in choices_of or (isinstance(spec, Mapping) and "_target_" in spec)):
+            raise UsageError(f"study.{key}: '{spec}' is not one of {', '.join(choices_of)} "
                              f"or {{_target_: optuna.{namespace}.X}}")
         if isinstance(spec, Mapping):
             check_code_targets(spec, f"study.{key}", CODE_NAMESPACES[f"study.{key}"])

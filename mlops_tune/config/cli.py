@@ -25,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from mlops_tune.runtime import exits, faults, secrets
+from mlops_tune.config import names
+from mlops_tune.runtime import exits, faults, paths, secrets
 from mlops_tune.runtime.errors import EXIT_USAGE
 
 CONF_DIR = Path(os.environ.get("MLOPS_TUNE_CONF", Path(__file__).resolve().parents[1] / "conf"))
@@ -89,6 +90,11 @@ def summarize_hydra_error(text: str, config_name: str | None = None, argv: list[
         return (f"cannot parse the command line ({summary}); quote a value with spaces or special "
                 """characters, e.g. 'data.path="/my dir/x.csv"'""")
     for line in lines:
+        failed = re.match(r"(?:\w+Error): \[Errno \d+\] ([^:]+): '(.*)'$", line)
+        if failed and failed.group(1) in ("Not a directory", "File exists", "File name too long"):
+            why = "a file is where a folder must be" if failed.group(1) != "File name too long" else failed.group(1)
+            return (f"cannot create the output folder {paths.shown(failed.group(2))} ({why}); "
+                    "set hydra.run.dir=... (hydra.sweep.dir=... for -m) to a folder that can be created")
         if "Permission denied" in line or "Read-only file system" in line:
             return (f"cannot write the output folder ({line.split(': ', 1)[-1]}); "
                     "set hydra.run.dir=... to a writable one")
@@ -239,6 +245,8 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
     sys.stderr = held  # type: ignore[assignment]
     hydra_failed = False
     stopped: int | None = None
+    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+        os.environ[names.SWEPT_ENV] = ",".join(names.swept_keys(sys.argv[1:]))
     try:
         hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(job)()
     except _StopAll as exc:
@@ -253,6 +261,7 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
         sys.stderr = held.inner
         _held = None
         os.environ.pop(_CODES_ENV, None)
+        os.environ.pop(names.SWEPT_ENV, None)
     rows = []
     for line in Path(codes_path).read_text().splitlines():
         code, label, outcome = [*line.split("\t", 2), "", ""][:3]

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from mlops_tune.runtime import locks
+from mlops_tune.runtime import locks, paths
 from mlops_tune.runtime.errors import UsageError
 from mlops_tune.runtime.secrets import redact, redact_text
 
@@ -44,6 +44,7 @@ def check_reachable(uri: str) -> None:
         path = locks.sqlite_path(uri)
         if path is None:
             return
+        paths.check_creatable(path, "tracking.uri")
         if not path.parent.is_dir():
             raise UsageError(f"tracking.uri: folder of the SQLite file does not exist: {redact(uri)}")
         writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK)

@@ -25,7 +25,7 @@ import optuna
 
 from mlops_tune.records import claims
 from mlops_tune.records.stores import write_ahead_sqlite
-from mlops_tune.runtime import locks
+from mlops_tune.runtime import locks, paths
 from mlops_tune.runtime.errors import UsageError, first_line
 from mlops_tune.runtime.retries import retrying
 from mlops_tune.runtime.secrets import redact
@@ -65,6 +65,8 @@ def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
 def check_writable(url: str) -> None:
     """A SQLite or journal file must be writable before the study starts (else exit 2)."""
     path = locks.sqlite_path(url) or (Path(claims.journal_path(url)).absolute() if url.startswith("journal:") else None)
+    if path is not None:
+        paths.check_creatable(path, "study.storage")
     if path is None or not path.parent.is_dir():
         return
     if not os.access(path if path.exists() else path.parent, os.W_OK):

@@ -19,6 +19,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from mlops_tune.runtime import paths
 from mlops_tune.runtime.errors import UsageError
 from mlops_tune.runtime.locks import exclusive
 
@@ -30,6 +31,7 @@ def check(path: str | os.PathLike[str]) -> None:
     (:class:`UsageError`, exit 2): a folder, something that is not a regular file, a file that
     is not JUnit XML (it would be overwritten), a path under a file, or no write permission."""
     file = Path(path)
+    paths.check_creatable(file, "report.junit")  # a name too long: before is_dir() raises on it
     if file.is_dir():
         raise UsageError(f"report.junit: {path} is a folder; name a file in it, e.g. {file / 'junit.xml'}")
     if file.exists():

@@ -152,6 +152,26 @@ def test_multirun_runs_one_study_per_model_and_exits_with_the_worst_code(tune, w
     assert gates == {"knn-digits": "passed", "logreg-digits": "missed"}
 
 
+def test_multirun_jobs_that_differ_are_distinct_studies_in_folders_of_their_own(tune, workdir: Path) -> None:
+    """Jobs that sweep a key (not the model, data or worker) answer different questions: one
+    study, one parent run and one output folder each; a study name never climbs out of the sweep."""
+    result = tune("-m", "model=knn", "model.n_neighbors=1,3", "gate.threshold=0.5", "study.n_trials=1",
+                  "hydra.sweep.dir=sweep")
+    assert result.code == 0, result.stderr
+    parents, _ = parents_and_children(workdir)
+    names = sorted(p.data.tags[tracking.TAG_STUDY] for p in parents)
+    assert names == ["knn-digits-model.n_neighbors=1", "knn-digits-model.n_neighbors=3"]
+    for name in names:
+        assert (workdir / "sweep" / name / "worker-0" / "report.html").is_file()
+        assert len(load_study(workdir, name).trials) == 1
+
+    named = tune("-m", "model=knn", "study.name=../up", "gate.threshold=0.5", "study.n_trials=1",
+                 "hydra.sweep.dir=sweep2")
+    assert named.code == 0, named.stderr
+    assert (workdir / "sweep2" / "_._up" / "worker-0").is_dir() and not (workdir / "up").exists()
+    assert len(load_study(workdir, "../up").trials) == 1  # the name itself is kept
+
+
 def test_parallel_multirun_with_the_joblib_launcher(tune, workdir: Path) -> None:
     result = tune("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=knn,logreg",
                   "gate.threshold=0.985", "study.n_trials=2")
