@@ -42,5 +42,9 @@ CONFIRMED_MEAN = "confirmed_mean"
 START = "start_from"
 #: study attribute: the fingerprint of the data the study ran on (data.fingerprint)
 DATA_FINGERPRINT = "data_fingerprint"
+#: study attribute: what its trials answer (``study.runs.objective_of``: model, search space, data settings)
+OBJECTIVE = "objective"
+#: study attribute: the gate of its first verdict (a later one with another gate is logged beside it)
+JUDGED_GATE = "judged_gate"
 #: a trial stopped at an epoch because a trial of another worker met the gate (study.n_jobs > 1)
 GATE_STOP = "stopped_by_gate"

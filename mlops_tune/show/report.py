@@ -145,9 +145,9 @@ def verdict_line(result: StudyResult) -> str:
 
 
 def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | None,
-                        metric: str = "val_accuracy", threshold: float = 1.0) -> str:
+                        metric: str = "val_accuracy", threshold: float = 1.0, folder: str = "") -> str:
     """Log the trials table (CSV), optimization history and parameter importance (PNG) and
-    the best config (YAML) to the active run; return the CSV text."""
+    the best config (YAML) to the active run (in ``folder`` of its artifacts); return the CSV text."""
     import mlflow
 
     from mlops_tune.records import tracking
@@ -156,14 +156,18 @@ def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | No
                                           "datetime_start", "datetime_complete", "duration"))
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
-    mlflow.log_text(buffer.getvalue(), "trials.csv")
+    mlflow.log_text(buffer.getvalue(), _in(folder, "trials.csv"))
     if best_config is not None:
-        tracking.log_config(best_config, "best_config.yaml")
-    _log_plots(study, metric, threshold)
+        tracking.log_config(best_config, _in(folder, "best_config.yaml"))
+    _log_plots(study, metric, threshold, folder)
     return buffer.getvalue()
 
 
-def _log_plots(study: optuna.Study, metric: str, threshold: float) -> None:
+def _in(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def _log_plots(study: optuna.Study, metric: str, threshold: float, folder: str = "") -> None:
     """optimization_history.png (labelled: metric, threshold, study, pruned trials) and,
     from :data:`MIN_TRIALS_FOR_IMPORTANCE` complete trials on, param_importances.png."""
     import matplotlib
@@ -180,7 +184,7 @@ def _log_plots(study: optuna.Study, metric: str, threshold: float) -> None:
         with contextlib.suppress(Exception):  # a plot is a convenience, never a reason to fail
             figure = plot(plt, study, metric, threshold)
             figure.tight_layout()
-            mlflow.log_figure(figure, name)
+            mlflow.log_figure(figure, _in(folder, name))
             plt.close(figure)
 
 
@@ -239,7 +243,7 @@ def readable_param(name: str) -> str:
 
 
 def log_study_page(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace,
-                   result: StudyResult) -> str:
+                   result: StudyResult, folder: str = "") -> str:
     """Build report.html (see :mod:`mlops_tune.show.page`), log it to the active (parent) run, return it."""
     import mlflow
 
@@ -271,5 +275,5 @@ def log_study_page(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpa
     except Exception as exc:  # a page is a convenience: never a reason to fail a study that ran
         print(f"study report: not written ({type(exc).__name__}: {exc}; please report this bug)", flush=True)
         return ""
-    mlflow.log_text(html, "report.html")
+    mlflow.log_text(html, _in(folder, "report.html"))
     return html

@@ -20,7 +20,16 @@ from mlops_tune.show import report
 from mlops_tune.show.progress import Progress
 from mlops_tune.show.report import StudyResult
 from mlops_tune.study.finish import finish
-from mlops_tune.study.runs import TAG_START, others_running, parent_run, reconcile, study_for_data, study_params
+from mlops_tune.study.runs import (
+    TAG_START,
+    objective_of,
+    others_running,
+    parent_run,
+    reconcile,
+    remember_identity,
+    study_for,
+    study_params,
+)
 from mlops_tune.study.start import probe, start_point
 from mlops_tune.trial import data_source
 from mlops_tune.workers.local import LocalProcesses
@@ -59,8 +68,8 @@ class Study:
             storage = make_storage(self.cfg["study"])
             experiment_id = tracking.connect(plan.tracking_uri, self.cfg["tracking"]["experiment"])
             with faults.classified(tracking_uri=plan.tracking_uri, storage_url=plan.storage_url):
-                plan.name = study_for_data(storage, plan.name, plan.splits.fingerprint,
-                                           self.cfg["study"]["on_data_change"])
+                plan.name = study_for(storage, plan.name, plan.splits.fingerprint, objective_of(self.cfg),
+                                      self.cfg["study"]["on_data_change"])
                 return self._run(storage, experiment_id)
         except BaseException as exc:
             if self.helpers is not None:
@@ -116,8 +125,7 @@ class Study:
         if budget.claim("base_trial", self.worker) != self.worker:  # joining: another worker or a resume
             plan.sampler.reseed_rng()  # workers seeded alike must not propose the same points
             return None, None
-        if plan.splits.fingerprint and keys.DATA_FINGERPRINT not in study.user_attrs:
-            study.set_user_attr(keys.DATA_FINGERPRINT, plan.splits.fingerprint)
+        remember_identity(study, plan.splits.fingerprint, self.cfg)
         study.enqueue_trial(plan.space.encode(start), user_attrs={
             keys.PARENT: keys.ROOT, **({keys.START: origin} if origin else {})})
         found = probe(plan, start)

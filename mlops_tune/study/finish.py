@@ -61,8 +61,10 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
             test_accuracy = family.accuracy(family.load_model(model_uri), inputs.x_test, inputs.y_test)
         if test_accuracy is not None:
             metrics["test_accuracy"] = test_accuracy
+    verdict, folder = "passed" if passed else "missed", verdict_folder(study, cfg["gate"])
+    verdict_tag = {TAG_REJUDGED: f"{folder.removeprefix('rejudged/')}: {verdict}"} if folder else {}
     tracking.log_batch(metrics=metrics, tags={
-        tracking.TAG_GATE: "passed" if passed else "missed",
+        **(verdict_tag or {tracking.TAG_GATE: verdict}),
         **({"mlops_tune.best_trial": str(best.number)} if best else {}),
     })
     result = StudyResult(
@@ -70,15 +72,41 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
         best_trial=best.number if best else None, test_accuracy=test_accuracy, n_trials=n_judged,
         threshold=threshold, parent_run_id=parent_run_id, best_config=best_cfg,
         gate_note="" if passed else gate.missed_because(done, cfg["gate"]),
-        trials_csv=report.log_study_artifacts(study, best_cfg, str(cfg["gate"]["metric"]), threshold),
+        trials_csv=report.log_study_artifacts(study, best_cfg, str(cfg["gate"]["metric"]), threshold, folder),
     )
     if passed and cfg["registry"]["promote"] and best is not None:
         result = _promote(best, model_uri, result, cfg, budget, worker, splits)
-    result = replace(result, report_html=report.log_study_page(study, cfg, space, result))
+    result = replace(result, report_html=report.log_study_page(study, cfg, space, result, folder))
     describe_study_run(study.study_name, report.verdict_line(result),
                                 str(best.user_attrs.get(keys.RUN, "")) if best else "")
     report.summary(study, result)
     return result
+
+
+#: the parent run's tag of a verdict given with another gate than the study's first one
+TAG_REJUDGED = "mlops_tune.rejudged"
+#: the gate keys that judge the trials (a change is a new verdict on the same study, not a new study)
+VERDICT_KEYS = ("threshold", "confirm", "max_params", "max_predict_ms")
+
+
+def verdict_folder(study: optuna.Study, gate_cfg: Mapping[str, Any]) -> str:
+    """Where this verdict's artifacts go in the study's run: "" (its top) for the study's first
+    gate; ``rejudged/gate.threshold=0.9`` for another one, so that a re-judgement never
+    replaces the first verdict's report, trials table and best config (its tag ``mlops_tune.gate``
+    and params stay those of the first)."""
+    now = {key: gate_cfg.get(key) for key in VERDICT_KEYS}
+    first = study.user_attrs.get(keys.JUDGED_GATE)
+    if first is None:
+        study.set_user_attr(keys.JUDGED_GATE, now)
+        return ""
+    changed = [key for key in VERDICT_KEYS if first.get(key) != now[key]]
+    if not changed:
+        return ""
+    folder = "rejudged/" + "_".join(f"gate.{key}={now[key]}" for key in changed)
+    print(f"study '{study.study_name}': judged again with another gate ("
+          + ", ".join(f"gate.{key} {first.get(key)} -> {now[key]}" for key in changed)
+          + f"): this verdict is logged under {folder}/ of the study's run; the first verdict's stays", flush=True)
+    return folder
 
 
 def rebuild(best: FrozenTrial, best_cfg: dict[str, Any], splits: Splits, parent_run_id: str,

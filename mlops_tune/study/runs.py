@@ -22,27 +22,73 @@ from mlops_tune.search.gate import judged
 TAG_START = "mlops_tune.start_from"
 
 
-def study_for_data(storage: optuna.storages.BaseStorage, name: str, fingerprint: str, policy: str) -> str:
-    """The study to run on this data: ``name``, unless the stored study of that name ran on other
-    data; then ``<name>-data-<fingerprint>`` (the old study left as it is) or, with
-    ``study.on_data_change=fail``, exit 2."""
+def objective_of(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """What a study's trials answer, flattened: the base model and its fixed training settings,
+    the search space, the data's settings (not its path: its content is the data fingerprint),
+    the split's seed and the gate's metric. Trials of two objectives are not comparable; the
+    gate's threshold and limits are a judgement of the trials, not part of it."""
+    model = {k: v for k, v in cfg["model"].items() if k != "max_params"}  # a refusal limit, not the model
+    data = {k: v for k, v in cfg["data"].items() if k != "path"}
+    flat = {**tracking.flatten("model", model), **tracking.flatten("search", cfg.get("search") or {}),
+            **tracking.flatten("data", data), "seed": str(cfg["seed"]), "gate.metric": str(cfg["gate"]["metric"])}
+    return {k: v for k, v in flat.items() if not k.endswith((".len", ".sum"))}  # a list's summary params
+
+
+def _digest(objective: Mapping[str, str]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(dict(objective), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def remember_identity(study: optuna.Study, fingerprint: str, cfg: Mapping[str, Any]) -> None:
+    """Record what the study answers (data fingerprint, objective) when it has no record yet."""
+    for key, value in ((keys.DATA_FINGERPRINT, fingerprint), (keys.OBJECTIVE, objective_of(cfg))):
+        if value and key not in study.user_attrs:
+            study.set_user_attr(key, value)
+
+
+def study_for(storage: optuna.storages.BaseStorage, name: str, fingerprint: str, objective: Mapping[str, str],
+              policy: str) -> str:
+    """The study to run: ``name``, unless the stored study of that name ran on other data or
+    answers another objective (:func:`objective_of`: e.g. other ``model.epochs``); then
+    ``<name>-data-<fingerprint>`` / ``<name>-<digest>`` (the old study left as it is) or, with
+    ``study.on_data_change=fail``, exit 2. A stored study without a record adopts this one."""
     try:
-        stored = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get(keys.DATA_FINGERPRINT)
+        study_id = storage.get_study_id_from_name(name)
     except KeyError:  # no such study yet
         return name
-    if not fingerprint or stored in (None, fingerprint):  # an older study without one: adopts this data
+    stored_attrs = storage.get_study_user_attrs(study_id)
+    stored = stored_attrs.get(keys.DATA_FINGERPRINT)
+    if fingerprint and stored not in (None, fingerprint):
+        return _moved(storage, name, f"{name}-data-{fingerprint[:8]}", policy, ("ran on other data", "the data"),
+                      f"fingerprint {stored} -> {fingerprint}")
+    was = stored_attrs.get(keys.OBJECTIVE)
+    if was is None:
+        storage.set_study_user_attr(study_id, keys.OBJECTIVE, dict(objective))
         return name
+    if dict(was) == dict(objective):
+        return name
+    changed = sorted(k for k in {*was, *objective} if was.get(k) != objective.get(k))
+    what = ", ".join(f"{k} {was.get(k, '(none)')} -> {objective.get(k, '(none)')}" for k in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return _moved(storage, name, f"{name}-{_digest(objective)}", policy, ("answers another objective", "its objective"),
+                  what + more)
+
+
+def _moved(storage: optuna.storages.BaseStorage, name: str, new: str, policy: str, why: tuple[str, str],
+           what: str) -> str:
+    """``new``, said in one line (``why``: what the old study did, what changed), or exit 2 (policy fail)."""
+    why, subject = why
     if policy == "fail":
-        raise UsageError(f"study.name: study '{name}' ran on other data (fingerprint {stored}, now {fingerprint}); "
-                         "set study.on_data_change=new_study or another study.name")
-    new = f"{name}-data-{fingerprint[:8]}"
+        raise UsageError(f"study.name: study '{name}' {why} ({what}); set study.on_data_change=new_study "
+                         "or another study.name")
     try:
         storage.get_study_id_from_name(new)
-        print(f"study '{name}' ran on other data (fingerprint {stored}); this data ({fingerprint}) "
-              f"continues study '{new}'", flush=True)
+        print(f"study '{name}' {why} ({what}); this run continues study '{new}'", flush=True)
     except KeyError:
-        print(f"study '{name}': the data changed since it ran (fingerprint {stored} -> {fingerprint}): "
-              f"this is a new study '{new}' (the old study is left as it is)", flush=True)
+        print(f"study '{name}': {subject} changed since it ran ({what}): this is a new study '{new}' (the old "
+              "study is left as it is)", flush=True)
     return new
 
 

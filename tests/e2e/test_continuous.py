@@ -196,3 +196,37 @@ def test_gate_max_params_is_respected_and_named_when_it_is_what_failed(workdir: 
     assert "broke gate.max_params (smallest n_params 610 > 500)" in large.stdout
     assert all(t.constraints.get("gate.max_params", 0) > 0 for t in studies(workdir)["too-large"].trials
                if t.state == optuna.trial.TrialState.COMPLETE)
+
+
+def test_other_training_settings_are_a_new_study_and_another_gate_a_new_verdict(workdir: Path) -> None:
+    """A study's identity is what its trials answer (model and training settings, search space,
+    data settings, metric), not only its name; a threshold is a judgement of the same trials."""
+    args = ("model=knn", "study.n_trials=1", "study.sampler=random")
+
+    def tune(*extra: str):
+        return run_command("mlops-tune", *args, *extra, cwd=workdir)
+
+    assert tune("gate.threshold=0.5").code == 0
+    other = tune("gate.threshold=0.5", "model.weights=distance")
+    assert other.code == 0, other.stderr
+    assert "its objective changed since it ran (model.weights uniform -> distance)" in other.stdout
+    [renamed] = [n for n in studies(workdir) if n != "knn-digits"]
+    assert renamed.startswith("knn-digits-")
+    assert [len(s.trials) for s in studies(workdir).values()] == [1, 1]  # nothing mixed
+    again = tune("gate.threshold=0.5", "model.weights=distance")
+    assert f"continues study '{renamed}'" in again.stdout and len(studies(workdir)[renamed].trials) == 1
+    refused = tune("gate.threshold=0.5", "model.p=1", "study.on_data_change=fail")
+    assert refused.code == 2 and "answers another objective (model.p 2 -> 1)" in refused.error_lines[0]
+
+    client = mlflow_client(workdir)
+    [first] = [p for p in parents(workdir) if p.data.tags[tracking.TAG_STUDY] == "knn-digits"]
+    report = client.download_artifacts(first.info.run_id, "report.html", str(workdir / "before"))
+    rejudged = tune("gate.threshold=0.9999")  # the same trials, judged again: missed
+    assert rejudged.code == 1, rejudged.stderr
+    assert "judged again with another gate (gate.threshold 0.5 -> 0.9999)" in rejudged.stdout
+    run = client.get_run(first.info.run_id)
+    assert run.data.tags[tracking.TAG_GATE] == "passed" and run.data.params["gate.threshold"] == "0.5"
+    assert run.data.tags["mlops_tune.rejudged"] == "gate.threshold=0.9999: missed"
+    after = client.download_artifacts(first.info.run_id, "", str(workdir / "after"))
+    assert Path(after, "report.html").read_text() == Path(report).read_text()  # the first verdict's page stays
+    assert Path(after, "rejudged", "gate.threshold=0.9999", "report.html").is_file()

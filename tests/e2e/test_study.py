@@ -207,8 +207,9 @@ def test_sigkilled_run_leaves_nothing_running_after_a_rerun(workdir: Path) -> No
     )
     kill_when_a_trial_runs(victim, "knn-digits", f"sqlite:///{workdir / 'optuna.db'}")
     time.sleep(3.5)  # past the grace period: the heartbeat is stale
-    rerun = subprocess.run([str(BIN / "mlops-tune"), *args], cwd=workdir, env=command_env(),
-                           capture_output=True, text=True, timeout=300)
+    # the same study (the same model class: its trials now sleep 0 s)
+    rerun = subprocess.run([str(BIN / "mlops-tune"), *args, "model._target_=tests.helpers.SlowKNN"], cwd=workdir,
+                           env=command_env(MLOPS_TUNE_TEST_SLEEP="0"), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 1, rerun.stderr
     trials = load_study(workdir, "knn-digits").trials
     # the killed trial never trained: it is not charged, its copy runs, the budget still gets 3

@@ -126,11 +126,11 @@ def test_claims_have_exactly_one_winner(stores: dict[str, str]) -> None:
 def test_killed_worker_trial_is_failed_and_retried(stores: dict[str, str], workdir: Path) -> None:
     study = f"kill-{uuid.uuid4().hex[:6]}"
     base = _args(stores, study, "study.n_trials=3", "gate.threshold=0.999", "study.sampler=random",
-                 "study.heartbeat_interval=1", "study.grace_period=2")
-    victim = _start([*base, "model._target_=tests.helpers.SlowKNN"], workdir, MLOPS_TUNE_TEST_SLEEP="300")
+                 "study.heartbeat_interval=1", "study.grace_period=2", "model._target_=tests.helpers.SlowKNN")
+    victim = _start(base, workdir, MLOPS_TUNE_TEST_SLEEP="300")
     kill_when_a_trial_runs(victim, study, stores["storage"])
     time.sleep(3.5)
-    survivor = subprocess.run([str(BIN / "mlops-tune"), *base], cwd=workdir, env=command_env(),
+    survivor = subprocess.run([str(BIN / "mlops-tune"), *base], cwd=workdir, env=command_env(MLOPS_TUNE_TEST_SLEEP="0"),
                               capture_output=True, text=True, timeout=600)
     assert survivor.returncode == 1, survivor.stderr
     trials = optuna.load_study(study_name=study, storage=stores["storage"]).get_trials()
