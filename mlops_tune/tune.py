@@ -36,12 +36,12 @@ def tune(cfg: Any) -> int:
         junit.check(junit_path)  # what the study's end writes, refused now rather than after it ran
     try:
         result = Study(plain).run()
+        _write_outputs(result)
     except (StudyAborted, UsageError, EnvironmentFault, KeyboardInterrupt) as exc:
         if junit_path:
             junit.record(junit_path, plain["study"]["name"], plain["model"]["name"],
                          time.perf_counter() - started, error=redact_text(str(exc) or "interrupted"))
         raise
-    _write_outputs(result)
     from mlops_tune.show.report import verdict_line
 
     note_job(f"study '{result.study_name}': {verdict_line(result)}")
@@ -57,16 +57,27 @@ def tune(cfg: Any) -> int:
 def _write_outputs(result: Any) -> None:
     """Save the trials table and the best trial's config (ready for ``mlops-train``) in
     Hydra's output folder, where CI archives them."""
-    import yaml
-
-    from mlops_tune.runtime.secrets import redact_config
-
     try:
         from hydra.core.hydra_config import HydraConfig
 
         out = Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # not under Hydra (called from Python)
         out = Path.cwd()
+    try:
+        _write_files(out, result)
+    except OSError as exc:  # the folder deleted (or made unwritable) while the study ran
+        from mlops_tune.runtime import faults
+
+        fault = faults.classify(exc)
+        raise fault or EnvironmentFault("disk", f"cannot write the study's outputs in {out} "
+                                                f"({exc.strerror or exc}); its verdict is in the MLflow run") from None
+
+
+def _write_files(out: Path, result: Any) -> None:
+    import yaml
+
+    from mlops_tune.runtime.secrets import redact_config
+
     (out / "trials.csv").write_text(result.trials_csv)
     if result.report_html:
         (out / "report.html").write_text(result.report_html)

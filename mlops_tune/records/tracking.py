@@ -205,6 +205,21 @@ def finished_child(parent_run_id: str, tag: str, value: str) -> Any:
     return runs[0] if runs else None
 
 
+def run_exists(run_id: str, experiment_id: str) -> bool:
+    """Whether ``run_id`` is a live run of ``experiment_id`` in the tracking store (False: never
+    there, deleted, or in another experiment: a store that was replaced). Other errors raise."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            return False
+        raise
+    return run.info.lifecycle_stage == "active" and str(run.info.experiment_id) == str(experiment_id)
+
+
 def experiment_of(run_id: str) -> str:
     import mlflow
 
@@ -380,16 +395,23 @@ def model_ready(model_uri: str, grace: float = 30.0, poll: float = 0.2) -> bool:
     ``grace`` seconds old this waits (another worker of the study may be writing it, see
     ``mlops_tune.records.backlog``: its writes start within seconds); False when its writing failed,
     or it is still PENDING after that (its writer died, or the store failed under it before
-    the writer could mark it FAILED). Other URIs: True."""
+    the writer could mark it FAILED), or it is not in the store (a store replaced). Other URIs: True."""
     import mlflow
     from mlflow.entities import LoggedModelStatus
 
     model_id = model_id_of(model_uri)
     if model_id is None:
         return True
+    from mlflow.exceptions import MlflowException
+
     client = mlflow.MlflowClient()
     while True:
-        model = client.get_logged_model(model_id)
+        try:
+            model = client.get_logged_model(model_id)
+        except MlflowException as exc:  # gone with its store (a tracking database replaced)
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+                return False
+            raise
         if model.status == LoggedModelStatus.READY:
             return True
         age = time.time() - model.creation_timestamp / 1000

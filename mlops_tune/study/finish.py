@@ -53,8 +53,9 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
             if passed:  # the gate's winner must exist: trained again from its config and seed
                 model_uri, test_accuracy = rebuild(best, best_cfg, splits, parent_run_id, study.study_name)
             else:
-                print(f"study '{study.study_name}': the model of trial {best.number} was not written "
-                      f"({model_uri}); it is not judged on the test split", flush=True)
+                print(f"study '{study.study_name}': the model of trial {best.number} is not in the tracking store "
+                      f"({model_uri}: never written, or gone with a replaced store); it is not judged on the test "
+                      "split", flush=True)
                 model_uri = None
         if model_uri and test_accuracy is None:
             inputs = splits.as_input(family.input_kind)
@@ -118,8 +119,9 @@ def rebuild(best: FrozenTrial, best_cfg: dict[str, Any], splits: Splits, parent_
     found = tracking.finished_child(parent_run_id, TAG_REBUILD_OF, str(best.number))
     if found is not None and found.data.tags.get(tracking.TAG_MODEL_URI):
         return found.data.tags[tracking.TAG_MODEL_URI], None
-    print(f"study '{study_name}': the model of trial {best.number} was not written (its process was stopped "
-          "first); training it again from the trial's config and seed ...", flush=True)
+    print(f"study '{study_name}': the model of trial {best.number} is not in the tracking store (its process was "
+          "stopped before writing it, or the store was replaced); training it again from the trial's config and "
+          "seed ...", flush=True)
     outcome = run_trial(best_cfg, experiment_id=tracking.experiment_of(parent_run_id), splits=splits,
                         parent_run_id=parent_run_id, run_name=f"trial-{best.number}-model",
                         tags={tracking.TAG_STUDY: study_name, TAG_REBUILD_OF: str(best.number)})

@@ -111,11 +111,17 @@ def parent_run(study: optuna.Study, experiment_id: str, budget: claims.Budget) -
     # of the environment: MLflow would otherwise resume that run for the first trial.
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)
     known = study.user_attrs.get(keys.PARENT_RUN)
-    if known:
+    if known and tracking.run_exists(str(known), experiment_id):
         return str(known), False
     name = study.study_name
     candidate = project_run or tracking.create_run(experiment_id, name, {tracking.TAG_STUDY: name})
     winner = budget.claim("parent_run", candidate)
+    if known and winner == known:  # the recorded run is gone (store replaced, run deleted): ours takes over
+        budget.release("parent_run", str(known))
+        winner = budget.claim("parent_run", candidate)
+        if winner == candidate:
+            print(f"study '{name}': its MLflow run {known} is gone from the tracking store (replaced, or the run "
+                  f"deleted): a new run {candidate} records the study from here", flush=True)
     if winner != candidate:  # another worker was first: use its run, drop ours
         tracking.delete_run(candidate)
         return winner, False
@@ -153,7 +159,7 @@ def describe_study_run(study_name: str, verdict: str, best_run_id: str) -> None:
     description = (f"**{verdict}**\n\nStudy report: the `report.html` artifact of this run "
                    "(trials, optimization history, mutation lineage, a link to every trial's run).")
     tracking.log_batch(tags={MLFLOW_RUN_NAME: study_name, MLFLOW_RUN_NOTE: description})
-    if not best_run_id:
+    if not best_run_id or not tracking.run_exists(best_run_id, run.info.experiment_id):  # gone with a replaced store
         return
     earlier = client.search_runs(
         [run.info.experiment_id],

@@ -578,3 +578,49 @@ def test_credentials_from_the_environment_keep_working(server: Server, workdir: 
     assert result.returncode == 0, result.stderr
     assert SECRET not in result.stdout + result.stderr
     _secret_free(workdir / "outputs")
+
+
+# ----------------------------------------------------------------------------- a study never gets stuck
+
+
+@pytest.mark.parametrize("threshold", ["0.999", "0.5"])
+def test_a_replaced_tracking_store_is_recovered_by_the_next_run(threshold: str, workdir: Path) -> None:
+    """The tracking database deleted between two runs: the study's parent run and its models are
+    gone. The next run records the study in a new parent run (said in one line) instead of
+    failing on the missing run forever; a passed gate's winner is trained again and promoted."""
+    args = ["model=knn", "study.n_trials=1", f"gate.threshold={threshold}", "study.sampler=random"]
+    first = _run(args, workdir)
+    assert first.returncode in (0, 1), first.stderr[-3000:]
+    for leftover in workdir.glob("mlflow.db*"):
+        leftover.unlink()
+    rerun = _run([*args[:1], "study.n_trials=2", *args[2:]], workdir)
+    assert rerun.returncode == first.returncode, rerun.stderr[-3000:]
+    assert "is gone from the tracking store" in rerun.stdout
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    [parent] = [r for r in mlflow_runs(uri) if tracking.TAG_GATE in r.data.tags]
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    assert optuna.load_study(study_name="knn-digits", storage=storage).user_attrs[keys.PARENT_RUN] == parent.info.run_id
+    if threshold == "0.5":  # gate met by trial 0 before: its model, gone with the store, is trained again
+        assert "trained again" in rerun.stdout
+        client = mlflow.MlflowClient(uri)
+        assert client.get_model_version_by_alias("mlops-tune-knn-digits", "champion").tags["trial"] == "0"
+    else:
+        assert _judged_count(storage, "knn-digits") == 2
+    again = _run([*args[:1], "study.n_trials=2", *args[2:]], workdir)
+    assert again.returncode == first.returncode and "is gone" not in again.stdout
+    _no_running(uri)
+
+
+def test_an_output_folder_deleted_mid_study_is_one_line_exit_3(workdir: Path) -> None:
+    hold = workdir / "hold"
+    hold.touch()
+    out = workdir / "out"
+    proc = _start([*SLOW, "study.n_trials=1", f"hydra.run.dir={out}"], workdir, MLOPS_TUNE_TEST_HOLD=str(hold))
+    _wait_for(proc, lambda: any(t.state == TrialState.RUNNING for t in _trials(f"sqlite:///{workdir / 'optuna.db'}",
+                                                                              "knn-digits")))
+    shutil.rmtree(out)
+    hold.unlink()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    _one_error_line(err, "cannot write the study's outputs in", str(out), "No such file or directory")
+    _no_running(f"sqlite:///{workdir / 'mlflow.db'}")
