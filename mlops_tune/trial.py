@@ -20,7 +20,7 @@ from optuna.exceptions import TrialPruned
 
 from mlops_tune.data import Splits, load_splits
 from mlops_tune.families import get_family
-from mlops_tune.records import tracking
+from mlops_tune.records import models, tracking
 from mlops_tune.records.backlog import Backlog, take
 from mlops_tune.runtime import faults
 
@@ -276,7 +276,7 @@ def run_trial(
                 model_uri = family.log_model(fit.model, inputs, "model")
             elif log_model and backlog is not None:
                 # the model's URI now (the trial's result names it), its files while the next trial trains
-                model_uri = tracking.start_model(run_id, experiment_id, "model", params)
+                model_uri = models.start_model(run_id, experiment_id, "model", params)
                 backlog.submit(f"the model of run {run_id}", functools.partial(
                     write_model, family, fit.model, inputs, model_uri))
             tracking.log_batch(
@@ -302,10 +302,10 @@ def run_trial(
 
 
 def write_model(family: Any, model: Any, inputs: Splits, model_uri: str) -> None:
-    """Write a model :func:`tracking.start_model` began (in a :class:`Backlog`'s thread)."""
+    """Write a model :func:`models.start_model` began (in a :class:`Backlog`'s thread)."""
     tracking.wait_model_logging()
     try:
-        family.log_model(model, inputs, "model", model_id=tracking.model_id_of(model_uri))
+        family.log_model(model, inputs, "model", model_id=models.model_id_of(model_uri))
     except BaseException:
-        tracking.fail_model(model_uri)
+        models.fail_model(model_uri)
         raise

@@ -65,7 +65,7 @@ class _HeldStderr(io.TextIOBase):
 
 def summarize_hydra_error(text: str, config_name: str | None = None, argv: list[str] | None = None) -> str:
     """One line from Hydra's (or argparse's) multi-line error report, with the fix where it is clear."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in _without_frames(text) if line.strip()]
     lines = [line for line in lines if not line.startswith(("Set the environment variable", "Traceback", "See https"))]
     if not lines:
         return "invalid command line or config"
@@ -98,7 +98,21 @@ def summarize_hydra_error(text: str, config_name: str | None = None, argv: list[
         if "Permission denied" in line or "Read-only file system" in line:
             return (f"cannot write the output folder ({line.split(': ', 1)[-1]}); "
                     "set hydra.run.dir=... to a writable one")
-    return summary
+    return re.sub(r"^[\w.]*(?:Error|Exception): ", "", summary)  # an exception's line, without its class
+
+
+def _without_frames(text: str) -> list[str]:
+    """The lines of ``text`` without a Python traceback's frames (``File "..."`` and its code lines)."""
+    kept, in_frame = [], False
+    for line in text.splitlines():
+        if line.startswith('  File "'):
+            in_frame = True
+            continue
+        if in_frame and line.startswith("    "):
+            continue
+        in_frame = False
+        kept.append(line)
+    return kept
 
 
 def _did_you_mean(key: str, config_name: str | None, argv: list[str]) -> str | None:
@@ -220,6 +234,21 @@ def _redact_saved_configs() -> None:
         secrets.redact_files(Path(hydra_cfg.sweep.dir), ("multirun.yaml",))
 
 
+#: Hydra's flags that take a value (the next argument)
+_VALUE_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c", "--cfg", "-p",
+                "--package")
+
+
+def _help_arguments(argv: list[str]) -> list[str]:
+    """The arguments that shape ``--help`` (Hydra's flags and their values), without the overrides
+    and the multirun flag: the help is the same for any of them, and a bad one must not break it."""
+    kept = []
+    for index, arg in enumerate(argv):
+        if (arg.startswith("-") and arg not in ("-m", "--multirun")) or (index and argv[index - 1] in _VALUE_FLAGS):
+            kept.append(arg)
+    return kept
+
+
 def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
     """Run ``job`` under Hydra with ``config_name`` from ``conf/``; exit with the contract's code."""
     if "MLOPS_TUNE_CONF" in os.environ and not (CONF_DIR / f"{config_name}.yaml").is_file():
@@ -245,6 +274,8 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
     sys.stderr = held  # type: ignore[assignment]
     hydra_failed = False
     stopped: int | None = None
+    if any(arg in ("-h", "--help", "--hydra-help") for arg in sys.argv[1:]):
+        sys.argv = [sys.argv[0], *_help_arguments(sys.argv[1:])]
     if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
         os.environ[names.SWEPT_ENV] = ",".join(names.swept_keys(sys.argv[1:]))
     try:
@@ -257,6 +288,9 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
         stopped = faults.signal_exit_code(exc)
     except SystemExit as exc:
         hydra_failed = exc.code not in (0, None)
+    except Exception as exc:  # Hydra's own, raised past its reporting (--help with a config it cannot load)
+        held.held.append(f"{type(exc).__name__}: {exc}\n")
+        hydra_failed = True
     finally:
         sys.stderr = held.inner
         _held = None

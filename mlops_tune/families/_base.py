@@ -58,7 +58,7 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def log_model(self, model: Any, splits: Splits, name: str, model_id: str | None = None) -> str:
         """Log the model with its MLflow flavor to the active run, or write the pending logged
-        model ``model_id`` (``tracking.start_model``: from any thread); return its model URI."""
+        model ``model_id`` (``models.start_model``: from any thread); return its model URI."""
 
     @abc.abstractmethod
     def load_model(self, model_uri: str) -> Any:

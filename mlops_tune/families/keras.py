@@ -28,6 +28,10 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam")
 DEFAULT_MAX_PARAMS = 5_000_000
 
 
+#: the largest learning rate a config may give (beyond, every optimizer diverges at once)
+MAX_LEARNING_RATE = 10.0
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -106,8 +110,8 @@ class _KerasFamily(Family):
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise UsageError(f"model.dropout: must be in [0, 1), got {dropout!r}")
         lr = model_cfg["learning_rate"]
-        if not isinstance(lr, (int, float)) or not 0 < lr <= 10:
-            raise UsageError(f"model.learning_rate: must be a positive number, got {lr!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= MAX_LEARNING_RATE:
+            raise UsageError(f"model.learning_rate: must be in (0, {MAX_LEARNING_RATE:g}], got {lr!r}")
         for key in ("batch_size", "epochs"):
             check_int(model_cfg[key], f"model.{key}")
         check_int(model_cfg["early_stopping_patience"], "model.early_stopping_patience", low=0)

@@ -44,7 +44,7 @@ from mlops_tune.records.stores import fail_fast
 from mlops_tune.runtime.faults import broken_response, classify
 from mlops_tune.runtime.retries import retrying
 
-#: the longest a write waits for the next trial's epoch 1 (a model others wait for: ``tracking.model_ready``)
+#: the longest a write waits for the next trial's epoch 1 (a model others wait for: ``models.model_ready``)
 PAUSE_LIMIT = 5.0
 
 _Item = tuple[str, Callable[[], None]] | threading.Event | None
@@ -95,7 +95,7 @@ class Backlog:
 
     def pause(self) -> None:
         """No write starts from now on until :meth:`resume`, or for :data:`PAUSE_LIMIT` seconds
-        at most (a model others wait for: ``tracking.model_ready``); one under way ends."""
+        at most (a model others wait for: ``models.model_ready``); one under way ends."""
         self._paused_at = time.monotonic()
         self._open.clear()
 

@@ -29,6 +29,7 @@ from mlops_tune.runtime import locks
 from mlops_tune.runtime.errors import UsageError, first_line
 from mlops_tune.runtime.faults import classify
 from mlops_tune.runtime.logs import quiet_libraries
+from mlops_tune.runtime.paths import shown
 from mlops_tune.runtime.retries import retrying
 from mlops_tune.runtime.secrets import redact, redact_config, redact_text
 
@@ -83,6 +84,9 @@ def connect(uri: str, experiment: str) -> str:
             seed_new_sqlite_store(uri)
             experiment_id = _set_experiment(experiment)
     except Exception as exc:
+        if getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE":  # the store answered: the name is refused
+            raise UsageError(f"tracking.experiment: {shown(experiment)!r} cannot be used at {redact(uri)} "
+                             f"({shown(first_line(exc), 120)})") from None
         raise UsageError(f"tracking.uri: cannot open {redact(uri)} ({first_line(exc)})") from None
     _check_artifact_folder(experiment_id)
     return experiment_id
@@ -358,65 +362,3 @@ def log_config(cfg: Mapping[str, Any], artifact: str = "config.yaml", run_id: st
 
     run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
     mlflow.MlflowClient().log_text(run_id, yaml.safe_dump(redact_config(cfg), sort_keys=False), artifact)
-
-
-def start_model(run_id: str, experiment_id: str, name: str, params: Mapping[str, str]) -> str:
-    """A model of ``run_id`` that is yet to be written (MLflow's PENDING logged model, linked to
-    the run as its output); returns its ``models:/`` URI. A flavor's ``log_model(model_id=...)``
-    writes and finalizes it (``Family.log_model``), in the background (``mlops_tune.records.backlog``)."""
-    import mlflow
-    from mlflow.entities import LoggedModelOutput
-
-    model = mlflow.initialize_logged_model(name=name, source_run_id=run_id, params=dict(params),
-                                           experiment_id=experiment_id)
-    mlflow.MlflowClient().log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step=0)])
-    return f"models:/{model.model_id}"
-
-
-def model_id_of(model_uri: str) -> str | None:
-    """The logged model id of a ``models:/m-...`` URI (None for a registry or a run URI)."""
-    rest = model_uri.removeprefix("models:/")
-    return rest if rest != model_uri and "/" not in rest and rest.startswith("m-") else None
-
-
-def fail_model(model_uri: str) -> None:
-    """Mark a model whose writing failed as FAILED (best effort: the store may be what failed)."""
-    import mlflow
-    from mlflow.entities import LoggedModelStatus
-
-    model_id = model_id_of(model_uri)
-    if model_id is not None:
-        with contextlib.suppress(Exception):
-            mlflow.MlflowClient().finalize_logged_model(model_id, LoggedModelStatus.FAILED)
-
-
-def model_ready(model_uri: str, grace: float = 30.0, poll: float = 0.2) -> bool:
-    """Whether the model behind ``model_uri`` is written. While it is PENDING and less than
-    ``grace`` seconds old this waits (another worker of the study may be writing it, see
-    ``mlops_tune.records.backlog``: its writes start within seconds); False when its writing failed,
-    or it is still PENDING after that (its writer died, or the store failed under it before
-    the writer could mark it FAILED), or it is not in the store (a store replaced). Other URIs: True."""
-    import mlflow
-    from mlflow.entities import LoggedModelStatus
-
-    model_id = model_id_of(model_uri)
-    if model_id is None:
-        return True
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient()
-    while True:
-        try:
-            model = client.get_logged_model(model_id)
-        except MlflowException as exc:  # gone with its store (a tracking database replaced)
-            if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
-                return False
-            raise
-        if model.status == LoggedModelStatus.READY:
-            return True
-        age = time.time() - model.creation_timestamp / 1000
-        if model.status != LoggedModelStatus.PENDING or age >= grace:
-            return False
-        time.sleep(min(poll, grace - age))
-
-

@@ -64,6 +64,8 @@ def quiet_libraries() -> None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     # importances from few trials: we compute them only once enough trials exist
     warnings.filterwarnings("ignore", message=r"Some regimes for parameter", category=UserWarning)
+    # a study name in a script the plots' font lacks (CJK, emoji): the plot shows boxes, the run goes on
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Pickle-format advice on every sklearn model: we log models we just trained ourselves.

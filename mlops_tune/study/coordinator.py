@@ -65,8 +65,8 @@ class Study:
         try:
             print(f"study '{plan.name}': opening the stores (Optuna {redact_text(plan.storage_url)}, "
                   f"MLflow {redact_text(plan.tracking_uri)}) ...", flush=True)
+            experiment_id = tracking.connect(plan.tracking_uri, self.cfg["tracking"]["experiment"])  # no study yet
             storage = make_storage(self.cfg["study"])
-            experiment_id = tracking.connect(plan.tracking_uri, self.cfg["tracking"]["experiment"])
             with faults.classified(tracking_uri=plan.tracking_uri, storage_url=plan.storage_url):
                 plan.name = study_for(storage, plan.name, plan.splits.fingerprint, objective_of(self.cfg),
                                       self.cfg["study"]["on_data_change"])

@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlops_tune.data import Splits
 from mlops_tune.families import get_family
-from mlops_tune.records import claims, registry, tracking
+from mlops_tune.records import claims, models, registry, tracking
 from mlops_tune.runtime import faults, keys
 from mlops_tune.runtime.errors import StudyAborted
 from mlops_tune.search import gate
@@ -49,7 +49,7 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
         best_cfg = trial_config(space.apply(cfg, space.decode(best.params)))
         model_uri = best.user_attrs.get(keys.MODEL_URI)
         metrics["best_val_accuracy"] = float(best.value or 0.0)
-        if model_uri and not tracking.model_ready(model_uri, grace=float(cfg["study"]["grace_period"])):
+        if model_uri and not models.model_ready(model_uri, grace=float(cfg["study"]["grace_period"])):
             if passed:  # the gate's winner must exist: trained again from its config and seed
                 model_uri, test_accuracy = rebuild(best, best_cfg, splits, parent_run_id, study.study_name)
             else:

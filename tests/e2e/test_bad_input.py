@@ -162,7 +162,11 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "a model too large (memory)": ("train", ["model.hidden_units=[100000000]"], "model.max_params"),
     "zero conv filters": ("train", ["model=cnn", "model.conv_filters=[0]"], "model.conv_filters"),
     "dropout 1.5": ("train", ["model.dropout=1.5"], "model.dropout"),
-    "negative learning rate": ("train", ["model.learning_rate=-1"], "model.learning_rate"),
+    "negative learning rate": ("train", ["model.learning_rate=-1"], "model.learning_rate: must be in (0, 10]"),
+    "learning rate above the limit": ("train", ["model.learning_rate=20"],
+                                      "model.learning_rate: must be in (0, 10], got 20"),
+    "experiment name MLflow refuses": ("tune", ["model=knn", f"tracking.experiment={'e' * 600}"],
+                                       "tracking.experiment: 'eeeeeeeeeeeeeeeeeeee...eeeeeeee' cannot be used"),
     "unknown activation": ("train", ["model.activation=bogus"], "model.activation"),
     "unknown optimizer": ("train", ["model.optimizer=bogus"], "model.optimizer"),
     "zero batch size": ("train", ["model.batch_size=0"], "model.batch_size"),
@@ -296,3 +300,21 @@ def test_the_bad_input_table_in_the_docs_lists_every_case() -> None:
     documented = set(re.findall(r"^\| (?:\d+) \| ([^|]+?) \|", table, flags=re.MULTILINE))
     assert documented == set(CASES), (sorted(set(CASES) - documented), sorted(documented - set(CASES)))
     assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--help", "model=nosuch"], ["--help", "foo=1"],
+                                  ["--help", "-m", "model=knn,ann"], ["--hydra-help", "foo=1"]],
+                         ids=["help", "h", "bad group", "unknown key", "multirun sweep", "hydra help"])
+def test_help_is_shown_whatever_else_the_command_line_holds(tmp_path: Path, args: list[str]) -> None:
+    """The help does not depend on the overrides: a bad one beside --help never breaks it."""
+    result = run_command("mlops-tune", *args, cwd=tmp_path)
+    assert result.code == 0 and result.stderr == "", result.stderr[-2000:]
+    assert "mlops-tune" in result.stdout and ("Usage:" in result.stdout or "Hydra" in result.stdout)
+
+
+@pytest.mark.parametrize("args", [["--help", "--config-name=nosuch"], ["--shell-completion"]])
+def test_a_help_flag_hydra_refuses_is_one_line_exit_2(tmp_path: Path, args: list[str]) -> None:
+    result = run_command("mlops-tune", *args, cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.code == 2 and len(lines) == 1 and lines[0].startswith("mlops-tune: error: "), result.stderr
+    assert 'File "' not in lines[0] and "Error:" not in lines[0], lines[0]

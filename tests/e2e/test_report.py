@@ -173,3 +173,12 @@ def test_optuna_dashboard_reads_the_study_storage_as_it_is(study: dict) -> None:
         assert sorted(t["number"] for t in detail["trials"]) == [0, 1, 2, 3, 4]
     finally:
         devservices.stop_process(proc)
+
+
+def test_a_study_name_the_plot_font_lacks_writes_no_warning(tune, workdir: Path) -> None:
+    """The README promises the libraries' chatter stays off: a CJK or emoji study name in the plots'
+    title (a font without those glyphs) used to print matplotlib's "Glyph ... missing" per character."""
+    result = tune("model=knn", "study.n_trials=2", "gate.threshold=0.999", "study.name='模型-🚀'")
+    assert result.code == 1, result.stderr[-2000:]
+    assert "Glyph" not in result.stderr and "Warning" not in result.stderr, result.stderr[-2000:]
+    assert "study '模型-🚀'" in result.stdout

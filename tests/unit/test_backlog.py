@@ -10,7 +10,7 @@ import pytest
 
 from mlops_tune.config import validate_train
 from mlops_tune.families import get_family
-from mlops_tune.records import tracking
+from mlops_tune.records import models, tracking
 from mlops_tune.records.backlog import Backlog
 from mlops_tune.runtime import faults
 from mlops_tune.trial import run_trial
@@ -79,7 +79,7 @@ def experiment(workdir: Path) -> str:
 def _status(model_uri: str) -> str:
     import mlflow
 
-    return str(mlflow.MlflowClient().get_logged_model(tracking.model_id_of(model_uri)).status)
+    return str(mlflow.MlflowClient().get_logged_model(models.model_id_of(model_uri)).status)
 
 
 @pytest.mark.slow
@@ -130,7 +130,7 @@ def test_a_model_whose_writing_failed_is_marked_failed_and_not_ready(experiment:
     with pytest.raises(OSError, match="No space left"):
         backlog.wait()
     assert outcome.model_uri and _status(outcome.model_uri) == "FAILED"
-    assert not tracking.model_ready(outcome.model_uri)  # at once: FAILED
+    assert not models.model_ready(outcome.model_uri)  # at once: FAILED
     backlog.close()
 
 
@@ -139,9 +139,9 @@ def test_model_ready_waits_for_a_model_another_worker_is_writing(experiment: str
     backlog, release = Backlog(), threading.Event()
     backlog.submit("a worker's slow start", lambda: release.wait(10))
     outcome = run_trial(cfg, experiment_id=experiment, backlog=backlog)
-    assert outcome.model_uri and not tracking.model_ready(outcome.model_uri, grace=0.3)  # PENDING past 0.3 s
+    assert outcome.model_uri and not models.model_ready(outcome.model_uri, grace=0.3)  # PENDING past 0.3 s
     threading.Timer(0.3, release.set).start()
-    assert tracking.model_ready(outcome.model_uri)  # within its 30 s
+    assert models.model_ready(outcome.model_uri)  # within its 30 s
     backlog.close()
 
 
