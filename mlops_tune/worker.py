@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
               "written by a study with runner=mlflow or runner=docker)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     heap.defer()  # until the first trial: see mlops_tune.runtime.heap
-    faults.install_signal_handlers()
+    faults.install_signal_handlers(PROG)
     faults.quiet_background_faults()
     secrets.guard_streams()
     sys.exit(exits.run_mapped(lambda: serve(Path(args[0])), PROG))

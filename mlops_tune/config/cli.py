@@ -255,7 +255,7 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
         _say(prog, f"error: MLOPS_TUNE_CONF: {CONF_DIR} holds no {config_name}.yaml (the variable names the config "
                    "folder to use instead of the built-in one; unset it, or point it at a copy of mlops_tune/conf)")
         sys.exit(EXIT_USAGE)
-    faults.install_signal_handlers()
+    faults.install_signal_handlers(prog)
     faults.quiet_background_faults()
     # before Hydra saves the command line in overrides.yaml / hydra.yaml
     sys.argv = [secrets.move_credentials(arg) for arg in sys.argv]

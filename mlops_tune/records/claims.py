@@ -64,7 +64,8 @@ def _engine(url: str) -> Any:
     if url not in _engines:
         import sqlalchemy as sa
 
-        connect_args = {"timeout": 60} if url.startswith("sqlite") else {}
+        connect_args = ({"timeout": 60} if url.startswith("sqlite") else
+                        {"connect_timeout": 5} if url.startswith("postgresql") else {})
         _engines[url] = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args=connect_args)
     return _engines[url]
 

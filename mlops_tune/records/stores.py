@@ -90,19 +90,30 @@ def _check_server(uri: str) -> None:
                          f"({redact_text(str(reason))})") from None
 
 
-def configure_http() -> None:
-    """MLflow's HTTP retries: ride out a server restart of ~15 s, give up after about half a minute.
+#: seconds an HTTP request to the tracking server may wait for a byte (MLflow's default: 120)
+HTTP_TIMEOUT = "20"
 
-    MLflow's own default (7 retries, backoff up to 2 minutes) keeps a study waiting for
-    minutes on a dead server. Both variables keep the user's value when set.
+
+def configure_http() -> None:
+    """MLflow's HTTP retries and deadline: ride out a server restart of ~15 s, give up on a dead
+    server after about half a minute, and on a server that accepts connections but never
+    answers (a stopped process, a full queue) after ``6 x 20 s`` plus the backoff, ~2.5 minutes.
+
+    MLflow's own defaults (7 retries, backoff up to 2 minutes, 120 s per request) keep a study
+    waiting for minutes on a dead server and ~15 minutes on a silent one. Every variable keeps
+    the user's value when set (``MLFLOW_HTTP_REQUEST_TIMEOUT``, ``..._MAX_RETRIES``, ``..._BACKOFF_FACTOR``).
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT)
 
 
-def fail_fast() -> None:
-    """No more HTTP retries in this process: the tracking server is known to be gone."""
+def fail_fast(timeout: float | None = None) -> None:
+    """No more HTTP retries in this process: the tracking server is known to be gone (and with
+    ``timeout``, no request waits longer for it: it did not answer)."""
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    if timeout is not None:
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout)
 
 
 #: ``0`` keeps SQLite files in their own journal mode, synchronous=FULL (see :func:`write_ahead_sqlite`)

@@ -21,7 +21,9 @@ import contextlib
 import errno
 import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -167,10 +169,18 @@ def signal_exit_code(exc: BaseException) -> int:
 #: modules whose code a signal must not cut in two: a store call interrupted half-way leaves its
 #: SQLite transaction open in this process, and every later write (closing the runs as KILLED)
 #: waits on it for ever. A signal arriving there is delivered again a moment later.
-ATOMIC_MODULES = ("sqlalchemy", "sqlite3", "alembic", "psycopg2", "mlflow.store", "optuna.storages",
+#: (An HTTP call to a tracking server is not one of them: it holds no transaction here, and a
+#: server that does not answer must not put a stop off.)
+ATOMIC_MODULES = ("sqlalchemy", "sqlite3", "alembic", "psycopg2", "mlflow.store.tracking.sqlalchemy",
+                  "mlflow.store.model_registry.sqlalchemy", "mlflow.store.db", "optuna.storages",
                   "mlops_tune.records.claims", "mlops_tune.runtime.locks")
-#: how often (every 20 ms) a signal is put off before it is raised wherever the code is
-MAX_DEFERRALS = 250
+#: how often (every 20 ms) a signal is put off before it is raised wherever the code is (2 s)
+MAX_DEFERRALS = 100
+#: seconds from a stop signal to the process's end: what is not closed by then (a store that does
+#: not answer, a call blocked in C) is left to the next start, which closes it as KILLED
+STOP_DEADLINE = 4.0
+#: a stop's HTTP calls (closing the runs): one try each, waiting at most this many seconds
+STOP_HTTP_TIMEOUT = "1"
 
 
 #: where Python prints an exception and goes on ("Exception ignored in ..."): a finalizer, and
@@ -194,6 +204,42 @@ def in_atomic_code(frame: Any) -> bool:
 
 #: the signal of a stop already raised (see :func:`check_stopped`)
 _stopped: list[int] = []
+#: when the process ends at the latest after a stop (time.monotonic(); see :func:`_stop_deadline`)
+_deadline: list[float] = []
+
+
+def extend_stop(seconds: float) -> None:
+    """A stop that waits for workers to close (their own grace): the process's deadline moves
+    to ``seconds`` from now. No stop: nothing."""
+    if _deadline:
+        _deadline[0] = max(_deadline[0], time.monotonic() + seconds)
+
+
+def _stop_deadline(signum: int, prog: str) -> None:
+    """The first stop signal: closing calls to a tracking server get one short try each, and
+    the process ends :data:`STOP_DEADLINE` seconds later whatever still blocks it (a store that
+    does not answer; a thread inside a call), saying so in one line."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = STOP_HTTP_TIMEOUT
+    _deadline[:] = [time.monotonic() + STOP_DEADLINE]
+
+    def watch() -> None:
+        while True:
+            if not _deadline:  # the stop was forgotten (reset_stop)
+                return
+            left = _deadline[0] - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, 0.1))
+        name = signal.Signals(signum).name
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        with contextlib.suppress(OSError):
+            os.write(2, f"{prog}: stopped by {name}: not everything was closed within {STOP_DEADLINE:g} s (a store "
+                        "that does not answer?); the next start closes the runs left RUNNING as KILLED\n".encode())
+        os._exit(128 + signum)
+
+    threading.Thread(target=watch, name="mlops-tune-stop-deadline", daemon=True).start()
 
 
 def check_stopped() -> None:
@@ -209,17 +255,21 @@ def check_stopped() -> None:
 def reset_stop() -> None:
     """Forget a stop (a process that installs the handlers anew, tests)."""
     _stopped.clear()
+    _deadline.clear()
 
 
-def install_signal_handlers() -> None:
+def install_signal_handlers(prog: str = "mlops-tune") -> None:
     """The :data:`STOP_SIGNALS` raise :class:`Stopped` in the main thread, never inside a store
     call (see :data:`ATOMIC_MODULES`); :func:`check_stopped` raises it again if that raise was
-    lost. On SIGHUP from a terminal that is gone, the output goes to /dev/null (writing to it
-    would fail and cut the closing of the runs short)."""
+    lost. The process ends within :data:`STOP_DEADLINE` seconds of the first one (see
+    :func:`_stop_deadline`). On SIGHUP from a terminal that is gone, the output goes to
+    /dev/null (writing to it would fail and cut the closing of the runs short)."""
     deferred = [0]
     reset_stop()
 
     def stop(signum: int, frame: Any) -> None:
+        if not _deadline:
+            _stop_deadline(signum, prog)
         if deferred[0] < MAX_DEFERRALS and in_atomic_code(frame):
             deferred[0] += 1
             timer = threading.Timer(0.02, os.kill, (os.getpid(), signum))

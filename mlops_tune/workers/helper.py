@@ -25,7 +25,7 @@ def serve(cfg: dict[str, Any], index: int, n_jobs: int, queue: Any, env: Mapping
     from mlops_tune.runtime import exits, faults, heap, secrets
 
     heap.defer()  # until the first trial: see mlops_tune.runtime.heap
-    faults.install_signal_handlers()
+    faults.install_signal_handlers(f"{PROG} {index}")
     faults.quiet_background_faults()
     secrets.guard_streams()
     _stop_with_parent()

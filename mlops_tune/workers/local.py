@@ -22,7 +22,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from mlops_tune.data import Splits
-from mlops_tune.runtime import threads
+from mlops_tune.runtime import faults, threads
 from mlops_tune.runtime.errors import EnvironmentFault, StudyAborted
 from mlops_tune.workers import helper
 from mlops_tune.workers.loop import WorkerLoop
@@ -103,6 +103,7 @@ class LocalProcesses:
         """The study failed or was stopped: helpers still waiting are ended at once (they wrote
         nothing); helpers at work get the study's signal and close their runs as KILLED."""
         signum = getattr(exc, "signum", signal.SIGTERM)
+        faults.extend_stop(self.STOP_GRACE + faults.STOP_DEADLINE)  # a stop waits for them to close their runs
         for process in self.processes:
             if process.is_alive():
                 with contextlib.suppress(OSError):

@@ -42,7 +42,7 @@ from typing import Any
 import optuna
 
 from mlops_tune.records import claims, tracking
-from mlops_tune.runtime import heap, keys
+from mlops_tune.runtime import faults, heap, keys
 from mlops_tune.runtime.errors import EnvironmentFault, first_line
 from mlops_tune.runtime.secrets import redact_text, write_private
 from mlops_tune.search import gate
@@ -146,6 +146,7 @@ class ProjectWorkers:
         and is killed after a grace."""
         self.stopping = True
         workers, deadline = list(self.workers.values()), time.monotonic() + STOP_GRACE
+        faults.extend_stop(STOP_GRACE + faults.STOP_DEADLINE)  # a stop waits for them to close their runs
         for worker in workers:  # all at once; then each is waited for
             if worker.container:
                 containers.signal_container(worker.container, signal.SIGTERM)

@@ -624,3 +624,60 @@ def test_an_output_folder_deleted_mid_study_is_one_line_exit_3(workdir: Path) ->
     assert proc.returncode == 3, err[-3000:]
     _one_error_line(err, "cannot write the study's outputs in", str(out), "No such file or directory")
     _no_running(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+# ----------------------------------------------------------------------------- nothing waits forever
+
+
+@contextlib.contextmanager
+def _stopped(server: Server) -> Iterator[None]:
+    """The server's processes stopped (SIGSTOP): connections are accepted, nothing is answered."""
+    assert server.proc is not None
+    os.killpg(server.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(server.proc.pid, signal.SIGCONT)
+
+
+def _held_study(server: Server, workdir: Path, **env: str) -> tuple[subprocess.Popen, Path]:
+    hold = workdir / "hold"
+    hold.touch()
+    proc = _start([*SLOW, "study.n_trials=2", f"tracking.uri={server.url}"], workdir,
+                  MLOPS_TUNE_TEST_HOLD=str(hold), **env)
+    _wait_for(proc, lambda: any(t.state == TrialState.RUNNING for t in _trials(
+        f"sqlite:///{workdir / 'optuna.db'}", "knn-digits")))
+    return proc, hold
+
+
+def test_a_tracking_server_that_stops_answering_ends_the_study_in_bounded_time(server: Server,
+                                                                              workdir: Path) -> None:
+    """A server that accepts connections and never answers: every request has a deadline
+    (MLFLOW_HTTP_REQUEST_TIMEOUT, 20 s by default; 2 s here), so the study ends with exit 3 and
+    one line naming the server after the retries, not after MLflow's 120 s x 8 tries."""
+    proc, hold = _held_study(server, workdir, MLFLOW_HTTP_REQUEST_TIMEOUT="2", **FAST_GIVE_UP)
+    with _stopped(server):
+        started = time.monotonic()
+        hold.unlink()  # the trial ends: its results go to the silent server
+        _, err = proc.communicate(timeout=300)
+        waited = time.monotonic() - started
+    assert proc.returncode == 3, err[-3000:]
+    _one_error_line(err, f"127.0.0.1:{server.port}")
+    assert waited < 60, waited  # 2 tries of 2 s per call (unbounded, this was minutes)
+
+
+def test_a_stop_signal_during_a_blocked_tracking_call_ends_the_study_within_seconds(server: Server,
+                                                                                  workdir: Path) -> None:
+    """SIGTERM (a Jenkins abort) while the study waits on a server that does not answer, with the
+    default deadlines: it stops within 5 s; the runs it could not close are closed by the next start."""
+    proc, hold = _held_study(server, workdir)
+    with _stopped(server):
+        hold.unlink()  # the trial's results go to the silent server: the study blocks there
+        time.sleep(2)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        waited = time.monotonic() - started
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err, err[-3000:]
+    assert waited <= 5, (waited, err[-2000:])
