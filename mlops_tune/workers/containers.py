@@ -37,6 +37,8 @@ PASS_THROUGH = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
     "MLOPS_TUNE_VERBOSE", "TF_CPP_MIN_LOG_LEVEL",  # verbose=true reaches the trial in the container
     "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK",  # the study's choice (runtime.logs.quiet_libraries) holds there too
+    # the study's deadlines and retries for the tracking server (records.stores.configure_http)
+    "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
 )
 _MEMORY = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$")
 MAKE_IMAGES = "build it with `make images`"
