@@ -215,13 +215,19 @@ def extend_stop(seconds: float) -> None:
         _deadline[0] = max(_deadline[0], time.monotonic() + seconds)
 
 
+_deadline_lock = threading.Lock()
+
+
 def _stop_deadline(signum: int, prog: str) -> None:
     """The first stop signal: closing calls to a tracking server get one short try each, and
     the process ends :data:`STOP_DEADLINE` seconds later whatever still blocks it (a store that
     does not answer; a thread inside a call), saying so in one line."""
+    with _deadline_lock:
+        if _deadline:
+            return
+        _deadline.append(time.monotonic() + STOP_DEADLINE)
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = STOP_HTTP_TIMEOUT
-    _deadline[:] = [time.monotonic() + STOP_DEADLINE]
 
     def watch() -> None:
         while True:
@@ -268,8 +274,7 @@ def install_signal_handlers(prog: str = "mlops-tune") -> None:
     reset_stop()
 
     def stop(signum: int, frame: Any) -> None:
-        if not _deadline:
-            _stop_deadline(signum, prog)
+        _stop_deadline(signum, prog)
         if deferred[0] < MAX_DEFERRALS and in_atomic_code(frame):
             deferred[0] += 1
             timer = threading.Timer(0.02, os.kill, (os.getpid(), signum))
@@ -286,6 +291,29 @@ def install_signal_handlers(prog: str = "mlops-tune") -> None:
 
     for each in STOP_SIGNALS:
         signal.signal(each, stop)
+    _listen_for_stops(prog)
+
+
+def _listen_for_stops(prog: str) -> None:
+    """Start the stop's deadline even while the main thread is blocked inside C code (a SQLite
+    lock wait, a PostgreSQL read), where the Python handler only runs once the call returns:
+    Python's C-level handler writes every signal's number to a wake-up pipe, which a thread reads."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    try:
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: the Python handler alone
+        os.close(read)
+        os.close(write)
+        return
+
+    def listen() -> None:
+        while data := os.read(read, 64):
+            stops = [signum for signum in data if signum in STOP_SIGNALS]
+            if stops:
+                _stop_deadline(stops[0], prog)
+
+    threading.Thread(target=listen, name="mlops-tune-signals", daemon=True).start()
 
 
 def _silence_hung_up_terminal() -> None:

@@ -681,3 +681,29 @@ def test_a_stop_signal_during_a_blocked_tracking_call_ends_the_study_within_seco
     assert proc.returncode == 143, err[-3000:]
     assert "stopped by SIGTERM" in err and "Traceback" not in err, err[-3000:]
     assert waited <= 5, (waited, err[-2000:])
+
+
+def test_a_stop_signal_while_blocked_inside_a_database_lock_ends_the_study_within_seconds(workdir: Path) -> None:
+    """The study waits inside SQLite's C code for a lock another process holds (60 s busy
+    timeout), where Python's signal handler cannot run until the call returns: the stop's
+    deadline starts from the signal's wake-up pipe all the same."""
+    hold = workdir / "hold"
+    hold.touch()
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    proc = _start([*SLOW, "study.n_trials=2"], workdir, MLOPS_TUNE_TEST_HOLD=str(hold))
+    _wait_for(proc, lambda: any(t.state == TrialState.RUNNING for t in _trials(storage, "knn-digits")))
+    lock = sqlite3.connect(workdir / "optuna.db", isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")  # every write of the study waits for it
+        hold.unlink()  # the trial ends: its result is a write
+        time.sleep(2)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        waited = time.monotonic() - started
+    finally:
+        lock.rollback()
+        lock.close()
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err, err[-3000:]
+    assert waited <= 5, (waited, err[-2000:])
