@@ -25,7 +25,7 @@ from mlops_tune.records.stores import (
     seed_new_sqlite_store,
     write_ahead_sqlite,
 )
-from mlops_tune.runtime import locks
+from mlops_tune.runtime import faults, locks
 from mlops_tune.runtime.errors import UsageError, first_line
 from mlops_tune.runtime.faults import classify
 from mlops_tune.runtime.logs import quiet_libraries
@@ -151,11 +151,6 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: str(value)}
 
 
-#: a closing call the tracking store failed (a stop's short deadline, a dead server): the
-#: other runs' closing asks it only to end them (see :func:`run`)
-_unanswered: list[str] = []
-
-
 @contextlib.contextmanager
 def run(
     experiment_id: str,
@@ -191,15 +186,15 @@ def run(
         tags = {TAG_ERROR: redact_text(first_line(exc))}
         if fault is not None:
             tags[TAG_FAULT] = "environment"
-        if not _unanswered:  # a store that did not answer one closing call is not asked again
+        if not faults.closing_failed():  # a store that did not answer one closing call is not asked again
             try:
                 mlflow.set_tags(tags)
                 if fault is None and status == "FAILED":  # a full disk or a dead server would fail this too
                     mlflow.log_text(redact_text("".join(traceback.format_exception(exc))), "error.txt")
             except Exception as closing:
                 if classify(closing) is not None:
-                    _unanswered.append(first_line(closing))
-        if _unanswered:  # end_run below only has to take the run off MLflow's stack
+                    faults.closing_unanswered(first_line(closing))
+        if faults.closing_failed():  # end_run below only has to take the run off MLflow's stack
             fail_fast(timeout=0.1)
         with contextlib.suppress(Exception):  # MLflow pops the run first: nothing stays active
             mlflow.end_run(status)

@@ -36,8 +36,10 @@ def run_mapped(task: Callable[[], int], prog: str, note: Callable[[str], object]
         return EXIT_CRASH
     except KeyboardInterrupt as exc:
         note("stopped")
-        say(prog, f"{exc if isinstance(exc, faults.Stopped) else 'interrupted'}: MLflow runs closed as "
-                  "KILLED; a study's trial in flight runs again on the next start")
+        closed = ("the tracking store did not answer: the next start closes the MLflow runs left RUNNING as KILLED"
+                  if faults.closing_failed() else "MLflow runs closed as KILLED")
+        say(prog, f"{exc if isinstance(exc, faults.Stopped) else 'interrupted'}: {closed}; a study's trial in "
+                  "flight runs again on the next start")
         return faults.signal_exit_code(exc)
     except Exception:
         traceback.print_exc()

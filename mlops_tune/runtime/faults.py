@@ -208,6 +208,20 @@ _stopped: list[int] = []
 _deadline: list[float] = []
 
 
+#: a store that did not answer a closing call (its runs are left for the next start to close)
+_unanswered: list[str] = []
+
+
+def closing_unanswered(why: str) -> None:
+    """A closing call got no answer from its store: no more closing calls to it, and the stop's
+    line says the runs are left for the next start (see ``records.tracking.run``)."""
+    _unanswered.append(why)
+
+
+def closing_failed() -> bool:
+    return bool(_unanswered)
+
+
 def extend_stop(seconds: float) -> None:
     """A stop that waits for workers to close (their own grace): the process's deadline moves
     to ``seconds`` from now. No stop: nothing."""
@@ -262,6 +276,7 @@ def reset_stop() -> None:
     """Forget a stop (a process that installs the handlers anew, tests)."""
     _stopped.clear()
     _deadline.clear()
+    _unanswered.clear()
 
 
 def install_signal_handlers(prog: str = "mlops-tune") -> None:
