@@ -266,6 +266,12 @@ class Budget:
                 self.release_text(self._ticket)
                 self._ticket = None
 
+    def take_over(self, name: str, old: str, value: str) -> str:
+        """Claim ``name`` with ``value`` in place of ``old`` (a holder that is gone), if ``old`` still
+        holds it; return the value that holds (another taker may have won)."""
+        self.release(name, old)
+        return self.claim(name, value)
+
     def release(self, name: str, value: str) -> None:
         """Give a claim back (best effort: the storage may be what failed)."""
         with contextlib.suppress(Exception):

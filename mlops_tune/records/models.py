@@ -8,6 +8,8 @@ import contextlib
 import time
 from collections.abc import Mapping
 
+from mlops_tune.runtime.faults import not_found
+
 
 def start_model(run_id: str, experiment_id: str, name: str, params: Mapping[str, str]) -> str:
     """A model of ``run_id`` that is yet to be written (MLflow's PENDING logged model, linked to
@@ -58,7 +60,7 @@ def model_ready(model_uri: str, grace: float = 30.0, poll: float = 0.2) -> bool:
         try:
             model = client.get_logged_model(model_id)
         except MlflowException as exc:  # gone with its store (a tracking database replaced)
-            if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            if not_found(exc):
                 return False
             raise
         if model.status == LoggedModelStatus.READY:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mlops_tune.runtime.errors import EnvironmentFault, UsageError, first_line
+from mlops_tune.runtime.faults import not_found
 
 CHAMPION_ALIAS = "champion"
 #: the version tag naming the study instance (``claims.Budget.key``) that registered it
@@ -47,7 +48,7 @@ def champion_test_accuracy(name: str) -> float | None:
     try:
         version = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
     except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+        if not_found(exc):
             return None
         raise
     value = version.tags.get("test_accuracy")
@@ -84,7 +85,7 @@ def champion_version(name: str) -> Any:
     try:
         return mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION_ALIAS)
     except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+        if not_found(exc):
             return None
         raise
 
@@ -116,7 +117,7 @@ def study_version(name: str, study_key: str) -> Any:
     try:
         versions = mlflow.MlflowClient().search_model_versions(f"name={quote}{name}{quote}")
     except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+        if not_found(exc):
             return None
         raise
     mine = [v for v in versions if v.tags.get(STUDY_KEY) == study_key]

@@ -27,7 +27,7 @@ from mlops_tune.records.stores import (
 )
 from mlops_tune.runtime import faults, locks
 from mlops_tune.runtime.errors import UsageError, first_line
-from mlops_tune.runtime.faults import classify
+from mlops_tune.runtime.faults import classify, not_found
 from mlops_tune.runtime.logs import quiet_libraries
 from mlops_tune.runtime.paths import shown
 from mlops_tune.runtime.retries import retrying
@@ -203,13 +203,11 @@ def run(
         mlflow.end_run("FINISHED")
 
 
-def finished_child(parent_run_id: str, tag: str, value: str) -> Any:
+def finished_child(experiment_id: str, parent_run_id: str, tag: str, value: str) -> Any:
     """A FINISHED child run of ``parent_run_id`` tagged ``tag`` = ``value`` (the newest), or None."""
     import mlflow
 
-    client = mlflow.MlflowClient()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs([experiment_id], filter_string=(
+    runs = mlflow.MlflowClient().search_runs([experiment_id], filter_string=(
         f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{tag}` = '{value}' "
         "and attributes.status = 'FINISHED'"), max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
@@ -224,7 +222,7 @@ def run_exists(run_id: str, experiment_id: str) -> bool:
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+        if not_found(exc):
             return False
         raise
     return run.info.lifecycle_stage == "active" and str(run.info.experiment_id) == str(experiment_id)

@@ -98,6 +98,12 @@ def _first_line(exc: BaseException) -> str:
     return redact_text(first_line(exc, 240))
 
 
+def not_found(exc: BaseException) -> bool:
+    """Whether an MLflow error says that what was asked for is not in the store (a run, a model,
+    a registered model or alias), rather than that the store failed."""
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower()
+
+
 def classify(exc: BaseException, *, tracking_uri: str = "", storage_url: str = "") -> EnvironmentFault | None:
     """The :class:`EnvironmentFault` that ``exc`` stands for, or None when it is not one."""
     if isinstance(exc, EnvironmentFault):

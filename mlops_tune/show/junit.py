@@ -48,11 +48,7 @@ def check(path: str | os.PathLike[str]) -> None:
         if not os.access(file, os.W_OK):
             raise UsageError(f"report.junit: {path} is not writable")
         return
-    folder = file.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UsageError(f"report.junit: {folder} is a file, so {path} cannot be created")
+    folder = next(p for p in file.absolute().parents if p.exists())  # a folder: check_creatable saw to it
     if not os.access(folder, os.W_OK):
         raise UsageError(f"report.junit: {folder} is not writable")
 

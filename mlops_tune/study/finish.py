@@ -116,13 +116,14 @@ def rebuild(best: FrozenTrial, best_cfg: dict[str, Any], splits: Splits, parent_
     before its background writes ended): trained again, in this process, from the trial's
     config and seed, as a child run tagged ``mlops_tune.rebuild_of``; found, not trained again,
     on the next run. Returns its URI and test accuracy (None: judge the model found)."""
-    found = tracking.finished_child(parent_run_id, TAG_REBUILD_OF, str(best.number))
+    experiment_id = tracking.experiment_of(parent_run_id)
+    found = tracking.finished_child(experiment_id, parent_run_id, TAG_REBUILD_OF, str(best.number))
     if found is not None and found.data.tags.get(tracking.TAG_MODEL_URI):
         return found.data.tags[tracking.TAG_MODEL_URI], None
     print(f"study '{study_name}': the model of trial {best.number} is not in the tracking store (its process was "
           "stopped before writing it, or the store was replaced); training it again from the trial's config and "
           "seed ...", flush=True)
-    outcome = run_trial(best_cfg, experiment_id=tracking.experiment_of(parent_run_id), splits=splits,
+    outcome = run_trial(best_cfg, experiment_id=experiment_id, splits=splits,
                         parent_run_id=parent_run_id, run_name=f"trial-{best.number}-model",
                         tags={tracking.TAG_STUDY: study_name, TAG_REBUILD_OF: str(best.number)})
     print(f"study '{study_name}': trial {best.number} trained again: val_accuracy {outcome.val_accuracy:.4f} "
@@ -166,15 +167,15 @@ def _take_promotion(name: str, budget: claims.Budget, worker: str, grace: float)
     ``grace`` seconds (``study.grace_period``) was killed in the middle: its claim is taken over
     and its steps are redone, reusing the version it registered."""
     deadline, said = time.monotonic() + grace, False
+    holder = budget.claim("promotion", worker)
     while True:
-        holder = budget.claim("promotion", worker)
         version = registry.study_version(name, budget.key)
         if registry.decided(version):
             return False, version
         if holder == worker:
             return True, version
         if time.monotonic() >= deadline:
-            budget.release("promotion", holder)  # if it still holds it; then claimed again above
+            holder = budget.take_over("promotion", holder, worker)
             deadline = time.monotonic() + grace  # another taker won: theirs for a grace period
             continue
         if not said:
@@ -182,6 +183,7 @@ def _take_promotion(name: str, budget: claims.Budget, worker: str, grace: float)
                   f"to {grace:g} s (study.grace_period) before taking it over", flush=True)
             said = True
         time.sleep(min(0.5, grace))
+        holder = budget.claim("promotion", worker)
 
 
 def judge_on(version: Any, splits: Splits) -> float:

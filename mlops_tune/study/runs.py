@@ -117,8 +117,7 @@ def parent_run(study: optuna.Study, experiment_id: str, budget: claims.Budget) -
     candidate = project_run or tracking.create_run(experiment_id, name, {tracking.TAG_STUDY: name})
     winner = budget.claim("parent_run", candidate)
     if known and winner == known:  # the recorded run is gone (store replaced, run deleted): ours takes over
-        budget.release("parent_run", str(known))
-        winner = budget.claim("parent_run", candidate)
+        winner = budget.take_over("parent_run", str(known), candidate)
         if winner == candidate:
             print(f"study '{name}': its MLflow run {known} is gone from the tracking store (replaced, or the run "
                   f"deleted): a new run {candidate} records the study from here", flush=True)
