@@ -150,8 +150,9 @@ def _release_file(path: Path, study: str, name: str, value: str) -> bool:
 
 
 TICKETS = "#tickets"
-#: the user attribute of a ticket that names the worker that took it
+#: the user attributes of a ticket: the worker that took it, and the ticket's own token
 OWNER = "owner"
+TOKEN = "token"
 
 
 def ticket_id(ticket: str) -> int | None:
@@ -165,45 +166,56 @@ class Tickets:
     Optuna storage, taken and given back through the storage's public API alone, so a worker
     that reaches the study only through Optuna's gRPC storage proxy (a container) takes them too.
 
-    A ticket is a trial of the companion study; it is given back by failing it. A worker's
-    ticket is good when at most ``limit`` tickets that were not given back have its number or a
-    lower one: the highest good ticket saw every other good one when it counted, so however
-    the workers interleave, at most ``limit`` are good at once.
+    A ticket is a trial of the companion study: RUNNING while its trial runs, COMPLETE once that
+    trial was charged (:meth:`spend`), FAIL when given back. A worker's ticket is good when at
+    most ``limit`` tickets that were not given back have its number or a lower one: the highest
+    good ticket saw every other good one when it counted, so however the workers interleave, at
+    most ``limit`` are good at once. Spent tickets are finished trials, which Optuna's storage
+    caches (and its proxy does not send again): taking a ticket reads the ones in flight only,
+    however long the study.
     """
+
+    #: the states of the tickets that count against the budget
+    COUNTED = ("RUNNING", "COMPLETE")
 
     def __init__(self, storage: Any, key: str) -> None:
         self.storage, self.name = storage, f"{key}{TICKETS}"
 
     @functools.cached_property
-    def study_id(self) -> int:
-        """The companion study's id in the storage, created by the first worker that needs it."""
+    def study(self) -> Any:
+        """The companion study, created by the first worker that needs it (its reads go through
+        Optuna's trial cache)."""
         import optuna
-        from optuna.study import StudyDirection
 
-        try:
-            return int(self.storage.create_new_study([StudyDirection.MAXIMIZE], self.name))
-        except optuna.exceptions.DuplicatedStudyError:  # another worker created it
-            return int(self.storage.get_study_id_from_name(self.name))
+        return optuna.create_study(storage=self.storage, study_name=self.name, direction="maximize",
+                                   sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
+
+    @functools.cached_property
+    def study_id(self) -> int:
+        return int(self.storage.get_study_id_from_name(self.study.study_name))
+
+    def _counted(self) -> list[Any]:
+        from optuna.trial import TrialState
+
+        return self.study.get_trials(deepcopy=False, states=tuple(TrialState[s] for s in self.COUNTED))
 
     def take(self, limit: int, owner: str) -> str | None:
         """A good ticket as ``"tickets:TRIAL_ID OWNER/TOKEN"``; None when ``limit`` are held.
         The ticket records ``owner`` (:meth:`give_back_unused` finds a dead worker's by it)."""
         from optuna.trial import TrialState, create_trial
 
-        study_id = self.study_id
-        template = create_trial(state=TrialState.RUNNING, user_attrs={OWNER: owner})
-        trial_id = int(self.storage.create_new_trial(study_id, template_trial=template))
-        number = self.storage.get_trial_number_from_id(trial_id)
-        held = self.storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        token = uuid.uuid4().hex[:12]
+        template = create_trial(state=TrialState.RUNNING, user_attrs={OWNER: owner, TOKEN: token})
+        trial_id = int(self.storage.create_new_trial(self.study_id, template_trial=template))
+        held = self._counted()
+        number = next(t.number for t in held if t.user_attrs.get(TOKEN) == token)
         if sum(1 for t in held if t.number <= number) <= limit:
-            return f"tickets:{trial_id} {owner}/{uuid.uuid4().hex[:12]}"
+            return f"tickets:{trial_id} {owner}/{token}"
         self.give_back(trial_id)
         return None
 
     def held(self) -> int:
-        from optuna.trial import TrialState
-
-        return len(self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.RUNNING,)))
+        return len(self._counted())
 
     def give_back_unused(self, owners: tuple[str, ...], used: set[int]) -> int:
         """Give back the tickets that workers named by ``owners`` (prefixes) took and no trial
@@ -213,7 +225,7 @@ class Tickets:
 
         study_id = self.study_id
         theirs = [self.storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-                  for t in self.storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                  for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                   if str(t.user_attrs.get(OWNER, "")).startswith(owners)]
         lost = [trial_id for trial_id in theirs if trial_id not in used]
         for trial_id in lost:
@@ -221,11 +233,19 @@ class Tickets:
         return len(lost)
 
     def give_back(self, trial_id: int) -> None:
+        self._finish(trial_id, "FAIL")
+
+    def spend(self, trial_id: int) -> None:
+        """The ticket's trial was charged: the ticket stays counted, as a finished trial."""
+        self._finish(trial_id, "COMPLETE")
+
+    def _finish(self, trial_id: int, state: str) -> None:
         import optuna
         from optuna.trial import TrialState
 
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # given back already
-            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # finished already
+            self.storage.set_trial_state_values(trial_id, TrialState[state],
+                                                values=[0.0] if state == "COMPLETE" else None)
 
 
 class Budget:
@@ -276,6 +296,14 @@ class Budget:
         """Give a claim back (best effort: the storage may be what failed)."""
         with contextlib.suppress(Exception):
             release(self.storage_url, self.key, name, value)
+
+    def spend(self, ticket: str) -> None:
+        """A trial charged against the budget ended: its ticket ``"tickets:ID OWNER/TOKEN"`` stays
+        counted, as a finished trial (best effort: a ticket left RUNNING counts the same)."""
+        trial_id = ticket_id(ticket)
+        if trial_id is not None:
+            with contextlib.suppress(Exception):
+                self.tickets.spend(trial_id)
 
     def release_text(self, ticket: str) -> None:
         """Give back a ticket recorded as ``"tickets:ID OWNER/TOKEN"`` on a trial (best effort)."""

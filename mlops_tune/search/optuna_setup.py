@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -215,8 +217,10 @@ class StorageServer:
     """Optuna's gRPC storage proxy for one study's storage, in a child process on 127.0.0.1.
 
     ``optuna.storages.run_grpc_proxy_server`` serves until its process ends, so it gets a
-    process of its own, stopped by :meth:`stop`. The storage URL travels in the child's
-    environment (a PostgreSQL password stays in the PGPASSFILE it already uses).
+    process of its own, stopped by :meth:`stop`, or by the end of the study's process whatever
+    ended it (a SIGKILL too): the proxy reads its standard input, a pipe only the study's process
+    holds, and ends when the pipe closes. The storage URL travels in the child's environment (a
+    PostgreSQL password stays in the PGPASSFILE it already uses).
     """
 
     def __init__(self, storage_url: str, timeout: float = 60.0) -> None:
@@ -225,7 +229,7 @@ class StorageServer:
         env = {**os.environ, "MLOPS_TUNE_PROXY_STORAGE": storage_url}
         self._process = subprocess.Popen(
             [sys.executable, "-m", "mlops_tune.search.optuna_setup", str(self.port)],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True,  # a Ctrl-C meant for the study is handled by the study
         )
         deadline = time.monotonic() + timeout
@@ -248,8 +252,9 @@ class StorageServer:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
-        if self._process.stderr:
-            self._process.stderr.close()
+        for pipe in (self._process.stdin, self._process.stderr):
+            if pipe:
+                pipe.close()
 
 
 def open_storage(url: str) -> Any:
@@ -283,6 +288,12 @@ def _serve(port: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = os.environ["MLOPS_TUNE_PROXY_STORAGE"]
     write_ahead_sqlite(url)  # as the study's own process writes it: no fsync per commit
+
+    def end_with_the_study() -> None:
+        sys.stdin.buffer.read()  # returns when the study's process closed the pipe or is gone
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=end_with_the_study, name="mlops-tune-proxy-parent", daemon=True).start()
     storage = optuna.storages.get_storage(url)
     optuna.storages.run_grpc_proxy_server(storage, host="127.0.0.1", port=port)
 

@@ -126,6 +126,8 @@ class WorkerLoop:
                 self.study.tell(trial, state=TrialState.FAIL)
             raise
         frozen = self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        if keys.NOT_CHARGED not in frozen.user_attrs:  # charged: its ticket stays spent
+            self.budget.spend(str(frozen.user_attrs.get(keys.TICKET, "")))
         self.progress.trial_finished(frozen.number, frozen.value, gate.judged(frozen))
         report.trial_line(self.study, frozen, self.plan.threshold, time.perf_counter() - self.started,
                           self.plan.gate, done=self._done())

@@ -72,6 +72,37 @@ def test_a_dead_workers_tickets_that_no_trial_holds_come_back(storage_url: str) 
     assert Budget(storage_url, "s", storage).take(3, "w")  # the place came back
 
 
+def test_a_spent_ticket_counts_and_is_not_read_again(tmp_path: Path) -> None:
+    """A charged trial's ticket is spent: a finished trial of the companion study that still counts
+    against the budget and cannot be given back. Taking the next ticket reads only the tickets in
+    flight, so its cost does not grow with the trials the study already ran."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    read: list[int] = []
+
+    class Counting(optuna.storages.RDBStorage):
+        def _get_trials(self, *args, **kwargs):  # what Optuna's trial cache asks the database for
+            trials = super()._get_trials(*args, **kwargs)
+            read.append(len(trials))
+            return trials
+
+    storage = Counting(url)
+    budget = Budget(url, "s", storage)
+    for _ in range(30):
+        assert budget.take(40, "w")
+        budget.spend(budget.hand_over())
+    read.clear()
+    assert budget.take(40, "w")
+    assert read and max(read) <= 2, read  # the new ticket (and none of the 30 spent ones)
+    last = budget.hand_over()
+    budget.spend(last)
+    budget.release_text(last)  # spent: giving it back changes nothing
+    assert budget.tickets.held() == 31
+    assert {t.state for t in budget.tickets.study.get_trials()} == {optuna.trial.TrialState.COMPLETE}
+    for _ in range(9):
+        assert Budget(url, "s", _storage(url)).take(40, "other")
+    assert not Budget(url, "s", _storage(url)).take(40, "other")  # 31 spent + 9 held: the budget
+
+
 def test_racing_workers_never_hold_more_tickets_than_the_budget(storage_url: str) -> None:
     """Eight threads, each with its own storage object (as separate workers have), take tickets as
     fast as they can and give some back: the good tickets held at any time never exceed the limit,
@@ -124,6 +155,44 @@ def test_tickets_work_through_the_storage_proxy(tmp_path: Path) -> None:
         assert Budget(server.url, "s", open_storage(server.url)).take(2, "container")
     finally:
         server.stop()
+
+
+def test_the_storage_proxy_ends_with_the_study_process_even_on_sigkill(tmp_path: Path) -> None:
+    """A study killed outright (SIGKILL: no stop() runs) must not leave its storage proxy serving
+    forever: the proxy ends once the study's process is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from mlops_tune.search.optuna_setup import StorageServer\n"
+        f"server = StorageServer('sqlite:///{tmp_path / 'optuna.db'}')\n"
+        "print(server.port, server._process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    study = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        port, proxy = (int(v) for v in study.stdout.readline().split())  # type: ignore[union-attr]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # it serves
+        os.kill(study.pid, signal.SIGKILL)
+        study.wait()
+
+        def running() -> bool:  # a zombie waiting for init to reap it has ended
+            try:
+                return Path(f"/proc/{proxy}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and running():
+            time.sleep(0.1)
+        assert not running(), "the proxy still runs"
+    finally:
+        study.kill()
 
 
 def test_a_storage_proxy_that_fails_is_named_with_grpcs_status_in_one_line() -> None:
