@@ -214,22 +214,25 @@ def run_trial(
             finally:
                 reporting[0] += time.perf_counter() - reported
 
-    run_tags = {tracking.TAG_FAMILY: family.name, **(tags or {})}
+    run_tags = {tracking.TAG_FAMILY: family.name, **(tags or {}),
+                **({tracking.TAG_DATA: inputs.fingerprint} if inputs.fingerprint else {})}
     name = run_name or f"{model_cfg['name']}-{cfg['data']['name']}"
     pruned: TrialPruned | None = None
+    params = {**tracking.flatten("model", model_cfg), **tracking.flatten("data", cfg["data"]), "seed": str(seed)}
+    # a model that trains for epochs shows its params while it trains; a one-shot fit writes them
+    # with its result (one request fewer per trial to the tracking server)
+    later = {} if "epochs" in model_cfg else params
     with tracking.run(experiment_id, name, parent_run_id=parent_run_id, tags=run_tags,
                       resume_run_id=run_id) as run_id:
         if on_run_started is not None:
             on_run_started(run_id)
-        params = {**tracking.flatten("model", model_cfg), **tracking.flatten("data", cfg["data"]),
-                  "seed": str(seed)}
         writes = {
-            "params": functools.partial(tracking.log_batch, params=params, run_id=run_id,
-                                        tags={tracking.TAG_DATA: inputs.fingerprint} if inputs.fingerprint else None),
+            "params": functools.partial(tracking.log_batch, params=params, run_id=run_id) if not later else None,
             "dataset": functools.partial(tracking.log_data, str(cfg["data"]["name"]), inputs.fingerprint,
                                          inputs.x_train, inputs.y_train, data_source(cfg["data"]), run_id=run_id)
             if inputs.fingerprint else None,
-            "config": functools.partial(tracking.log_config, trial_config(cfg), run_id=run_id),
+            "config": functools.partial(tracking.log_config, trial_config(cfg),
+                                        artifact_uri=tracking.artifact_uri()),
         }
         for what, write in writes.items():  # with a backlog: written while this trial trains
             if write is not None and backlog is None:
@@ -250,10 +253,10 @@ def run_trial(
             if isinstance(reporter, OptunaReporter):
                 reporter.raise_verdict()  # a stop on the last epoch, decided beside the training
         except TrialPruned as exc:
-            tracking.log_batch(history=history, tags={tracking.TAG_STATE: "PRUNED"})
+            tracking.log_batch(params=later, history=history, tags={tracking.TAG_STATE: "PRUNED"})
             pruned = exc
         except Exception:
-            tracking.log_batch(history=history, tags={tracking.TAG_STATE: "FAIL"})
+            tracking.log_batch(params=later, history=history, tags={tracking.TAG_STATE: "FAIL"})
             raise
         else:
             fit_seconds = time.perf_counter() - fit_started
@@ -280,7 +283,7 @@ def run_trial(
                 backlog.submit(f"the model of run {run_id}", functools.partial(
                     write_model, family, fit.model, inputs, model_uri))
             tracking.log_batch(
-                metrics=metrics, history=history,
+                params=later, metrics=metrics, history=history,
                 tags={tracking.TAG_STATE: "COMPLETE", **({tracking.TAG_MODEL_URI: model_uri} if model_uri else {})},
             )
     if pruned is not None:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 import threading
 import time
 import traceback
@@ -359,10 +360,31 @@ def wait_model_logging() -> None:
         thread.join()
 
 
-def log_config(cfg: Mapping[str, Any], artifact: str = "config.yaml", run_id: str | None = None) -> None:
-    """Log a resolved config as YAML, with passwords in URLs redacted (to ``run_id``, else the active run)."""
+def artifact_uri() -> str:
+    """The active run's artifact location (known since the run began: no request)."""
+    import mlflow
+
+    return str(mlflow.active_run().info.artifact_uri)  # type: ignore[union-attr]
+
+
+def log_config(cfg: Mapping[str, Any], artifact: str = "config.yaml", run_id: str | None = None,
+               artifact_uri: str | None = None) -> None:
+    """Log a resolved config as YAML, with passwords in URLs redacted: to the run whose artifact
+    location is ``artifact_uri`` (one request), else to ``run_id``, else to the active run."""
     import mlflow
     import yaml
 
-    run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
-    mlflow.MlflowClient().log_text(run_id, yaml.safe_dump(redact_config(cfg), sort_keys=False), artifact)
+    text = yaml.safe_dump(redact_config(cfg), sort_keys=False)
+    if artifact_uri is None:
+        run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
+        mlflow.MlflowClient().log_text(run_id, text, artifact)
+        return
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    # what MlflowClient.log_text does, without first asking the server for the run's location
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(artifact).name
+        path.write_text(text, encoding="utf-8")
+        parent = str(Path(artifact).parent)
+        get_artifact_repository(artifact_uri, tracking_uri=mlflow.get_tracking_uri()).log_artifact(
+            str(path), None if parent == "." else parent)
