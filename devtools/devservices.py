@@ -113,6 +113,8 @@ def start_mlflow_server(backend_uri: str, artifacts: Path | str, port: int | Non
          "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts,
          "--serve-artifacts", "--workers", "2"],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
+        # MLflow's job runner (GenAI jobs: four polling consumer processes) is not used by mlops-tune
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
