@@ -253,10 +253,12 @@ def run_trial(
             if isinstance(reporter, OptunaReporter):
                 reporter.raise_verdict()  # a stop on the last epoch, decided beside the training
         except TrialPruned as exc:
-            tracking.log_batch(params=later, history=history, tags={tracking.TAG_STATE: "PRUNED"})
+            tracking.log_batch(params=later, history=history, tags={tracking.TAG_STATE: "PRUNED",
+                                                                    tracking.RUN_NAME: f"{name}: pruned"})
             pruned = exc
         except Exception:
-            tracking.log_batch(params=later, history=history, tags={tracking.TAG_STATE: "FAIL"})
+            tracking.log_batch(params=later, history=history, tags={tracking.TAG_STATE: "FAIL",
+                                                                    tracking.RUN_NAME: f"{name}: failed"})
             raise
         else:
             fit_seconds = time.perf_counter() - fit_started
@@ -284,7 +286,8 @@ def run_trial(
                     write_model, family, fit.model, inputs, model_uri))
             tracking.log_batch(
                 params=later, metrics=metrics, history=history,
-                tags={tracking.TAG_STATE: "COMPLETE", **({tracking.TAG_MODEL_URI: model_uri} if model_uri else {})},
+                tags={tracking.TAG_STATE: "COMPLETE", tracking.RUN_NAME: f"{name}: {val_accuracy:.4f}",
+                      **({tracking.TAG_MODEL_URI: model_uri} if model_uri else {})},
             )
     if pruned is not None:
         raise pruned

@@ -138,6 +138,10 @@ def _check_tracking(tracking: Mapping[str, Any]) -> None:
         raise UsageError("tracking.uri: must not be empty (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000)")
     if not isinstance(experiment, str) or not experiment.strip():
         raise UsageError("tracking.experiment: must be a non-empty experiment name (e.g. mlops-tune)")
+    ui_url = tracking.get("ui_url")
+    if ui_url is not None and not (isinstance(ui_url, str) and ui_url.startswith(("http://", "https://"))):
+        raise UsageError(f"tracking.ui_url: must be the MLflow UI's http(s) address (e.g. http://127.0.0.1:5000), "
+                         f"got {ui_url!r}")
 
 
 def validate_tune(cfg: Mapping[str, Any]) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from mlops_tune.config import names
+from mlops_tune.config import mixed, names
 from mlops_tune.runtime import exits, faults, paths, secrets
 from mlops_tune.runtime.errors import EXIT_USAGE
 
@@ -181,6 +181,8 @@ def record_job(task: Task, cfg: Any, prog: str) -> int:
     _redact_saved_configs()
     _job_summary.clear()
     _job_summary["label"] = _job_label()
+    for note in mixed.drop_foreign(cfg, CONF_DIR):
+        print(f"{prog}: {note}", flush=True)
     code = run_task(task, cfg, prog)
     codes_path = os.environ.get(_CODES_ENV)
     if codes_path:
@@ -278,6 +280,9 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
         sys.argv = [sys.argv[0], *_help_arguments(sys.argv[1:])]
     if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
         os.environ[names.SWEPT_ENV] = ",".join(names.swept_keys(sys.argv[1:]))
+        argv, specific = mixed.widen(sys.argv[1:], CONF_DIR)  # model keys of some of the swept models
+        sys.argv = [sys.argv[0], *argv]
+        os.environ[mixed.SPECIFIC_ENV] = ",".join(specific)
     try:
         hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(job)()
     except _StopAll as exc:
@@ -296,6 +301,7 @@ def hydra_main(config_name: str, job: Task, prog: str) -> NoReturn:
         _held = None
         os.environ.pop(_CODES_ENV, None)
         os.environ.pop(names.SWEPT_ENV, None)
+        os.environ.pop(mixed.SPECIFIC_ENV, None)
     rows = []
     for line in Path(codes_path).read_text().splitlines():
         code, label, outcome = [*line.split("\t", 2), "", ""][:3]

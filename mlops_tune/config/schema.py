@@ -22,6 +22,7 @@ from omegaconf import MISSING
 class TrackingConfig:
     uri: str = MISSING
     experiment: str = MISSING
+    ui_url: Optional[str] = None  # noqa: UP045 - the MLflow UI the report links to (null: derived)
 
 
 @dataclass

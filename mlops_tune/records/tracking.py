@@ -43,6 +43,8 @@ TAG_FAMILY = "mlops_tune.family"
 TAG_PARENT_TRIAL = "mlops_tune.parent_trial"
 TAG_MUTATIONS = "mlops_tune.mutations"
 TAG_MODEL_URI = "mlops_tune.model_uri"
+#: MLflow's run name tag (set with a run's result: the runs list shows it, "trial-3: 0.9833")
+RUN_NAME = "mlflow.runName"
 #: ``worker`` on a warm worker's own Project run (a child of the study's run, not a trial)
 TAG_ROLE = "mlops_tune.role"
 #: on a trial's run: the warm worker's run that ran it
@@ -271,10 +273,11 @@ def log_batch(
         for key, value in epoch.items()
         if math.isfinite(value)
     ]
-    # Final values go at the last epoch's step with a later timestamp, so that MLflow's
-    # "latest" value of e.g. val_accuracy is the final evaluation, not the last epoch's.
-    final_step = max(len(history) - 1, 0)
-    metric_rows += [Metric(k, float(v), now + 1, final_step)
+    # A final value of a per-epoch metric goes at the last epoch's step with a later timestamp, so
+    # that MLflow's "latest" value of e.g. val_accuracy is the final evaluation, not the last
+    # epoch's; a one-value metric (fit_seconds, n_params ...) at step 0 (no one-point curve at step N).
+    final_step, per_epoch = max(len(history) - 1, 0), {key for epoch in history for key in epoch}
+    metric_rows += [Metric(k, float(v), now + 1, final_step if k in per_epoch else 0)
                     for k, v in (metrics or {}).items() if math.isfinite(v)]
     run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
     client = mlflow.MlflowClient()

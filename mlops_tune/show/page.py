@@ -26,7 +26,8 @@ from mlops_tune.show.svg import (
     lineage_svg,
     parallel_svg,
     params_text,
-    readable,
+    score,
+    winner_path_html,
 )
 
 
@@ -118,11 +119,13 @@ def table_html(data: Mapping[str, Any]) -> str:
     for rank, t in enumerate(rows, 1):
         origin = (t.get("start") or "base model") if t["parent"] == keys.ROOT else (
             f"#{t['parent']} {t['mutations']}" if t["mutations"] else t["parent"] or "sampled")
-        run = (f'<a href="{esc(t["run"])}" target="_top">MLflow run</a>' if t["run"] else "")
+        name = f"trial-{t['number']}: " + (score(t["value"]) if t["state"] == "COMPLETE" else
+                                             "pruned" if t["state"] == "PRUNED" else "failed")
+        run = (f'<a class="run" href="{esc(t["run"])}" data-name="{esc(name)}">MLflow run</a>' if t["run"] else "")
         error = f'<div class="error">{esc(t["error"])}</div>' if t["error"] else ""
         seconds = f"{t['seconds']:.1f}" if isinstance(t["seconds"], (int, float)) else ""
         out.append(f'<tr class="{"winner" if t["number"] == winner else ""}" data-trial="{t["number"]}"><td>{rank}</td>'
-                   f'<td>{t["number"]}</td><td>{t["state"].lower()}</td><td>{readable(t["value"]) if t["value"] is not None else ""}'
+                   f'<td>{t["number"]}</td><td>{t["state"].lower()}</td><td>{score(t["value"]) if t["value"] is not None else ""}'
                    f'</td><td class="params">{esc(params_text(t["params"]))}{error}</td><td>{esc(origin)}</td>'
                    f'<td>{seconds}</td><td>{run}</td></tr>')
     out.append("</tbody></table>")
@@ -138,19 +141,54 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bot
 svg{max-width:100%;height:auto;display:block} .scroll{overflow-x:auto}
 .axis{stroke:#888;stroke-width:1} .label{font-size:12px;text-anchor:middle;fill:#333}
 .tick{font-size:11px;fill:#555} .small{font-size:9px}
+.halo{paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}
 .threshold{stroke:#d62728;stroke-dasharray:6 4;stroke-width:1.5}
 .best{fill:none;stroke:#2ca02c;stroke-width:2} .mark{stroke-width:2}
-.curve{fill:none;stroke-width:1.2;opacity:.55} .winner{fill:none;stroke-width:3}
+.curve{fill:none;stroke-width:1.2;opacity:.55} .winner{fill:none;stroke-width:3} #svg-parallel .curve{opacity:1;stroke-width:1.4}
 .edge{fill:none;stroke:#999;stroke-width:1.5} .edge.sampled{stroke-dasharray:4 3}
 .edge.win{stroke:#2ca02c;stroke-width:3}
-.edge-label{font-size:10px;fill:#444;text-anchor:middle;paint-order:stroke;stroke:#fff;stroke-width:3}
-.node rect{fill:#f4f7fb;stroke:#1f77b4;stroke-width:1.5} .node text{font-size:11px;text-anchor:middle}
-.node.win rect{fill:#e3f5e1;stroke:#2ca02c;stroke-width:3}
+.scroll.tree{max-height:70vh;overflow:auto;border:1px solid #eee} .scroll.tree svg{max-width:none}
+.edge-label{font-size:11px;fill:#444} .path{font-size:13px;margin:4px 0 8px}
+.node rect{fill:#f4f7fb;stroke:#1f77b4;stroke-width:1.2} .node text{font-size:11px}
+.node.win rect{fill:#e3f5e1;stroke:#2ca02c;stroke-width:2.5} .node.win text{font-weight:600}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{border-bottom:1px solid #e4e4e4;padding:4px 6px;text-align:left;vertical-align:top}
 tr.winner{background:#eef9ec;font-weight:600} td.params{font-family:ui-monospace,monospace;font-size:12px}
 .error{color:#8a1111;font-weight:normal}
+.framed-note{background:#fff6d6;border:1px solid #e0c060;padding:8px 10px;margin:6px 0;font-size:13px}
+.framed-note input{font-family:ui-monospace,monospace;font-size:12px;margin-top:4px}
 """
+
+
+#: the page's one script: shown inside another page (the MLflow UI shows an HTML artifact in a frame
+#: sandboxed to scripts only, from which no link can open anything), a run link says where the run is
+#: instead of turning the frame blank. Allowed by its hash in the page's Content-Security-Policy.
+_FRAMED_JS = """
+if (window.self !== window.top) {
+  document.body.classList.add("framed");
+  const box = document.getElementById("run-address");
+  for (const link of document.querySelectorAll("a.run")) {
+    link.addEventListener("click", (event) => {
+      event.preventDefault();
+      box.querySelector("b").textContent = link.dataset.name;
+      box.querySelector("input").value = link.href;
+      box.hidden = false;
+      box.querySelector("input").select();
+    });
+  }
+}
+"""
+
+_RUN_BOX = ('<div id="run-address" class="framed-note" hidden>This page is shown inside the MLflow UI, which '
+            'lets no link leave it. <b></b> is under this study\'s run in the runs list; its address (selected: '
+            'copy it into the address bar): <input readonly size="70"></div>')
+
+
+def _script_hash(script: str) -> str:
+    import base64
+    import hashlib
+
+    return "sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
 
 
 def render(data: Mapping[str, Any]) -> str:
@@ -159,10 +197,10 @@ def render(data: Mapping[str, Any]) -> str:
     passed = bool(verdict.get("passed"))
     best = verdict.get("best_value")
     line = (f"gate {'PASSED' if passed else 'MISSED'}: best {data['metric']} "
-            f"{readable(best) if best is not None else 'none'} (trial {verdict.get('best_trial')}) "
-            f"vs threshold {data['threshold']}")
+            f"{score(best) if best is not None else 'none'} (trial {verdict.get('best_trial')}) "
+            f"vs threshold {score(data['threshold'])}")
     if verdict.get("test_accuracy") is not None:
-        line += f", test_accuracy {readable(verdict['test_accuracy'])}"
+        line += f", test_accuracy {score(verdict['test_accuracy'])}"
     if verdict.get("registered"):
         line += f"; {verdict['registered']}"
     counts: dict[str, int] = {}
@@ -178,16 +216,17 @@ def render(data: Mapping[str, Any]) -> str:
         ("history", "Optimization history", history_svg(data)),
         ("epochs", f"Per-epoch {data['metric']}", epochs_svg(data)),
         ("lineage", "Mutation lineage",
-         '<p class="note">Each trial under the trial it mutated (operators on the edges); dashed: proposed by '
-         f'the sampler without a parent, in the order they ran. Green: the winner\'s path.</p>'
-         f'<div class="scroll">{lineage_svg(data)}</div>'),
+         '<p class="note">Each trial under the trial it came from, one step in, with the operators that made '
+         'it; dashed: proposed by the sampler without a parent, in the order they ran. Green: the winner\'s '
+         f'path.</p>{winner_path_html(data)}<div class="scroll tree">{lineage_svg(data)}</div>'),
         ("parallel", "Parallel coordinates", parallel_svg(data)),
-        ("table", "Trials", table_html(data)),
+        ("table", "Trials", _RUN_BOX + table_html(data)),
     ]
     body = "".join(f'<section id="{key}"><h2>{esc(title)}</h2>{content}</section>' for key, title, content in sections)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
-            "img-src data:\">"
+            f"img-src data:; script-src '{_script_hash(_FRAMED_JS)}'\">"
             f"<title>{esc(data['study'])}: mlops-tune study report</title><style>{_CSS}</style></head><body>"
             f"<h1>Study {esc(data['study'])}</h1>{body}"
-            f'<script type="application/json" id="report-data">{payload}</script></body></html>\n')
+            f'<script type="application/json" id="report-data">{payload}</script>'
+            f'<script>{_FRAMED_JS}</script></body></html>\n')

@@ -17,6 +17,24 @@ from typing import Any, TextIO
 
 LIVE_ENV = "MLOPS_TUNE_LIVE"
 
+#: one writer for the terminal: lines from other processes (helper workers) are printed whole,
+#: through the live display while it is drawn (above its line, wrapped like every other line)
+_WRITE = threading.Lock()
+_active: list[Any] = []  # the live display being drawn, if any
+
+
+def emit(text: str, err: bool = False) -> None:
+    """Print one whole line another process wrote (its stdout, or its stderr with ``err``)."""
+    with _WRITE:
+        if _active:
+            from rich.text import Text
+
+            _active[0].console.print(Text(text))
+            return
+        stream = sys.stderr if err else sys.stdout
+        stream.write(text + "\n")
+        stream.flush()
+
 
 def _clock(seconds: float) -> str:
     seconds = max(0, int(seconds))
@@ -40,7 +58,8 @@ class Progress:
     """The study's progress display; every method is safe to call from any thread."""
 
     def __init__(self, n_trials: int, threshold: float, metric: str, epochs: int | None, done: int = 0,
-                 timeout: float | None = None, stream: TextIO | None = None, live: bool | None = None) -> None:
+                 timeout: float | None = None, stream: TextIO | None = None, live: bool | None = None,
+                 best: float | None = None) -> None:
         self.stream = stream or sys.stdout
         self.n_trials, self.threshold, self.metric, self.epochs = n_trials, threshold, metric, epochs
         self.timeout = timeout
@@ -49,7 +68,7 @@ class Progress:
         self.running: dict[int, dict[str, Any]] = {}
         self.durations: list[float] = []
         self.done = done  # trials judged before this process started (a resume, other workers)
-        self.best: float | None = None
+        self.best = best  # the study's best so far (a resumed study's too)
         self._lock = threading.Lock()
         self._live: Any = None
         self._announced_first = False
@@ -64,10 +83,14 @@ class Progress:
             self._live = Live(self._render(), console=console, refresh_per_second=4, transient=True,
                               redirect_stdout=True, redirect_stderr=True, get_renderable=self._render)
             self._live.start()
+            with _WRITE:
+                _active.append(self._live)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
+            with _WRITE:
+                _active.clear()
             self._live.stop()
             self._live = None
 
@@ -100,6 +123,14 @@ class Progress:
             if value is not None and (self.best is None or value > self.best):
                 self.best = value
 
+    def sync(self, judged: int, best: float | None) -> None:
+        """The study's own count of judged trials and its best, read from its storage (what other
+        workers finished too)."""
+        with self._lock:
+            self.done = max(self.done, judged)
+            if best is not None and (self.best is None or best > self.best):
+                self.best = best
+
     # ------------------------------------------------------------------ the live line
     def status(self) -> str:
         """The live line's text (also what a test can read)."""
@@ -115,7 +146,7 @@ class Progress:
                     text += f" running {_clock(time.perf_counter() - info['started'])}"
                 parts.append(text)
             best = f"{self.best:.4f}" if self.best is not None else "-"
-            parts.append(f"best {best} (gate {self.threshold})")
+            parts.append(f"best {best} (gate {self.threshold:.4f})")
             parts.append(f"elapsed {_clock(elapsed)}")
             remaining = self.n_trials - self.done
             if self.durations and remaining > 0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -94,7 +96,9 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapse
     if seconds is None and trial.datetime_complete and trial.datetime_start:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     origin = ""
-    if keys.MUTATIONS in trial.user_attrs:
+    if keys.MUTATIONS in trial.user_attrs and trial.user_attrs.get(keys.PARENT) == keys.BASE:
+        origin = f"  <- the base model {trial.user_attrs[keys.MUTATIONS]}"  # the probe: no trial of its own
+    elif keys.MUTATIONS in trial.user_attrs:
         origin = f"  <- #{trial.user_attrs.get(keys.PARENT)} {trial.user_attrs[keys.MUTATIONS]}"
     elif keys.START in trial.user_attrs:
         origin = f"  (start: the {trial.user_attrs[keys.START]})"
@@ -120,18 +124,47 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, threshold: float, elapse
     )
 
 
-def summary(study: optuna.Study, result: StudyResult) -> None:
-    """A table of the best trials and the gate's verdict."""
+#: the best trials the summary lists
+TOP = 5
+
+
+def summary(study: optuna.Study, result: StudyResult, budget: int | None = None) -> None:
+    """A table of the best trials, what ended the study, and the gate's verdict (bold, green or
+    red, on a terminal without ``NO_COLOR``)."""
     trials = study.get_trials(deepcopy=False)
     counts = {state.name: sum(t.state == state for t in trials) for state in TrialState}
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -(t.value or 0.0))
+    if result.gate_passed:
+        ended = f"the gate (trial {result.best_trial} met it)"
+    elif budget is not None and result.n_trials >= budget:
+        ended = f"the budget (study.n_trials={budget})"
+    else:
+        ended = "study.timeout or a stop before the budget"
     print(f"\nstudy '{result.study_name}': {len(trials)} trials "
-          f"({', '.join(f'{n} {k.lower()}' for k, n in counts.items() if n)})", flush=True)
+          f"({', '.join(f'{n} {k.lower()}' for k, n in counts.items() if n)}); ended by {ended}", flush=True)
     if done:
-        print("  rank  trial  val_accuracy  architecture")
-        for rank, t in enumerate(done[:5], 1):
+        shown = "" if len(done) <= TOP else f" (the best {TOP} of {len(done)} complete trials)"
+        print(f"  rank  trial  val_accuracy  architecture{shown}")
+        for rank, t in enumerate(done[:TOP], 1):
             print(f"  {rank:4d}  {t.number:5d}  {t.value:12.4f}  {architecture(t.params)}")
-    print(f"{verdict_line(result)}; MLflow parent run {result.parent_run_id}", flush=True)
+    line = verdict_line(result)
+    if _colour(sys.stdout):
+        line = f"\x1b[1;{32 if result.gate_passed else 31}m{line}\x1b[0m"
+    print(f"{line}; MLflow parent run {result.parent_run_id}", flush=True)
+
+
+def _colour(stream: Any) -> bool:
+    """Colour only on a terminal, and never with ``NO_COLOR`` set (https://no-color.org)."""
+    try:
+        return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM", "") != "dumb"
+    except (AttributeError, ValueError):
+        return False
+
+
+def headline(result: StudyResult) -> str:
+    """The verdict in three words, for the parent run's name: ``PASSED 0.9861`` / ``MISSED 0.9722``."""
+    best = f" {result.best_value:.4f}" if result.best_value is not None else " (no trial)"
+    return f"{'PASSED' if result.gate_passed else 'MISSED'}{best}"
 
 
 def verdict_line(result: StudyResult) -> str:
@@ -141,7 +174,7 @@ def verdict_line(result: StudyResult) -> str:
     test = f", test_accuracy {result.test_accuracy:.4f}" if result.test_accuracy is not None else ""
     note = f" - {result.gate_note}" if result.gate_note else ""
     return (f"gate {verdict}: best val_accuracy {best} (trial {result.best_trial}) vs threshold "
-            f"{result.threshold}{test}{note}")
+            f"{result.threshold:.4f}{test}{note}")
 
 
 def log_study_artifacts(study: optuna.Study, best_config: Mapping[str, Any] | None,
@@ -242,6 +275,25 @@ def readable_param(name: str) -> str:
     return name
 
 
+#: where ``mlflow ui`` (``make ui``) serves a local tracking store by default
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_address(tracking_cfg: Mapping[str, Any]) -> str:
+    """The MLflow UI that run links open: ``tracking.ui_url``, else the tracking server (without
+    its credentials), else where ``mlflow ui`` serves a local store."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    given = tracking_cfg.get("ui_url")
+    uri = str(given or tracking_cfg.get("uri") or "")
+    if not uri.startswith(("http://", "https://")):
+        return LOCAL_UI
+    parts = urlsplit(uri)
+    name = f"[{parts.hostname}]" if ":" in str(parts.hostname) else str(parts.hostname)
+    host = f"{name}:{parts.port}" if parts.port else name
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
 def log_study_page(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace,
                    result: StudyResult, folder: str = "") -> str:
     """Build report.html (see :mod:`mlops_tune.show.page`), log it to the active (parent) run, return it."""
@@ -251,12 +303,16 @@ def log_study_page(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpa
 
     client = mlflow.MlflowClient()
     experiment_id = mlflow.active_run().info.experiment_id if mlflow.active_run() else "0"
+    ui = ui_address(cfg["tracking"])
+    epochs = "epochs" in cfg["model"]  # a one-step fit (scikit-learn) has no curve to read
     histories, links = {}, {}
     for trial in study.get_trials(deepcopy=False):
         run_id = trial.user_attrs.get(keys.RUN)
         if not run_id:
             continue
-        links[trial.number] = f"/#/experiments/{experiment_id}/runs/{run_id}"
+        links[trial.number] = f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+        if not epochs:
+            continue
         with contextlib.suppress(Exception):  # a run deleted meanwhile: no curve
             per_step: dict[int, float] = {}
             # per epoch the first value of a step: the final evaluation is logged later at the last step

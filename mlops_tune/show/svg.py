@@ -14,6 +14,11 @@ _COLORS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "FAIL": "#d62728", "RUNNI
 _WIN = "#2ca02c"
 
 
+def score(value: Any) -> str:
+    """An accuracy as the terminal prints it: four decimals (``0.9833``, ``1.0000``)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
+
+
 def readable(value: Any) -> str:
     """``[64, 32]`` for lists, 4 significant digits for floats."""
     if isinstance(value, float):
@@ -79,7 +84,7 @@ def history_svg(data: Mapping[str, Any]) -> str:
     y_t = y_of(threshold)
     parts.append(f'<line x1="{PAD}" y1="{y_t:.1f}" x2="{WIDTH - 10}" y2="{y_t:.1f}" class="threshold"/>'
                  f'<text x="{WIDTH - 12}" y="{y_t + (14 if y_t < 24 else -5):.1f}" class="tick" text-anchor="end">'
-                 f'threshold {threshold}</text>')
+                 f'threshold {score(threshold)}</text>')
     best, steps = -math.inf, []
     for t in sorted(trials, key=lambda t: t["number"]):
         if t["state"] == "COMPLETE" and t["value"] is not None and t["value"] > best:
@@ -91,7 +96,7 @@ def history_svg(data: Mapping[str, Any]) -> str:
     for t in trials:
         x = x_of(t["number"])
         color = _COLORS.get(t["state"], "#7f7f7f")
-        title = f"<title>trial {t['number']} {t['state']} {readable(t['value'])}</title>"
+        title = f"<title>trial {t['number']} {t['state']} {score(t['value'])}</title>"
         if t["value"] is None:  # failed: a cross on the axis
             y = HEIGHT - PAD
             parts.append(f'<path d="M{x - 4:.1f},{y - 4} l8,8 m0,-8 l-8,8" stroke="{color}" class="mark">{title}</path>')
@@ -138,66 +143,73 @@ def epochs_svg(data: Mapping[str, Any]) -> str:
 
 
 def lineage_svg(data: Mapping[str, Any]) -> str:
-    """The lineage tree, top-down: root at the top, each child below the trial it came from."""
+    """The lineage tree as an outline that grows downwards: one row per trial, each under the
+    trial it came from and indented one step deeper, its operators beside it. Labels keep their
+    size however many trials (200 trials: 200 rows in a scroll box, not a tree shrunk to fit)."""
     tree, by_number = data["lineage"], {t["number"]: t for t in data["trials"]}
     if tree["root"] is None:
         return '<p class="note">No base-model trial in this study.</p>'
     children: dict[int, list[dict[str, Any]]] = {}
     for edge in tree["edges"]:
         children.setdefault(edge["from"], []).append(edge)
-    position: dict[int, tuple[float, int]] = {}
-    next_x = [0]
-
-    def place(node: int, depth: int) -> float:
-        kids = sorted(children.get(node, []), key=lambda e: e["to"])
-        if not kids:
-            x = float(next_x[0])
-            next_x[0] += 1
-        else:
-            xs = [place(e["to"], depth + 1) for e in kids]
-            x = (xs[0] + xs[-1]) / 2
-        position[node] = (x, depth)
-        return x
-
-    place(tree["root"], 0)
-    box_w, box_h, col, row = 96, 38, 150, 104
-    width = max(WIDTH, int(next_x[0] * col + 40))
-    height = int((max(d for _, d in position.values()) + 1) * row + 20)
+    rows: list[tuple[int, int, dict[str, Any] | None]] = []  # (trial, depth, the edge it came by)
+    stack: list[tuple[int, int, dict[str, Any] | None]] = [(tree["root"], 0, None)]
+    seen: set[int] = set()
+    while stack:
+        node, depth, edge = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        rows.append((node, depth, edge))
+        stack += [(e["to"], depth + 1, e) for e in sorted(children.get(node, []), key=lambda e: -e["to"])]
+    indent, row_h, box_w, box_h = 18, 24, 116, 18
+    row_of = {node: i for i, (node, _, _) in enumerate(rows)}
     on_path = set(tree["winner_path"])
 
-    def centre(node: int) -> tuple[float, float]:
-        x, depth = position[node]
-        return 20 + x * col + box_w / 2, 14 + depth * row
+    def left(depth: int) -> float:
+        return 8 + depth * indent
 
-    parts = []
-    for edge in tree["edges"]:
-        if edge["from"] not in position or edge["to"] not in position:
-            continue
-        (x1, y1), (x2, y2) = centre(edge["from"]), centre(edge["to"])
-        win = edge["from"] in on_path and edge["to"] in on_path
-        parts.append(f'<path d="M{x1:.1f},{y1 + box_h:.1f} C{x1:.1f},{y1 + box_h + 30:.1f} {x2:.1f},{y2 - 30:.1f} '
-                     f'{x2:.1f},{y2:.1f}" class="{"edge win" if win else "edge"}'
-                     f'{"" if edge["mutated"] else " sampled"}"/>')
-        ops = [op.removeprefix("model.") for op in edge["label"].split(",")]
-        lines = "".join(f'<tspan x="{x2:.1f}" dy="{0 if i == 0 else 11}">{esc(op[:24])}</tspan>'
-                        for i, op in enumerate(ops))
-        parts.append(f'<text x="{x2:.1f}" y="{y2 - 8 - 11 * (len(ops) - 1):.1f}" class="edge-label" '
-                     f'data-edge="{edge["from"]}-{edge["to"]}">{lines}<title>{esc(edge["label"])}</title></text>')
-    for node, _ in position.items():
+    parts, labels = [], []
+    for i, (node, depth, edge) in enumerate(rows):
+        y = 6 + i * row_h
         trial = by_number.get(node, {})
-        x, y = centre(node)
-        value = readable(trial.get("value")) if trial.get("value") is not None else trial.get("state", "").lower()
-        cls = "node win" if node in on_path else "node"
-        tag = ("champion" if trial.get("start") else "base model") if node == tree["root"] else f"trial {node}"
-        parts.append(f'<g class="{cls}" data-trial="{node}"><rect x="{x - box_w / 2:.1f}" y="{y:.1f}" width="{box_w}" '
-                     f'height="{box_h}" rx="6"/><text x="{x:.1f}" y="{y + 15:.1f}">#{node} {esc(tag if node == tree["root"] else "")}'
-                     f'</text><text x="{x:.1f}" y="{y + 30:.1f}">{esc(value)}</text>'
+        if edge is not None and edge["from"] in row_of:
+            x0, y0 = left(depth - 1) + 8, 6 + row_of[edge["from"]] * row_h + box_h
+            win = edge["from"] in on_path and node in on_path
+            parts.append(f'<path d="M{x0:.0f},{y0:.0f} V{y + box_h / 2:.0f} H{left(depth):.0f}" '
+                         f'class="{"edge win" if win else "edge"}{"" if edge["mutated"] else " sampled"}"/>')
+            ops = ", ".join(op.removeprefix("model.") for op in edge["label"].split(","))
+            labels.append(f'<text x="{left(depth) + box_w + 8:.0f}" y="{y + 13:.0f}" class="edge-label" '
+                          f'data-edge="{edge["from"]}-{node}">{esc(ops)}<title>{esc(edge["label"])}</title></text>')
+        value = score(trial.get("value")) if trial.get("value") is not None else trial.get("state", "").lower()
+        tag = (" champion" if trial.get("start") else " base") if node == tree["root"] else ""
+        parts.append(f'<g class="{"node win" if node in on_path else "node"}" data-trial="{node}">'
+                     f'<rect x="{left(depth):.0f}" y="{y:.0f}" width="{box_w}" height="{box_h}" rx="4"/>'
+                     f'<text x="{left(depth) + 6:.0f}" y="{y + 13:.0f}">#{node}{esc(tag)}  {esc(value)}</text>'
                      f'<title>{esc(params_text(trial.get("params", {})))}</title></g>')
-    return _svg("lineage", "".join(parts), width, height)
+    longest = max((len(e["label"]) for e in tree["edges"]), default=0)
+    width = int(max(left(d) for _, d, _ in rows) + box_w + 16 + 6.2 * longest)
+    return _svg("lineage", "".join(parts) + "".join(labels), max(width, 300), 12 + len(rows) * row_h)
+
+
+def winner_path_html(data: Mapping[str, Any]) -> str:
+    """The winner's line of descent in one line: root, each step's operators, the winner."""
+    tree, by_number = data["lineage"], {t["number"]: t for t in data["trials"]}
+    path = tree["winner_path"]
+    if len(path) < 2:
+        return ""
+    via = {e["to"]: e["label"] for e in tree["edges"]}
+    steps = [f'<b>#{path[0]}</b>']
+    for node in path[1:]:
+        value = by_number.get(node, {}).get("value")
+        ops = ", ".join(op.removeprefix("model.") for op in via.get(node, "").split(","))
+        steps.append(f'&#8594; {esc(ops)} &#8594; <b>#{node}</b>{f" ({score(value)})" if value is not None else ""}')
+    return f'<p class="path" id="winner-path">Winner\'s path: {" ".join(steps)}</p>'
 
 
 def parallel_svg(data: Mapping[str, Any]) -> str:
-    """One axis per searched key (lists: layers and total units), the metric last."""
+    """One axis per searched key (lists: their layers and their total units), the metric last;
+    the lines under the axes and their labels, the better a trial the darker its line."""
     trials = [t for t in data["trials"] if t["value"] is not None and t["params"]]
     if not trials:
         return '<p class="note">No trial with a value yet.</p>'
@@ -213,9 +225,9 @@ def parallel_svg(data: Mapping[str, Any]) -> str:
             columns[key] = [str(v) for v in values]
     columns[data["metric"]] = [t["value"] for t in trials]
     names = list(columns)
-    side = 80
+    side, top, bottom = 80, 24, HEIGHT - PAD
     gap = (WIDTH - 2 * side) / max(1, len(names) - 1)
-    parts, scaled = [], {}
+    axes, scaled, logs = [], {}, []
     for i, name in enumerate(names):
         x = side + i * gap
         values = columns[name]
@@ -224,26 +236,34 @@ def parallel_svg(data: Mapping[str, Any]) -> str:
             low, high = min(nums), max(nums)
             log = low > 0 and high / low >= 100
             f = (lambda v: math.log10(v)) if log else (lambda v: v)
-            scaled[name] = [_scale(f(v), f(low), f(high), HEIGHT - PAD, 24) for v in nums]
-            ticks = [(HEIGHT - PAD, readable(low)), (24, readable(high))]
+            scaled[name] = [_scale(f(v), f(low), f(high), bottom, top) for v in nums]
+            ticks = [(bottom, score(low) if name == data["metric"] else readable(low)),
+                     (top, score(high) if name == data["metric"] else readable(high))]
+            if log:
+                logs.append(name)
         else:
             cats = sorted({str(v) for v in values})
-            scaled[name] = [_scale(cats.index(str(v)), 0, max(1, len(cats) - 1), HEIGHT - PAD, 24) for v in values]
-            ticks = [(_scale(j, 0, max(1, len(cats) - 1), HEIGHT - PAD, 24), c) for j, c in enumerate(cats)]
-        parts.append(f'<line x1="{x:.1f}" y1="24" x2="{x:.1f}" y2="{HEIGHT - PAD}" class="axis"/>'
-                     f'<text x="{x:.1f}" y="{HEIGHT - PAD + 16 + 14 * (i % 2)}" class="tick" text-anchor="middle">'
-                     f'{esc(name)}</text>')
-        parts += [f'<text x="{x + 3:.1f}" y="{y + 3:.1f}" class="tick small">{esc(t)}</text>' for y, t in ticks]
+            scaled[name] = [_scale(cats.index(str(v)), 0, max(1, len(cats) - 1), bottom, top) for v in values]
+            ticks = [(_scale(j, 0, max(1, len(cats) - 1), bottom, top), c) for j, c in enumerate(cats)]
+        label = f"{name} (log)" if name in logs else name
+        axes.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" class="axis"/>'
+                    f'<text x="{x:.1f}" y="{bottom + 16 + 14 * (i % 2)}" class="tick halo" text-anchor="middle">'
+                    f'{esc(label)}</text>')
+        axes += [f'<text x="{x + 4:.1f}" y="{y + 4:.1f}" class="tick halo">{esc(t)}</text>' for y, t in ticks]
     metric = [t["value"] for t in trials]
     low, high = min(metric), max(metric)
-    for row, trial in enumerate(trials):
+    lines = []
+    for row, trial in sorted(enumerate(trials), key=lambda item: item[1]["value"]):  # the best drawn last
         points = " ".join(f"{side + i * gap:.1f},{scaled[name][row]:.1f}" for i, name in enumerate(names))
-        share = _scale(trial["value"], low, high, 0.15, 1.0)
+        share = _scale(trial["value"], low, high, 0.35, 1.0)
         winner = trial["number"] == data["verdict"].get("best_trial")
-        parts.append(f'<polyline points="{points}" class="{"winner" if winner else "curve"}" '
+        lines.append(f'<polyline points="{points}" class="{"winner" if winner else "curve"}" '
                      f'stroke="{_WIN if winner else "#1f77b4"}" stroke-opacity="{1 if winner else share:.2f}">'
-                     f'<title>trial {trial["number"]}: {readable(trial["value"])}</title></polyline>')
-    return _svg("parallel", "".join(parts))
+                     f'<title>trial {trial["number"]}: {score(trial["value"])}</title></polyline>')
+    units = ('<p class="legend">One line per trial that has a value, darker the better (green: the winner). '
+             '"(layers)": how many hidden layers; "(units)": their units added up; "(log)": a log scale. '
+             'Each axis runs from the lowest value the trials took (bottom) to the highest (top).</p>')
+    return _svg("parallel", "".join(lines) + "".join(axes)) + units
 
 
 def _svg(name: str, body: str, width: int = WIDTH, height: int = HEIGHT) -> str:

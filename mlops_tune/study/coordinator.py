@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -14,7 +15,7 @@ from optuna.trial import TrialState
 from mlops_tune.records import claims, tracking
 from mlops_tune.runtime import faults, keys, threads
 from mlops_tune.runtime.secrets import redact_text
-from mlops_tune.search.gate import judged
+from mlops_tune.search.gate import best_value, judged
 from mlops_tune.search.optuna_setup import make_storage
 from mlops_tune.show import report
 from mlops_tune.show.progress import Progress
@@ -95,10 +96,7 @@ class Study:
                 tracking.log_data(str(self.cfg["data"]["name"]), plan.splits.fingerprint, plan.splits.x_train,
                                   plan.splits.y_train, data_source(self.cfg["data"]))
             reconcile(study, experiment_id, run_id, budget)
-            progress = Progress(int(self.cfg["study"]["n_trials"]), plan.threshold, str(plan.gate["metric"]),
-                                self.cfg["model"].get("epochs"), done=sum(map(judged, study.get_trials())),
-                                timeout=self.cfg["study"]["timeout"],
-                                live=False if plan.launcher is not None else None)  # they print their lines
+            progress = study_progress(self.cfg, plan, study.get_trials(deepcopy=False))
             context = study_context(plan, study, experiment_id, run_id, on_epoch=progress.epoch)
             report.study_header(plan.name, self.cfg, plan.space, existing)
             started = time.perf_counter()
@@ -155,3 +153,12 @@ class Study:
         while others():
             new_loop(after_first=None).run(threading.Event())  # the probe, if any, is enqueued already
         plan.runner.drain()  # the models its trials logged are written: the best is judged next
+
+
+def study_progress(cfg: Mapping[str, Any], plan: Plan, trials: list[optuna.trial.FrozenTrial]) -> Progress:
+    """The study's progress display, from where the study stands (a resumed study's count and best)."""
+    best = best_value(trials, plan.gate)
+    return Progress(int(cfg["study"]["n_trials"]), plan.threshold, str(plan.gate["metric"]), cfg["model"].get("epochs"),
+                    done=sum(map(judged, trials)), best=best if math.isfinite(best) else None,
+                    timeout=cfg["study"]["timeout"],
+                    live=False if plan.launcher is not None else None)  # launched workers print their own lines

@@ -79,8 +79,8 @@ def finish(study: optuna.Study, cfg: Mapping[str, Any], space: SearchSpace, fami
         result = _promote(best, model_uri, result, cfg, budget, worker, splits)
     result = replace(result, report_html=report.log_study_page(study, cfg, space, result, folder))
     describe_study_run(study.study_name, report.verdict_line(result),
-                                str(best.user_attrs.get(keys.RUN, "")) if best else "")
-    report.summary(study, result)
+                       str(best.user_attrs.get(keys.RUN, "")) if best else "", report.headline(result))
+    report.summary(study, result, int(cfg["study"]["n_trials"]))
     return result
 
 

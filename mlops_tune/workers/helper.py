@@ -15,8 +15,17 @@ from typing import Any
 PROG = "mlops-tune worker"
 
 
-def serve(cfg: dict[str, Any], index: int, n_jobs: int, queue: Any, env: Mapping[str, str]) -> None:
-    """A helper process: the worker loop on the study its queue names (exit codes as ``mlops-tune``)."""
+def serve(cfg: dict[str, Any], index: int, n_jobs: int, queue: Any, env: Mapping[str, str],
+          outputs: list[Any] | None = None) -> None:
+    """A helper process: the worker loop on the study its queue names (exit codes as ``mlops-tune``).
+    ``outputs``: the pipes its stdout and stderr go to (the study prints their lines whole)."""
+    if outputs:
+        for fd, pipe in zip((1, 2), outputs, strict=True):
+            os.dup2(pipe.fileno(), fd)  # C code's writes too (a library writing to the fds)
+            pipe.close()
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(line_buffering=True)  # a pipe: Python would buffer whole blocks
     # not MLFLOW_RUN_ID (under `mlflow run`: the study's own run, which a helper must not resume)
     os.environ.pop("MLFLOW_RUN_ID", None)
     os.environ["MLOPS_TUNE_LIVE"] = "0"

@@ -7,6 +7,10 @@ takes the checked data from its queue, and once the study's parent run exists it
 :class:`~mlops_tune.workers.loop.Assignment`. The study waits on the processes' sentinels,
 so a helper that dies is seen at once; a helper whose study dies (even by SIGKILL) sees its
 parent's sentinel close (``multiprocessing.parent_process()``) and stops as if it got SIGTERM.
+
+A helper's standard output and error are pipes this process reads: each line it writes is
+printed here whole (:func:`~mlops_tune.show.progress.emit`), through the study's live display
+when one is drawn, so no line of a helper is ever glued to the status line or to another line.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 from mlops_tune.data import Splits
 from mlops_tune.runtime import faults, threads
 from mlops_tune.runtime.errors import EnvironmentFault, StudyAborted
+from mlops_tune.show import progress
 from mlops_tune.workers import helper
 from mlops_tune.workers.loop import WorkerLoop
 from mlops_tune.workers.objective import give_back_lost
@@ -40,15 +45,24 @@ class LocalProcesses:
         env = threads.thread_env(n + 1)
         self.queues: list[Any] = []
         self.processes: list[Any] = []
+        outputs = []
         for index in range(1, n + 1):
             queue = context.Queue()
             queue.cancel_join_thread()  # a helper that died never reads: do not wait for it at exit
-            process = context.Process(target=helper.serve, args=(dict(cfg), index, n + 1, queue, env),
+            pipes = [context.Pipe(duplex=False) for _ in range(2)]  # its stdout and stderr
+            process = context.Process(target=helper.serve, args=(dict(cfg), index, n + 1, queue, env,
+                                                                 [writer for _, writer in pipes]),
                                       name=f"mlops-tune-worker-{index}", daemon=True)
             process.start()
+            for reader, writer in pipes:
+                writer.close()  # the helper holds the writing ends: the pipes end with it
+                outputs.append(reader)
             self.queues.append(queue)
             self.processes.append(process)
         self.released = False
+        self.printer = threading.Thread(target=_print_lines, args=(outputs,), name="mlops-tune-helper-output",
+                                        daemon=True)
+        self.printer.start()
 
     @property
     def pids(self) -> list[int]:
@@ -78,6 +92,7 @@ class LocalProcesses:
         while pending:
             for sentinel in wait(list(pending)):
                 pending.pop(sentinel).join()
+        self.printer.join(5)  # the helpers' last lines (their error, if any) are printed first
         self._close_queues()
         failed = [(index, p.exitcode) for index, p in enumerate(self.processes, 1) if (p.exitcode or 0) > 0]
         if failed:
@@ -122,6 +137,28 @@ class LocalProcesses:
         """Nothing more goes to the helpers: the queues' feeder threads end."""
         for queue in self.queues:
             queue.close()
+
+
+def _print_lines(readers: list[Any]) -> None:
+    """Print the helpers' output line by line (stdout readers at even places, stderr at odd) until
+    every helper closed its pipes."""
+    pending = {reader: (bool(i % 2), b"") for i, reader in enumerate(readers)}
+    while pending:
+        for reader in wait(list(pending)):
+            err, rest = pending[reader]
+            try:
+                chunk = os.read(reader.fileno(), 65536)
+            except OSError:
+                chunk = b""
+            if chunk:
+                *lines, rest = (rest + chunk).split(b"\n")
+                pending[reader] = (err, rest)
+            else:  # the helper ended: what it left without a newline, then this pipe is done
+                lines = [rest] if rest else []
+                del pending[reader]
+                reader.close()
+            for line in lines:
+                progress.emit(line.decode(errors="replace").rstrip("\r"), err=err)
 
 
 def owners(pids: list[int]) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ Optuna's ask-and-tell interface, and records the heartbeat of the trial it runs 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import threading
@@ -131,6 +132,10 @@ class WorkerLoop:
         self.progress.trial_finished(frozen.number, frozen.value, gate.judged(frozen))
         report.trial_line(self.study, frozen, self.plan.threshold, time.perf_counter() - self.started,
                           self.plan.gate, done=self._done())
+        if self.plan.n_jobs > 1:  # the status line counts the trials other workers finished too
+            best = gate.best_value(self._done(), self.plan.gate)
+            self.progress.sync(sum(map(gate.judged, self.study.get_trials(deepcopy=False))),
+                               best if math.isfinite(best) else None)
         self.failures = failures_in_a_row(self.failures, frozen)
 
     @contextlib.contextmanager

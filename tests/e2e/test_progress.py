@@ -7,7 +7,6 @@ import io
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -62,17 +61,31 @@ def test_verbose_brings_the_library_logs_back(workdir: Path) -> None:
 
 def test_a_terminal_gets_a_live_status_line(workdir: Path) -> None:
     """Under a pseudo-terminal the study shows 'trial k/N | ... | best ... (gate ...) | elapsed'."""
+    code, text = _in_a_terminal(workdir, "model=knn", "data=wine", "study.n_trials=4", "gate.threshold=0.999",
+                                columns=200)
+    assert code in (0, 1), text[-2000:]
+    # whether a KNN trial is still running when the line is redrawn depends on this machine's pace:
+    # the running trial's part is optional here (test_the_live_line_shows_the_running_trial drives it)
+    trial_state = r"( \| #\d+ (running \d+:\d\d|epoch \d+(/\d+)? val_accuracy [0-9.]+))*"
+    assert re.search(r"trial [1-4]/4" + trial_state + r" \| best [-0-9.]+ \(gate 0\.9990\) \| elapsed \d+:\d\d",
+                     text), text[-2000:]
+    assert "[trial   0] COMPLETE" in text  # the per-trial lines still print above the status
+
+
+def _in_a_terminal(workdir: Path, *args: str, columns: int = 100) -> tuple[int, str]:
+    """Run ``mlops-tune`` under a pseudo-terminal of ``columns`` columns; its exit code and raw output."""
+    import fcntl
     import pty
+    import struct
+    import termios
 
     leader, follower = pty.openpty()
-    env = command_env(TERM="xterm", COLUMNS="200")
-    proc = subprocess.Popen([str(BIN / "mlops-tune"), "model=knn", "data=wine", "study.n_trials=4",
-                             "gate.threshold=0.999"], cwd=workdir, env=env, stdin=follower, stdout=follower,
-                            stderr=follower, close_fds=True)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen([str(BIN / "mlops-tune"), *args], cwd=workdir, env=command_env(TERM="xterm"),
+                            stdin=follower, stdout=follower, stderr=follower, close_fds=True)
     os.close(follower)
     chunks = []
-    deadline = time.time() + 300
-    while time.time() < deadline:
+    while True:
         try:
             data = os.read(leader, 65536)
         except OSError:  # the child closed the terminal
@@ -80,16 +93,47 @@ def test_a_terminal_gets_a_live_status_line(workdir: Path) -> None:
         if not data:
             break
         chunks.append(data)
-    proc.wait(timeout=60)
+    proc.wait(timeout=600)
     os.close(leader)
-    text = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode in (0, 1), text[-2000:]
-    # whether a KNN trial is still running when the line is redrawn depends on this machine's pace:
-    # the running trial's part is optional here (test_the_live_line_shows_the_running_trial drives it)
-    trial_state = r"( \| #\d+ (running \d+:\d\d|epoch \d+(/\d+)? val_accuracy [0-9.]+))*"
-    assert re.search(r"trial [1-4]/4" + trial_state + r" \| best [-0-9.]+ \(gate 0\.999\) \| elapsed \d+:\d\d",
-                     text), text[-2000:]
-    assert "[trial   0] COMPLETE" in text  # the per-trial lines still print above the status
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def _screen_lines(text: str, columns: int) -> list[str]:
+    """Every line a person saw, scrolled away or not: the output played on a terminal emulator."""
+    import pyte
+
+    screen = pyte.HistoryScreen(columns, 40, history=100000)
+    pyte.Stream(screen).feed(text.replace("\n", "\r\n"))
+    history = ["".join(line[x].data for x in range(columns)) for line in screen.history.top]
+    return [line.rstrip() for line in [*history, *screen.display]]
+
+
+@pytest.mark.slow
+def test_two_keras_workers_share_one_terminal_without_garbling_it(workdir: Path) -> None:
+    """A study with a helper process (study.n_jobs=2) on a terminal: every line of both processes is
+    printed whole by one writer, above the live status line (never glued to it or to each other),
+    wrapped to the terminal's width; a resumed study's status line starts from the study's best."""
+    columns = 90
+    args = ("model=ann", "model.epochs=3", "study.n_jobs=2", "gate.threshold=0.999", "registry.promote=false",
+            "study.name=two-lanes")
+    code, text = _in_a_terminal(workdir, *args, "study.n_trials=4", columns=columns)
+    assert code == 1, text[-3000:]
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    segments = [s for s in re.split(r"[\r\n]", plain) if s.strip()]
+    status = re.compile(r"trial \d+/\d+ \|.*\| elapsed")
+    trial_lines = [s for s in segments if "[trial" in s]
+    assert {int(n) for n in re.findall(r"\[trial +(\d+)\]", plain)} == {0, 1, 2, 3}  # both processes' lines
+    assert any(status.search(s) for s in segments), "the live status line was drawn"
+    for segment in segments:  # no line is both status and trial text
+        assert not (status.search(segment) and re.search(r"\[trial|starting trial|study '", segment)), segment
+    assert all(len(s) <= columns for s in trial_lines), [s for s in trial_lines if len(s) > columns]
+    for line in _screen_lines(text, columns):  # what a person saw, scrolled or not
+        assert not ("| elapsed" in line and "[trial" in line), line
+    best = max(float(v) for v in re.findall(r"COMPLETE val_accuracy=([0-9.]+)", plain))
+    code, text = _in_a_terminal(workdir, *args, "study.n_trials=6", columns=columns)
+    assert code == 1, text[-3000:]
+    first = re.search(r"best (\S+) \(gate", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text))  # the first drawn
+    assert first and first.group(1) != "-" and float(first.group(1)) >= best - 5e-5, (best, text[-3000:])
 
 
 def test_the_live_line_shows_the_running_trial(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,8 +149,8 @@ def test_the_live_line_shows_the_running_trial(monkeypatch: pytest.MonkeyPatch) 
         progress.trial_finished(2, 0.93, judged=True)
         progress.refresh()
         after = stream.getvalue()[len(drawn):]
-    assert "trial 1/4 | #2 epoch 4/30 val_accuracy 0.9012 | best - (gate 0.99) | elapsed 0:00" in drawn
-    assert "trial 2/4 | best 0.9300 (gate 0.99)" in after and "#2" not in after
+    assert "trial 1/4 | #2 epoch 4/30 val_accuracy 0.9012 | best - (gate 0.9900) | elapsed 0:00" in drawn
+    assert "trial 2/4 | best 0.9300 (gate 0.9900)" in after and "#2" not in after
 
 
 def test_the_status_line_shows_the_epoch_and_the_eta() -> None:
@@ -114,7 +158,7 @@ def test_the_status_line_shows_the_epoch_and_the_eta() -> None:
                         stream=open(os.devnull, "w"))  # noqa: SIM115 - closed with the test
     progress.trial_started(2)
     progress.epoch(2, 11, 0.9012)
-    assert "trial 3/10 | #2 epoch 12/30 val_accuracy 0.9012 | best - (gate 0.95)" in progress.status()
+    assert "trial 3/10 | #2 epoch 12/30 val_accuracy 0.9012 | best - (gate 0.9500)" in progress.status()
     progress.trial_finished(2, 0.93, judged=True)
     status = progress.status()
     assert "best 0.9300" in status and "ETA " in status  # one duration known: 7 trials left
@@ -132,6 +176,29 @@ def test_a_multirun_ends_with_a_table_of_its_studies(workdir: Path) -> None:
         code = int(line.split()[1])
         assert f"study 's-{model.split('=')[1]}': gate {'PASSED' if code == 0 else 'MISSED'}" in line
     assert table[4] == f"exit code {result.code} (the worst of the jobs)"
+
+
+@pytest.mark.slow
+def test_a_mixed_multirun_gives_a_family_key_to_the_models_that_have_it(workdir: Path) -> None:
+    """``-m model=knn,ann model.epochs=1``: the Keras job trains 1 epoch, the KNN job (no ``epochs``)
+    runs without it and says so in one line; a key no swept model has is still an error."""
+    from tests.conftest import mlflow_runs
+
+    result = run_command("mlops-tune", "-m", "model=knn,ann", "model.epochs=1", "study.n_trials=1",
+                         "gate.threshold=0.1", "registry.promote=false", "study.n_jobs=1", cwd=workdir)
+    assert result.code == 0, result.stdout + result.stderr
+    assert ("model.epochs does not apply to model=knn (its config has no 'epochs'): left out of this job"
+            in result.stdout)
+    runs = mlflow_runs(workdir)
+    parents = {r.data.tags["mlops_tune.study"]: r.info.run_id for r in runs if "mlops_tune.gate" in r.data.tags}
+    assert set(parents) == {"knn-digits", "ann-digits"}  # the knn study is the plain one: no epochs in it
+    trials = {study: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run_id]
+              for study, run_id in parents.items()}
+    assert [r.data.params["model.epochs"] for r in trials["ann-digits"]] == ["1"]
+    assert [r for r in trials["knn-digits"] if "model.epochs" in r.data.params] == []
+    assert len(trials["knn-digits"]) == 1
+    typo = run_command("mlops-tune", "-m", "model=knn,ann", "model.epoch=1", cwd=workdir)
+    assert typo.code == 2 and "model.epoch" in typo.stderr
 
 
 def test_the_multirun_table_names_errors_and_the_worst_code() -> None:

@@ -92,8 +92,15 @@ def test_the_report_data_agrees_with_mlflow(study: dict) -> None:
 
 def test_the_mlflow_runs_tell_the_story(study: dict) -> None:
     parent, children = study["parent"], study["children"]
-    assert parent.info.run_name == "ann-digits"
-    assert parent.data.tags["mlflow.note.content"].startswith("**gate MISSED: best val_accuracy")
+    best_value = parent.data.metrics["best_val_accuracy"]
+    assert parent.info.run_name == f"MISSED {best_value:.4f} ann-digits"  # the runs list shows the verdict
+    assert parent.data.tags["mlflow.note.content"].startswith("gate MISSED: best val_accuracy")  # plain text
+    for run in children:  # each trial's accuracy in its name; one-value metrics at step 0
+        if tracking.TAG_TRIAL_NUMBER in run.data.tags and run.data.tags[tracking.TAG_STATE] == "COMPLETE":
+            assert run.info.run_name == (f"trial-{run.data.tags[tracking.TAG_TRIAL_NUMBER]}: "
+                                         f"{run.data.metrics['val_accuracy']:.4f}")
+            history = mlflow_client(study["folder"]).get_metric_history(run.info.run_id, "fit_seconds")
+            assert [m.step for m in history] == [0]
     best = [r for r in children if r.data.tags.get("mlops_tune.best") == "true"]
     assert [r.data.tags[tracking.TAG_TRIAL_NUMBER] for r in best] == [parent.data.tags["mlops_tune.best_trial"]]
     artifacts = {a.path for a in mlflow_client(study["folder"]).list_artifacts(parent.info.run_id)}
@@ -109,9 +116,11 @@ def test_the_report_renders_in_chromium_with_no_error_and_no_outside_request(stu
         for section in SECTIONS:
             box = page.page.locator(f"section#{section}").bounding_box()
             assert box and box["height"] > 40, section
-        for svg in ("history", "epochs", "lineage", "parallel"):
+        for svg in ("history", "epochs", "parallel"):
             box = page.page.locator(f"#svg-{svg}").bounding_box()
             assert box and box["width"] > 300 and box["height"] > 150, svg
+        box = page.page.locator("#svg-lineage").bounding_box()  # an outline: a row of ~24 px per trial
+        assert box and box["width"] > 300 and box["height"] >= 5 * 24
         assert page.page.locator("#svg-lineage g.node").count() == 5
         assert page.page.locator("#svg-lineage g.node.win").count() == len(study["data"]["lineage"]["winner_path"])
         assert page.page.locator("#svg-epochs polyline").count() == 5
@@ -145,6 +154,114 @@ def test_the_report_shows_in_the_mlflow_ui_artifact_view(study: dict) -> None:
         devservices.stop_process(proc)
 
 
+@pytest.fixture(scope="module")
+def big_study(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> dict:
+    """A 200-trial KNN mutation study from a weak base (30 neighbours: mutations beat it; the gate out
+    of reach: all 200 run) whose run links point at
+    an MLflow UI on a port of its own (tracking.ui_url)."""
+    folder = tmp_path_factory.mktemp("report-200")
+    shutil.copy(mlflow_template, folder / "mlflow.db")
+    port = devservices.free_port()
+    result = run_command("mlops-tune", "model=knn", "model.n_neighbors=30", "study.sampler=mutation",
+                         "study.n_trials=200", "gate.threshold=1.0", "registry.promote=false", f"tracking.ui_url=http://127.0.0.1:{port}",
+                         "hydra.run.dir=out", cwd=folder, timeout=1200)
+    assert result.code == 1, result.stderr[-2000:]
+    page = (folder / "out" / "report.html").read_text()
+    return {"folder": folder, "port": port, "page": page, "data": report_json(page)}
+
+
+def test_a_200_trial_lineage_stays_readable_with_the_winners_path(big_study: dict) -> None:
+    path, data = big_study["folder"] / "out" / "report.html", big_study["data"]
+    winner_path = data["lineage"]["winner_path"]
+    with browser.browser() as chromium:
+        page = browser.open_page(chromium, path.as_uri())
+        assert page.page.locator("#svg-lineage g.node").count() == 200
+        assert page.page.locator("#svg-lineage g.node.win").count() == len(winner_path) >= 2
+        heights = page.page.evaluate("() => Array.from(document.querySelectorAll('#svg-lineage text'))"
+                                     ".map(t => t.getBoundingClientRect().height)")
+        assert len(heights) >= 200 and min(heights) >= 9, min(heights)  # every label at a readable size
+        line = page.page.locator("#winner-path").inner_text()
+        assert line.startswith("Winner's path: #0") and f"#{winner_path[-1]}" in line
+        page.page.locator(f'#svg-lineage g.node.win[data-trial="{winner_path[-1]}"]').scroll_into_view_if_needed()
+        page.page.locator("section#lineage").screenshot(path=str(browser.ARTIFACTS / "report-200-lineage.png"))
+        page.screenshot("report-200-trials.png")
+        assert page.console_errors == []
+        assert page.requests == [path.as_uri()]
+
+
+def test_run_links_open_the_run_from_the_file_and_from_the_mlflow_ui(big_study: dict) -> None:
+    """A trial's "MLflow run" link opens that run in the MLflow UI, clicked in report.html opened
+    from its folder and clicked in the UI's own view of the report artifact."""
+    folder, data = big_study["folder"], big_study["data"]
+    proc, url = devservices.start_mlflow_server("sqlite:///mlflow.db", folder / "mlartifacts", port=big_study["port"],
+                                                cwd=folder, log=folder / "server.log")
+    best = data["verdict"]["best_trial"]
+    client = mlflow_client(folder)
+    parent = next(r for r in mlflow_runs(folder) if tracking.TAG_GATE in r.data.tags)
+    try:
+        with browser.browser() as chromium:
+            page = browser.open_page(chromium, (folder / "out" / "report.html").as_uri())
+            page.page.locator(f'tr[data-trial="{best}"] a').click()
+            page.page.wait_for_url(f"{url}/#/experiments/*/runs/*", timeout=30000)
+            run_id = page.page.url.rsplit("/", 1)[1]
+            name = client.get_run(run_id).info.run_name
+            assert name.startswith(f"trial-{best}: ")
+            page.page.get_by_text(name).first.wait_for(timeout=60000)  # the UI shows the run
+            page.screenshot("report-link-from-file.png")
+            ui = browser.open_page(chromium, f"{url}/#/experiments/{parent.info.experiment_id}/runs/"
+                                             f"{parent.info.run_id}/artifacts/report.html")
+            # MLflow shows the artifact in a frame sandboxed to scripts only: no link can leave it (tried:
+            # _top and _blank are blocked, and the UI itself cannot run inside it). The link says where the
+            # run is instead, its address selected; that address opens the run.
+            frame = _report_frame(ui)
+            frame.locator(f'tr[data-trial="{best}"] a').click()
+            note = frame.locator("#run-address")
+            note.wait_for(state="visible", timeout=10000)
+            assert name in note.inner_text()
+            address = frame.locator("#run-address input").input_value()
+            assert address == f"{url}/#/experiments/{parent.info.experiment_id}/runs/{run_id}"
+            ui.screenshot("report-link-from-mlflow-ui.png")
+            followed = browser.open_page(chromium, address)
+            followed.page.get_by_text(name).first.wait_for(timeout=60000)
+            assert page.outside_requests() == [] and ui.outside_requests() == [] and followed.outside_requests() == []
+    finally:
+        devservices.stop_process(proc)
+
+
+def _report_frame(page: browser.Page):
+    """The frame in which the MLflow UI shows report.html."""
+    frame = None
+    for _ in range(120):  # the UI loads the artifact, then shows it in a frame
+        frame = next((f for f in page.page.frames if f.url.startswith("blob:")), None)
+        if frame is not None and frame.locator("#svg-lineage").count():
+            return frame
+        page.page.wait_for_timeout(500)
+    raise AssertionError("the artifact view shows report.html in a frame")
+
+
+def test_the_mlflow_runs_list_shows_the_verdict_and_each_trials_accuracy(study: dict) -> None:
+    """Scanning the experiment's runs list in the MLflow UI, without opening a run: the study's row
+    starts with its verdict and best accuracy, and its trials (expanded) with their accuracy."""
+    folder, parent = study["folder"], study["parent"]
+    proc, url = devservices.start_mlflow_server("sqlite:///mlflow.db", folder / "mlartifacts", cwd=folder,
+                                                log=folder / "server.log")
+    try:
+        with browser.browser() as chromium:
+            page = browser.open_page(chromium, f"{url}/#/experiments/{parent.info.experiment_id}/runs")
+            row = page.page.locator(".ag-row").filter(has_text=parent.info.run_name).first
+            row.wait_for(timeout=60000)
+            assert parent.info.run_name.startswith("MISSED 0.") and parent.info.run_name in row.inner_text()
+            row.locator("button").first.click()  # show the study's child runs
+            for child in study["children"]:
+                if child.data.tags.get(tracking.TAG_STATE) == "COMPLETE":
+                    number, value = child.data.tags[tracking.TAG_TRIAL_NUMBER], child.data.metrics["val_accuracy"]
+                    page.page.get_by_text(f"trial-{number}: {value:.4f}", exact=True).wait_for(timeout=30000)
+            page.screenshot("mlflow-runs-list.png")
+            assert page.outside_requests() == []
+    finally:
+        devservices.stop_process(proc)
+
+
 def test_optuna_dashboard_reads_the_study_storage_as_it_is(study: dict) -> None:
     """The `dashboard` extra: optuna-dashboard on loopback finds the study and its trials through its API."""
     import subprocess
@@ -171,6 +288,8 @@ def test_optuna_dashboard_reads_the_study_storage_as_it_is(study: dict) -> None:
             detail = json.load(answer)
         assert len(detail["trials"]) == 5
         assert sorted(t["number"] for t in detail["trials"]) == [0, 1, 2, 3, 4]
+        assert detail["objective_names"] == ["val_accuracy"]  # not "Objective 0"
+        assert {"key": "gate", "value": "val_accuracy >= 0.9990"} in detail["user_attrs"]
     finally:
         devservices.stop_process(proc)
 

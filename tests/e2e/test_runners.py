@@ -98,7 +98,7 @@ def test_mlflow_run_tune_entry_point_exit_code(workdir: Path, data: str, thresho
     # non-zero exit FAILED, mlops_tune.gate says why
     assert project_run.data.tags[tracking.TAG_GATE] == ("passed" if passes else "missed")
     assert project_run.info.status == ("FINISHED" if passes else "FAILED")
-    assert project_run.info.run_name == f"knn-{data}"
+    assert project_run.info.run_name.endswith(f" knn-{data}")  # its verdict, then the study's name
     assert [r for r in runs if r.data.tags.get("mlflow.parentRunId") == project_run.info.run_id]
 
 

@@ -234,7 +234,7 @@ def test_trial_1_probes_the_base_model_at_its_widest_layers(tune, workdir: Path)
     assert base.params["hidden_units_0"] == 8 and probe.params == {**base.params, "hidden_units_0": 256}
     assert probe.user_attrs[keys.PARENT] == keys.BASE
     assert probe.user_attrs[keys.MUTATIONS] == "model.hidden_units:widest"
-    assert "<- #base model.hidden_units:widest" in result.stdout
+    assert "<- the base model model.hidden_units:widest" in result.stdout
     _, children = parents_and_children(workdir)
     [run] = [c for c in children if c.data.tags[tracking.TAG_TRIAL_NUMBER] == "1"]
     assert run.data.tags[tracking.TAG_MUTATIONS] == "model.hidden_units:widest"

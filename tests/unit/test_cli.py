@@ -50,3 +50,21 @@ def test_unknown_group_option_lists_the_options() -> None:
 def test_other_errors_become_one_line(text: str, words: str) -> None:
     line = summarize_hydra_error(text)
     assert words in line and "\n" not in line
+
+
+@pytest.mark.parametrize("command", ["tune", "train"])
+def test_help_lists_the_config_groups_a_user_picks_and_every_option_they_have(command: str) -> None:
+    """``--help`` names the groups of the command's defaults a user picks (not the internal ``search``
+    group or the schema), each with every option in its folder: a new model or dataset shows up."""
+    import re
+
+    import yaml
+
+    from mlops_tune.config.cli import CONF_DIR
+
+    cfg = yaml.safe_load((CONF_DIR / f"{command}.yaml").read_text())
+    shown = dict(re.findall(r"^\s+(\w+): ([\w, ]+)$", cfg["hydra"]["help"]["template"].split("Config groups")[1], re.M))
+    picked = [next(iter(entry)) for entry in cfg["defaults"] if isinstance(entry, dict)]
+    assert list(shown) == [group for group in picked if not group.startswith("optional")]
+    for group, options in shown.items():
+        assert options.split(", ") == sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")), group

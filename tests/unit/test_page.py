@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from mlops_tune.config import to_plain
 from mlops_tune.runtime import keys
 from mlops_tune.search.space import SearchSpace
-from mlops_tune.show import page
+from mlops_tune.show import page, svg
 from tests.conftest import compose_config
 
 CFG = to_plain(compose_config("tune", "model=ann", "data=digits"))
@@ -102,4 +102,4 @@ def test_edges_follow_the_recorded_parents() -> None:
     by_number = {t["number"]: t for t in data["trials"]}
     assert by_number[3]["value"] == pytest.approx(0.4)  # a pruned trial shows its last reported value
     assert isinstance(by_number[0]["params"]["hidden_units"], list)
-    assert page.readable([64, 32]) == "[64, 32]"
+    assert svg.readable([64, 32]) == "[64, 32]"
