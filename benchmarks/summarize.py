@@ -88,8 +88,9 @@ def main() -> None:
         pairs = knn.get("parallel_speedups") or []
         spread = f"; pairs {', '.join(f'{x:.2f}x' for x in pairs)}" if len(pairs) > 1 else ""
         rows.append(f"| trials/min knn, warm containers of 1 CPU: 1 -> 2 (`runner.workers=2`, {one['trials']} "
-                    f"trials, the median of {max(1, len(pairs))} pairs run in turn) | {one['trials_per_minute']:.0f} -> "
-                    f"{both['trials_per_minute']:.0f} ({two['measured']:.2f}x{spread}) | >= {two['target']:g}x |")
+                    f"trials, the median of {max(1, len(pairs))} pairs run in turn) | "
+                    f"{one['trials_per_minute']:.0f} -> {both['trials_per_minute']:.0f} ({two['measured']:.2f}x"
+                    f"{spread}) | >= {two['target']:g}x |")
         if one.get("cores_busy_during_trials") and runners.get("two_workers_ceiling"):
             rows.append(f"| CPUs of the machine busy while 1 -> 2 such containers run (every process: server, "
                         f"proxy, workers); the ceiling of 2 | {one['cores_busy_during_trials']:.2f} -> "

@@ -9,6 +9,7 @@ Exit codes: 0 gate met, 1 budget spent on trials that trained without reaching
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ PROG = "mlops-tune"
 
 def tune(cfg: Any) -> int:
     """The ``mlops-tune`` task: validate, run the study, write the best config next to the logs."""
+    with contextlib.suppress(Exception):  # a name that does not resolve: the checks below say why
+        # the first line before the heavy imports (Optuna, MLflow, the model's framework: ~1-2 s)
+        print(f"study '{cfg.study.name}': checking the config ...", flush=True)
     from mlops_tune.config import load_tune
     from mlops_tune.runtime.logs import quiet_libraries, set_verbose
     from mlops_tune.runtime.secrets import redact_text

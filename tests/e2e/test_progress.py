@@ -37,6 +37,8 @@ def test_the_main_job_prints_progress_and_no_library_noise(workdir: Path) -> Non
     assert NOISE.findall(output) == [], output
     lines = proc.stdout.splitlines()
     # nothing silent at start-up: the data, the stores, the header, the processes, then the first trial
+    assert lines[0] == "study 'ann-digits': checking the config ..."  # before the heavy imports
+    del lines[0]
     assert lines[0] == "study 'ann-digits': loading data 'digits' ..."
     assert lines[1].startswith("study 'ann-digits': opening the stores (Optuna sqlite:///")
     n_jobs = threads.resolve_n_jobs("auto", "inprocess", "keras_dense", 20)
