@@ -131,6 +131,7 @@ class LocalProcesses:
             if process.is_alive():
                 process.kill()
                 process.join()
+        self.printer.join(5)  # what the helpers said while they stopped is printed before the study's last line
         self._close_queues()
 
     def _close_queues(self) -> None:
@@ -158,7 +159,10 @@ def _print_lines(readers: list[Any]) -> None:
                 del pending[reader]
                 reader.close()
             for line in lines:
-                progress.emit(line.decode(errors="replace").rstrip("\r"), err=err)
+                # a closed terminal (SIGHUP) must not end this thread: a helper writing to a pipe
+                # nobody reads would block once it is full
+                with contextlib.suppress(Exception):
+                    progress.emit(line.decode(errors="replace").rstrip("\r"), err=err)
 
 
 def owners(pids: list[int]) -> tuple[str, ...]:
