@@ -52,6 +52,33 @@ def _start(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _workers_of(workdir: Path) -> list[int]:
+    """The pids of the worker processes (``mlops_tune.worker``) of studies started in ``workdir`` by
+    this test: they inherit its ``MLOPS_TUNE_TEST_MARK`` (another test's, or a container's, are not theirs)."""
+    mark = f"MLOPS_TUNE_TEST_MARK={workdir}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and b"mlops_tune.worker" in (proc / "cmdline").read_bytes()
+                    and mark in (proc / "environ").read_bytes().split(b"\0")):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _stop(proc: subprocess.Popen, *files: Path) -> None:
+    """A test that failed half-way: its files released and its study stopped, not left running."""
+    for file in files:
+        file.unlink(missing_ok=True)
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def _run(args: list[str], cwd: Path, command: str = "mlops-tune", **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / command), *args], cwd=cwd, env=command_env(**env),
                           capture_output=True, text=True, timeout=600)
@@ -392,17 +419,21 @@ def test_sigterm_stops_mlops_train_and_its_run_ends_killed(workdir: Path) -> Non
 def test_sigterm_with_runner_mlflow_ends_the_trial_process_and_its_run(workdir: Path) -> None:
     storage, study = f"sqlite:///{workdir / 'optuna.db'}", "signalled-mlflow"
     args = [f"study.storage={storage}", f"study.name={study}", "study.n_trials=2", "runner=mlflow", *SLOW]
-    proc = _start(args, workdir, MLOPS_TUNE_TEST_SLEEP="120")
-    _wait_for(proc, lambda: any(r.info.status == "RUNNING" and "mlops_tune.trial_number" in r.data.tags
-                                for r in mlflow_runs(workdir)))
-    time.sleep(6)  # the trial process is in its fit (imports done)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    proc = _start(args, workdir, MLOPS_TUNE_TEST_SLEEP="120", MLOPS_TUNE_TEST_MARK=str(workdir))
+    try:
+        _wait_for(proc, lambda: any(r.info.status == "RUNNING" and "mlops_tune.trial_number" in r.data.tags
+                                    for r in mlflow_runs(workdir)))
+        time.sleep(6)  # the trial process is in its fit (imports done)
+        workers = _workers_of(workdir)
+        assert workers, "the trial runs in a worker process"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        _stop(proc)
     assert proc.returncode == 143, err[-3000:]
     assert "stopped by SIGTERM" in err
     assert {r.info.status for r in mlflow_runs(workdir)} == {"KILLED"}
-    leftover = subprocess.run(["pgrep", "-f", "mlops_tune.worker"], capture_output=True, text=True)
-    assert leftover.stdout.strip() == ""  # the trial's (warm worker's) process is gone too
+    assert [pid for pid in workers if pid in _workers_of(workdir)] == []  # the worker's process is gone too
 
 
 def test_a_killed_project_worker_costs_its_trial_nothing(workdir: Path) -> None:
@@ -413,17 +444,20 @@ def test_a_killed_project_worker_costs_its_trial_nothing(workdir: Path) -> None:
     hold.touch()
     storage, name = f"sqlite:///{workdir / 'optuna.db'}", "killed-worker"
     proc = _start([f"study.storage={storage}", f"study.name={name}", "study.n_trials=2", "runner=mlflow", *SLOW],
-                  workdir, MLOPS_TUNE_TEST_HOLD=str(hold))
+                  workdir, MLOPS_TUNE_TEST_HOLD=str(hold), MLOPS_TUNE_TEST_MARK=str(workdir))
 
     def trial_0_in_its_fit() -> bool:
         [trial, *_] = optuna.load_study(study_name=name, storage=storage).trials
         return trial.state == TrialState.RUNNING and {keys.TICKET, keys.RUN} <= set(trial.user_attrs)
 
-    _wait_for(proc, trial_0_in_its_fit)
-    [pid] = subprocess.run(["pgrep", "-f", "mlops_tune.worker"], capture_output=True, text=True).stdout.split()
-    os.kill(int(pid), signal.SIGKILL)
-    hold.unlink()  # the trials after it train at once
-    out, err = proc.communicate(timeout=300)
+    try:
+        _wait_for(proc, trial_0_in_its_fit)
+        [pid] = _workers_of(workdir)
+        os.kill(pid, signal.SIGKILL)
+        hold.unlink()  # the trials after it train at once
+        out, err = proc.communicate(timeout=300)
+    finally:
+        _stop(proc, hold)
     assert proc.returncode == 1, err[-3000:]
     trials = optuna.load_study(study_name=name, storage=storage).trials
     assert trials[0].state == TrialState.FAIL and "exited mid-trial" in trials[0].user_attrs[keys.NOT_CHARGED]
@@ -436,7 +470,7 @@ def test_a_killed_project_worker_costs_its_trial_nothing(workdir: Path) -> None:
     assert next(r for r in runs if r.info.run_id == trials[0].user_attrs[keys.RUN]).info.status == "KILLED"
     workers = sorted(r.info.status for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "worker")
     assert workers == ["FAILED", "FINISHED"]  # the killed worker, and the one that ran the rest
-    assert subprocess.run(["pgrep", "-f", "mlops_tune.worker"], capture_output=True, text=True).stdout == ""
+    assert _workers_of(workdir) == []
 
 
 # ----------------------------------------------------------------------------- races and stores
