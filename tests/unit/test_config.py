@@ -69,3 +69,16 @@ def test_check_int(value: object, low: int, high: int | None, ok: bool) -> None:
     else:
         with pytest.raises(UsageError, match=r"^k: must be (an integer|a positive integer)"):
             check_int(value, "k", low, high)
+
+
+def test_the_report_links_a_ui_address_without_credentials_and_refuses_one_that_is_not_http() -> None:
+    """``tracking.ui_url``: the MLflow UI the report's run links open. Derived from an http tracking URI
+    without its password; else where ``mlflow ui`` serves a local store; a non-http value is exit 2."""
+    from mlops_tune.show.report import LOCAL_UI, ui_address
+
+    assert ui_address({"uri": "https://bob:s3cret@mlflow.example:8443/base/", "ui_url": None}) == \
+        "https://mlflow.example:8443/base"
+    assert ui_address({"uri": "sqlite:///mlflow.db", "ui_url": None}) == LOCAL_UI
+    assert ui_address({"uri": "sqlite:///mlflow.db", "ui_url": "http://127.0.0.1:5001"}) == "http://127.0.0.1:5001"
+    with pytest.raises(UsageError, match=r"^tracking\.ui_url: must be the MLflow UI's http\(s\) address"):
+        load_tune(compose_config("tune", "model=knn", "tracking.ui_url=ftp://host"))
