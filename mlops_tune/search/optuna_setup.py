@@ -223,7 +223,7 @@ class StorageServer:
     PostgreSQL password stays in the PGPASSFILE it already uses).
     """
 
-    def __init__(self, storage_url: str, timeout: float = 60.0) -> None:
+    def __init__(self, storage_url: str) -> None:
         self.port = _free_port()
         self.url = f"grpc://127.0.0.1:{self.port}"
         env = {**os.environ, "MLOPS_TUNE_PROXY_STORAGE": storage_url}
@@ -232,6 +232,10 @@ class StorageServer:
             env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True,  # a Ctrl-C meant for the study is handled by the study
         )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Return once the proxy takes connections (its process imports Optuna and opens the storage
+        meanwhile: the study starts its workers first). Raises ``UsageError`` when it cannot start."""
         deadline = time.monotonic() + timeout
         while not _port_open(self.port):
             if self._process.poll() is not None:
@@ -294,7 +298,8 @@ def _serve(port: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=end_with_the_study, name="mlops-tune-proxy-parent", daemon=True).start()
-    storage = optuna.storages.get_storage(url)
+    with locks.sqlite_schema(url):  # the study's process may be creating the tables now
+        storage = optuna.storages.get_storage(url)
     optuna.storages.run_grpc_proxy_server(storage, host="127.0.0.1", port=port)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -64,14 +65,16 @@ class Study:
         """Run the study. Raises :class:`EnvironmentFault` when a store or the disk fails meanwhile."""
         plan = self.plan
         try:
-            print(f"study '{plan.name}': opening the stores (Optuna {redact_text(plan.storage_url)}, "
-                  f"MLflow {redact_text(plan.tracking_uri)}) ...", flush=True)
-            experiment_id = tracking.connect(plan.tracking_uri, self.cfg["tracking"]["experiment"])  # no study yet
-            storage = make_storage(self.cfg["study"])
-            with faults.classified(tracking_uri=plan.tracking_uri, storage_url=plan.storage_url):
-                plan.name = study_for(storage, plan.name, plan.splits.fingerprint, objective_of(self.cfg),
-                                      self.cfg["study"]["on_data_change"])
-                return self._run(storage, experiment_id)
+            # runner=mlflow|docker: the storage proxy starts now, the workers once the parent run exists
+            with plan.launcher or contextlib.nullcontext():
+                print(f"study '{plan.name}': opening the stores (Optuna {redact_text(plan.storage_url)}, "
+                      f"MLflow {redact_text(plan.tracking_uri)}) ...", flush=True)
+                experiment_id = tracking.connect(plan.tracking_uri, self.cfg["tracking"]["experiment"])  # no study yet
+                storage = make_storage(self.cfg["study"])
+                with faults.classified(tracking_uri=plan.tracking_uri, storage_url=plan.storage_url):
+                    plan.name = study_for(storage, plan.name, plan.splits.fingerprint, objective_of(self.cfg),
+                                          self.cfg["study"]["on_data_change"])
+                    return self._run(storage, experiment_id)
         except BaseException as exc:
             if self.helpers is not None:
                 self.helpers.stop(exc)
@@ -88,6 +91,11 @@ class Study:
         budget = claims.Budget(plan.storage_url, budget_key(plan.name, storage), storage)
         first, later = self._enqueue_start(study, budget, start, origin, existing)
         parent_run_id, created = parent_run(study, experiment_id, budget)
+        reconcile(study, experiment_id, parent_run_id, budget)  # before any worker of this run starts a trial
+        started = time.perf_counter()
+        assignment = Assignment(plan.name, experiment_id, parent_run_id, time.time(), first)
+        if plan.launcher is not None:  # runner=mlflow|docker: they start while this process finishes opening
+            plan.launcher.start(assignment)
         with tracking.run(experiment_id, plan.name, resume_run_id=parent_run_id,
                           tags={tracking.TAG_STUDY: plan.name}) as run_id:
             if created:
@@ -95,15 +103,12 @@ class Study:
                     tracking.TAG_DATA: plan.splits.fingerprint, TAG_START: origin or "base"})
                 tracking.log_data(str(self.cfg["data"]["name"]), plan.splits.fingerprint, plan.splits.x_train,
                                   plan.splits.y_train, data_source(self.cfg["data"]))
-            reconcile(study, experiment_id, run_id, budget)
             progress = study_progress(self.cfg, plan, study.get_trials(deepcopy=False))
             context = study_context(plan, study, experiment_id, run_id, on_epoch=progress.epoch)
             report.study_header(plan.name, self.cfg, plan.space, existing)
-            started = time.perf_counter()
 
             new_loop = functools.partial(WorkerLoop, plan, study, storage, context, progress, budget.key, started,
                                          first, after_first=later)
-            assignment = Assignment(plan.name, experiment_id, run_id, time.time(), first)
             others = functools.partial(others_running, study, storage, plan.gate, budget)
             with progress:
                 if plan.launcher is not None:  # runner=mlflow|docker: no trial trains in this process

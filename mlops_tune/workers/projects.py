@@ -6,7 +6,9 @@ MLflow Project it generates (``docker_env`` naming the family's image for runner
 ``mlflow.projects.run(..., synchronous=False)``. Each is a worker like any other: it runs the
 worker loop (:func:`mlops_tune.workers.loop.run_worker`, from ``python -m mlops_tune.worker``)
 and pulls its trials from the study's Optuna storage; a container reaches the storage through
-Optuna's gRPC storage proxy, which the study serves on 127.0.0.1 while it runs.
+Optuna's gRPC storage proxy, which the study serves on 127.0.0.1 while it runs. The proxy starts
+once the checks have passed and the workers once the study's parent run exists: their start-up
+(a container's imports take seconds) overlaps the study's own.
 
 A local worker is a run of MLflow's asynchronous mode (an ``mlflow run`` process): the study
 waits on its ``SubmittedRun`` and stops it with ``SubmittedRun.cancel()``. A container is a run of
@@ -99,30 +101,45 @@ class ProjectWorkers:
         return f"{self.n} worker {where} at once ({what}){proxy}"
 
     # ------------------------------------------------------------------ the study's side
+    def __enter__(self) -> ProjectWorkers:
+        """Once every check has passed: runner=docker starts the storage proxy the containers will
+        use (its process imports Optuna while the study opens its stores)."""
+        if self.docker and self.proxy is None:
+            from mlops_tune.search.optuna_setup import StorageServer
+
+            self.proxy = StorageServer(str(self.cfg["study"]["storage"]))
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """The study ended: on an error or a signal its workers are stopped first; then the proxy and
+        the workers' folder go."""
+        if kind is not None:
+            self.stop()
+        self.close()
+
+    def start(self, assignment: Assignment) -> None:
+        """Start the workers as soon as the parent run exists: they import their libraries (seconds,
+        in a container) while this process finishes opening the study (on a failure meanwhile,
+        leaving this context stops them)."""
+        self._folder(assignment)
+        for _ in range(self.n):
+            self._launch(assignment)
+
     def run(self, study: optuna.Study, storage: Any, budget: claims.Budget, assignment: Assignment,
             started: float) -> None:
-        """Start the workers and keep ``runner.workers`` of them at work while work remains; return
-        once every worker has ended. Raises :class:`EnvironmentFault` when workers keep ending
-        before finishing a trial. On any error or a signal the workers are stopped first."""
-        try:
-            self._run(study, storage, budget, assignment, started)
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            self.close()
-
-    def _run(self, study: optuna.Study, storage: Any, budget: claims.Budget, assignment: Assignment,
-             started: float) -> None:
+        """Keep ``runner.workers`` workers at work while work remains; return once every worker has
+        ended. Raises :class:`EnvironmentFault` when workers keep ending before finishing a trial."""
+        if not self.workers:  # a study that runs its workers again (a dead process's trials)
+            for _ in range(self.n):
+                self._launch(assignment)
         gate_cfg, threshold = self.cfg["gate"], float(self.cfg["gate"]["threshold"])
+        if self.proxy is not None:
+            self.proxy.wait_ready()
+        print(f"study '{assignment.name}': {self.describe()}", flush=True)
         # no trial trains in this process, so no first trial settles its heap: its start-up ends here
         # (with the collector left off, the study's garbage piled up for its whole run, and its exit
         # spent ~1 s collecting it)
         heap.settle()
-        self._folder(assignment)
-        print(f"study '{assignment.name}': {self.describe()}", flush=True)
-        for _ in range(self.n):
-            self._launch(assignment)
         fruitless = 0
         while self.workers:
             worker, ok = self.ended.get()
@@ -146,6 +163,8 @@ class ProjectWorkers:
         and is killed after a grace."""
         self.stopping = True
         workers, deadline = list(self.workers.values()), time.monotonic() + STOP_GRACE
+        if not workers:
+            return
         faults.extend_stop(STOP_GRACE + faults.STOP_DEADLINE)  # a stop waits for them to close their runs
         for worker in workers:  # all at once; then each is waited for
             if worker.container:
@@ -177,9 +196,7 @@ class ProjectWorkers:
         self.workdir = Path(tempfile.mkdtemp(prefix="mlops-tune-workers-"))
         storage = str(self.cfg["study"]["storage"])
         if self.docker:
-            from mlops_tune.search.optuna_setup import StorageServer
-
-            self.proxy = StorageServer(storage)
+            assert self.proxy is not None, "the study enters this context first (__enter__)"
             storage = str(self.proxy.url)
             self.workdir.chmod(0o755)
         config = {**self.cfg, "runner": {"name": "inprocess"}, "study": {**self.cfg["study"], "storage": storage,

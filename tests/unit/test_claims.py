@@ -147,6 +147,7 @@ def test_tickets_work_through_the_storage_proxy(tmp_path: Path) -> None:
     direct = _storage(url)
     server = StorageServer(url)
     try:
+        server.wait_ready()
         remote = Budget(server.url, "s", open_storage(server.url))
         assert remote.take(2, "container")
         assert Budget(url, "s", direct).take(2, "host")
@@ -170,6 +171,7 @@ def test_the_storage_proxy_ends_with_the_study_process_even_on_sigkill(tmp_path:
         "import sys, time\n"
         "from mlops_tune.search.optuna_setup import StorageServer\n"
         f"server = StorageServer('sqlite:///{tmp_path / 'optuna.db'}')\n"
+        "server.wait_ready()\n"
         "print(server.port, server._process.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
@@ -211,3 +213,4 @@ def test_a_storage_proxy_that_fails_is_named_with_grpcs_status_in_one_line() -> 
     fault = classify(failed.value, storage_url=f"grpc://127.0.0.1:{port}")
     assert fault is not None and fault.component == "storage", fault
     assert "gRPC UNAVAILABLE: " in str(fault) and "_InactiveRpcError" not in str(fault) and "\n" not in str(fault)
+
