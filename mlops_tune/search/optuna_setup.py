@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -76,6 +76,37 @@ def check_writable(url: str) -> None:
                          "permission); point study.storage at a writable file")
 
 
+class SQLiteStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage on a SQLite file, where taking a waiting trial is atomic.
+
+    ``Study.ask`` takes the oldest waiting trial (the base model, the probe, a mutation's child, a
+    trial given back) with ``set_trial_state_values(..., RUNNING)``, which succeeds for one caller
+    only because the storage reads the trial's row ``FOR UPDATE``. SQLite ignores ``FOR UPDATE``:
+    two processes (or two threads of the storage proxy) that read the row before either writes
+    both succeed and both run the trial (optuna/optuna#4002, #4621), and the second one's budget
+    ticket is never spent. Here the read and the write of that change hold a lock file next to the
+    database, which every process of the machine that opens the file through this class takes.
+    """
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        path = locks.sqlite_path(url)
+        self.take_lock = path.with_name(path.name + ".take.lock") if path is not None else None
+
+    def set_trial_state_values(self, trial_id: int, state: optuna.trial.TrialState,
+                               values: Sequence[float] | None = None) -> bool:
+        if state != optuna.trial.TrialState.RUNNING or self.take_lock is None:
+            return super().set_trial_state_values(trial_id, state, values)
+        with locks.exclusive(self.take_lock):
+            return super().set_trial_state_values(trial_id, state, values)
+
+
+def rdb_storage(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage for ``url``: :class:`SQLiteStorage` for a SQLite file."""
+    kind = SQLiteStorage if locks.sqlite_path(url) is not None else optuna.storages.RDBStorage
+    return kind(url, **kwargs)
+
+
 def _open_rdb(url: str, study_cfg: Mapping[str, Any], attempts: int = 4) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats; retried when workers race to create a new database.
 
@@ -83,7 +114,7 @@ def _open_rdb(url: str, study_cfg: Mapping[str, Any], attempts: int = 4) -> optu
     """
     for attempt in retrying(lambda exc: "IntegrityError" in type(exc).__name__ + str(exc), attempts, 0.5):
         with attempt:
-            return optuna.storages.RDBStorage(
+            return rdb_storage(
                 url,
                 engine_kwargs=_engine_kwargs(url),
                 heartbeat_interval=int(study_cfg["heartbeat_interval"]),
@@ -299,7 +330,8 @@ def _serve(port: int) -> None:
 
     threading.Thread(target=end_with_the_study, name="mlops-tune-proxy-parent", daemon=True).start()
     with locks.sqlite_schema(url):  # the study's process may be creating the tables now
-        storage = optuna.storages.get_storage(url)
+        # with Optuna's cache of finished trials, as for a URL (get_storage)
+        storage = optuna.storages.get_storage(rdb_storage(url, engine_kwargs=_engine_kwargs(url)))
     optuna.storages.run_grpc_proxy_server(storage, host="127.0.0.1", port=port)
 
 

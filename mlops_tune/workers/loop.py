@@ -173,8 +173,9 @@ def ask(study: optuna.Study, storage: Any, study_id: int, wanted: int | None = N
 
     Taking ``wanted`` is one conditional write of the storage's public API
     (``set_trial_state_values`` to RUNNING succeeds for one caller only), as ``Study.ask`` takes
-    the oldest waiting trial, so two workers never both take it. One ask at a time among this
-    process's threads."""
+    the oldest waiting trial, so two workers never both take it (on SQLite, which cannot lock a
+    row, that write holds a lock file: :class:`~mlops_tune.search.optuna_setup.SQLiteStorage`).
+    One ask at a time among this process's threads."""
     with ASK_LOCK:
         if wanted is not None:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -214,3 +215,69 @@ def test_a_storage_proxy_that_fails_is_named_with_grpcs_status_in_one_line() -> 
     assert fault is not None and fault.component == "storage", fault
     assert "gRPC UNAVAILABLE: " in str(fault) and "_InactiveRpcError" not in str(fault) and "\n" not in str(fault)
 
+
+def test_a_waiting_trial_on_sqlite_is_taken_under_the_take_lock(tmp_path: Path) -> None:
+    """SQLite ignores ``SELECT ... FOR UPDATE``: two workers that read a waiting trial (trial 0, the
+    probe, a mutation's child) before either wrote both took it (optuna/optuna#4002): the trial ran
+    twice and the second worker's ticket was never spent (a 4-trial study ended after 3). Between
+    its read and its write, a take holds the lock file every process of the machine takes for it."""
+    import filelock
+    import sqlalchemy
+    from optuna.trial import TrialState
+
+    from mlops_tune.search.optuna_setup import SQLiteStorage, rdb_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first, second = rdb_storage(url), rdb_storage(url)  # two workers' own connections
+    assert isinstance(first, SQLiteStorage) and second.take_lock is not None
+    study = optuna.create_study(storage=first, study_name="s")
+    study.enqueue_trial({})
+    trial_id = first.get_trial_id_from_study_id_trial_number(first.get_study_id_from_name("s"), 0)
+    held: list[bool] = []
+
+    def in_the_window(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE TRIALS"):  # read WAITING, writing RUNNING now
+            other = filelock.FileLock(second.take_lock)
+            try:
+                other.acquire(timeout=0)
+            except filelock.Timeout:
+                held.append(True)
+            else:
+                other.release()
+                held.append(False)
+
+    sqlalchemy.event.listen(second.engine, "before_cursor_execute", in_the_window)
+    assert second.set_trial_state_values(trial_id, TrialState.RUNNING)
+    assert held == [True]
+    assert not first.set_trial_state_values(trial_id, TrialState.RUNNING)  # taken: nobody else gets it
+
+
+def test_workers_racing_for_waiting_trials_on_sqlite_take_each_once(tmp_path: Path) -> None:
+    """Four workers (each its own connection) race for each of 20 waiting trials: one takes it."""
+    import threading
+
+    from optuna.trial import TrialState
+
+    from mlops_tune.search.optuna_setup import rdb_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storages = [rdb_storage(url, engine_kwargs={"connect_args": {"timeout": 60}}) for _ in range(4)]
+    study = optuna.create_study(storage=storages[0], study_name="s")
+    study_id = storages[0].get_study_id_from_name("s")
+    for _ in range(20):
+        study.enqueue_trial({})
+    ids = [storages[0].get_trial_id_from_study_id_trial_number(study_id, n) for n in range(20)]
+    barrier, taken = threading.Barrier(4), [[] for _ in storages]
+
+    def worker(index: int) -> None:
+        for trial_id in ids:
+            barrier.wait()  # all four ask for the same trial at once
+            if storages[index].set_trial_state_values(trial_id, TrialState.RUNNING):
+                taken[index].append(trial_id)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(t for mine in taken for t in mine) == ids
