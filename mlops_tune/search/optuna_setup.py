@@ -88,14 +88,13 @@ class SQLiteStorage(optuna.storages.RDBStorage):
     database, which every process of the machine that opens the file through this class takes.
     """
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
+    def __init__(self, url: str, path: Path, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
-        path = locks.sqlite_path(url)
-        self.take_lock = path.with_name(path.name + ".take.lock") if path is not None else None
+        self.take_lock = path.with_name(path.name + ".take.lock")
 
     def set_trial_state_values(self, trial_id: int, state: optuna.trial.TrialState,
                                values: Sequence[float] | None = None) -> bool:
-        if state != optuna.trial.TrialState.RUNNING or self.take_lock is None:
+        if state != optuna.trial.TrialState.RUNNING:
             return super().set_trial_state_values(trial_id, state, values)
         with locks.exclusive(self.take_lock):
             return super().set_trial_state_values(trial_id, state, values)
@@ -103,8 +102,8 @@ class SQLiteStorage(optuna.storages.RDBStorage):
 
 def rdb_storage(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage for ``url``: :class:`SQLiteStorage` for a SQLite file."""
-    kind = SQLiteStorage if locks.sqlite_path(url) is not None else optuna.storages.RDBStorage
-    return kind(url, **kwargs)
+    path = locks.sqlite_path(url)
+    return SQLiteStorage(url, path, **kwargs) if path is not None else optuna.storages.RDBStorage(url, **kwargs)
 
 
 def _open_rdb(url: str, study_cfg: Mapping[str, Any], attempts: int = 4) -> optuna.storages.RDBStorage:

@@ -229,7 +229,7 @@ def test_a_waiting_trial_on_sqlite_is_taken_under_the_take_lock(tmp_path: Path) 
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     first, second = rdb_storage(url), rdb_storage(url)  # two workers' own connections
-    assert isinstance(first, SQLiteStorage) and second.take_lock is not None
+    assert isinstance(first, SQLiteStorage) and isinstance(second, SQLiteStorage)
     study = optuna.create_study(storage=first, study_name="s")
     study.enqueue_trial({})
     trial_id = first.get_trial_id_from_study_id_trial_number(first.get_study_id_from_name("s"), 0)
