@@ -180,7 +180,7 @@ def main() -> None:
                                                        - base["seconds_per_trial_in_study"])
                 r["trial_time_vs_inprocess"] = r["trial_seconds_median"] / base["trial_seconds_median"]
             if model == "knn":  # the target's figure: more pairs, the median
-                pairs = [r["amortized_overhead_vs_inprocess_s"] for r in (results[model]["docker-warm"],)]
+                pairs = [results[model]["docker-warm"]["amortized_overhead_vs_inprocess_s"]]
                 for _ in range(AMORTIZED_PAIRS - 1):
                     again = {name: measured(model, name, server, work, overrides, n_trials, MODES[name])
                              for name in ("inprocess", "docker-warm")}
