@@ -127,6 +127,11 @@ def study_overheads(server: str, work: Path, overrides: list[str], n_trials: int
     }
 
 
+def amortized(r: dict, base: dict) -> float:
+    """A mode's overhead over in-process per trial, its start included: the wall times' difference over the trials."""
+    return (r["process_wall_seconds"] - base["process_wall_seconds"]) / r["trials"]
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds this machine spent busy since boot, every core (Linux ``/proc/stat``)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -174,8 +179,7 @@ def main() -> None:
                 r["overhead_vs_inprocess_s"] = r["trial_seconds_median"] - base["trial_seconds_median"]
                 # the whole command against in-process's, over the trials: the workers' and containers'
                 # start included (the trials' own times no longer see it: a worker asks for its trial)
-                r["amortized_overhead_vs_inprocess_s"] = (r["process_wall_seconds"]
-                                                          - base["process_wall_seconds"]) / r["trials"]
+                r["amortized_overhead_vs_inprocess_s"] = amortized(r, base)
                 r["steady_overhead_vs_inprocess_s"] = (r["seconds_per_trial_in_study"]
                                                        - base["seconds_per_trial_in_study"])
                 r["trial_time_vs_inprocess"] = r["trial_seconds_median"] / base["trial_seconds_median"]
@@ -184,8 +188,7 @@ def main() -> None:
                 for _ in range(AMORTIZED_PAIRS - 1):
                     again = {name: measured(model, name, server, work, overrides, n_trials, MODES[name])
                              for name in ("inprocess", "docker-warm")}
-                    pairs.append((again["docker-warm"]["process_wall_seconds"]
-                                  - again["inprocess"]["process_wall_seconds"]) / n_trials)
+                    pairs.append(amortized(again["docker-warm"], again["inprocess"]))
                 print(f"  warm container over in-process, amortized: {', '.join(f'{p:.3f}' for p in pairs)} s",
                       flush=True)
                 results[model]["docker-warm"]["amortized_pairs_s"] = pairs
