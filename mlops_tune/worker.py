@@ -6,8 +6,10 @@ It runs the worker loop (:func:`mlops_tune.workers.loop.run_worker`), in a local
 inside the model family's container, on the study ``FOLDER`` names: ``config.yaml`` (the
 study's checked config; trials run in this process; the Optuna storage is the study's, or
 ``grpc://`` for the storage proxy it serves to containers; the MLflow server comes from
-``MLFLOW_TRACKING_URI``, which MLflow sets) and ``assignment.yaml`` (the study's parent run,
-this worker's own run and how many trials it runs). Exit codes are those of ``mlops-tune``.
+``MLFLOW_TRACKING_URI``) and its assignment (the study's parent run, this worker's own run and
+how many trials it runs): ``assignment.yaml`` in ``FOLDER`` (runner=mlflow), or, in a container,
+asked of the study once the model's framework and the stores' libraries are imported
+(:mod:`mlops_tune.workers.handover`). Exit codes are those of ``mlops-tune``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from mlops_tune.workers import ASSIGNMENT_FILE, CONFIG_FILE
 
@@ -28,7 +31,9 @@ def serve(folder: Path) -> int:
     from omegaconf import OmegaConf
 
     from mlops_tune.config import load_tune
+    from mlops_tune.runtime.errors import EXIT_CRASH
     from mlops_tune.runtime.logs import quiet_libraries, set_verbose
+    from mlops_tune.workers import handover
     from mlops_tune.workers.loop import Assignment, run_worker
     from mlops_tune.workers.plan import Plan
 
@@ -37,13 +42,40 @@ def serve(folder: Path) -> int:
     cfg = load_tune(OmegaConf.load(folder / CONFIG_FILE))  # ${oc.env:MLFLOW_TRACKING_URI}
     set_verbose(bool(cfg.get("verbose")))
     quiet_libraries()
-    fields = yaml.safe_load((folder / ASSIGNMENT_FILE).read_text())
+    splits = None
+    if os.environ.get(handover.ADDRESS_ENV):  # a container, started while the study checks
+        splits = _preload(cfg)
+        try:
+            fields = handover.ask(folder.name)
+        except (OSError, EOFError):  # the study stopped before assigning it (or says why it could not)
+            return EXIT_CRASH
+        cfg["study"]["storage"] = fields.pop("storage")  # the study's storage proxy
+    else:
+        fields = yaml.safe_load((folder / ASSIGNMENT_FILE).read_text())
     fields["tags"] = {**fields.get("tags", {}), **container_tags()}
     assignment = Assignment(**fields)
     print(f"{PROG}: {folder.name} (run {worker_run or assignment.owner}) joins study '{assignment.name}'",
           flush=True)
-    run_worker(Plan.check(cfg), assignment)
+    run_worker(Plan.check(cfg, splits=splits), assignment)
     return 0
+
+
+def _preload(cfg: Any) -> Any:
+    """What the worker's trials and stores need, imported, and its data loaded, before it asks for
+    its assignment (the seconds a container spends here overlap the study's own start-up). Returns
+    the data's splits, or None when they do not load: the study's own checks say why (exit 2) and
+    stop this container, or the worker's checks do once it is assigned."""
+    import mlflow  # noqa: F401
+    from optuna.storages import GrpcStorageProxy  # noqa: F401
+
+    from mlops_tune.data import load_splits
+    from mlops_tune.families import settle_imports
+
+    settle_imports(str(cfg["model"]["family"]))
+    try:
+        return load_splits(cfg["data"], int(cfg["seed"]))
+    except Exception:  # reported by whichever check runs next, with its one line
+        return None
 
 
 def container_tags() -> dict[str, str]:
@@ -74,11 +106,14 @@ def container_tags() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     from mlops_tune.runtime import exits, faults, heap, secrets
     from mlops_tune.runtime.errors import EXIT_USAGE
+    from mlops_tune.workers import handover
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not (Path(args[0]) / ASSIGNMENT_FILE).is_file():
+    if len(args) != 1 or not (Path(args[0]) / CONFIG_FILE).is_file() or not (
+            (Path(args[0]) / ASSIGNMENT_FILE).is_file() or os.environ.get(handover.ADDRESS_ENV)):
         print(f"usage: python -m mlops_tune.worker FOLDER (a folder with {CONFIG_FILE} and {ASSIGNMENT_FILE}, "
-              "written by a study with runner=mlflow or runner=docker)", file=sys.stderr)
+              f"or with {CONFIG_FILE} and {handover.ADDRESS_ENV} set: written and set by a study with "
+              "runner=mlflow or runner=docker)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     heap.defer()  # until the first trial: see mlops_tune.runtime.heap
     faults.install_signal_handlers(PROG)

@@ -47,8 +47,9 @@ STOP_TIMEOUT = 60
 
 
 def check(runner_cfg: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[str, list[str], str | None]:
-    """Reject a set-up containers cannot run in; return the image, the read-only mounts and
-    the data file's absolute path."""
+    """Reject a set-up containers cannot run in, the tracking server's experiment aside
+    (:func:`check_experiment`); return the image, the read-only mounts and the data file's
+    absolute path."""
     from mlops_tune.families import get_family
 
     _check_limits(runner_cfg)
@@ -68,7 +69,6 @@ def check(runner_cfg: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[str, l
         raise UsageError("study.storage: runner=docker serves the study's storage to the containers "
                          "through Optuna's gRPC proxy, which takes SQLite or PostgreSQL, not a journal file")
     _check_engine(image, runner_cfg)
-    _check_experiment(uri, str(cfg["tracking"]["experiment"]))
     mounts: list[str] = []
     data_path = cfg["data"].get("path")
     resolved = None
@@ -132,7 +132,8 @@ def _check_limits_taken(client: Any, image: str, runner_cfg: Mapping[str, Any]) 
                          f"{reason}") from None
 
 
-def _check_experiment(uri: str, name: str) -> None:
+def check_experiment(uri: str, name: str) -> None:
+    """An existing experiment whose artifacts a container cannot write is refused."""
     import mlflow
 
     experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
@@ -148,26 +149,27 @@ def limits_text(runner_cfg: Mapping[str, Any]) -> str:
     return f" ({limits})" if limits else ""
 
 
-def docker_args(runner_cfg: Mapping[str, Any], container: str, workdir: Path) -> dict[str, Any]:
-    """``docker run`` options of one trial container: host network, its name, limits, credentials."""
-    args: dict[str, Any] = {"network": "host", "name": container}
+def run_command(runner_cfg: Mapping[str, Any], container: str, image: str, volumes: list[str],
+                env_file: Path, command: list[str]) -> list[str]:
+    """``docker run`` of one worker container: removed when it ends, never pulled (the image was
+    checked), host network, its name and limits; its environment in ``env_file``."""
+    args = ["docker", "run", "--rm", "--pull", "never", "--network", "host", "--name", container]
     for key in ("cpus", "memory"):
         if runner_cfg.get(key) is not None:
-            args[key] = str(runner_cfg[key])
-    env_file = _env_file(workdir)
-    if env_file:
-        args["env-file"] = env_file
-    return args
+            args += [f"--{key}", str(runner_cfg[key])]
+    args += ["--env-file", str(env_file)]
+    for volume in volumes:
+        args += ["-v", volume]
+    return [*args, image, *command]
 
 
-def _env_file(workdir: Path) -> str | None:
-    values = {name: os.environ[name] for name in PASS_THROUGH if os.environ.get(name)}
-    if not values:
-        return None
-    path = workdir / "credentials.env"
-    if not path.exists():  # the warm workers of a study may start at once: see write_private
-        write_private(path, "".join(f"{key}={value}\n" for key, value in values.items()))
-    return str(path)
+def write_env_file(workdir: Path, values: Mapping[str, str]) -> Path:
+    """The workers' environment file: ``values`` (the tracking server, the study's desk) and the
+    credentials of :data:`PASS_THROUGH` set here, readable by the invoking user only."""
+    path = workdir / "worker.env"
+    values = {**values, **{name: os.environ[name] for name in PASS_THROUGH if os.environ.get(name)}}
+    write_private(path, "".join(f"{key}={value}\n" for key, value in values.items()))
+    return path
 
 
 def signal_container(container: str, signum: int) -> None:

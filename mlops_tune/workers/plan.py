@@ -54,7 +54,25 @@ class Plan:
     @classmethod
     def check(cls, cfg: Mapping[str, Any], n_jobs: int = 1, splits: Splits | None = None) -> Plan:
         """Check everything that can fail on bad input and build the plan, writing nothing
-        (``UsageError``: exit 2). ``splits``: the data another process of the study loaded."""
+        (``UsageError``: exit 2). ``splits``: the data another process of the study loaded.
+        runner=mlflow|docker: the study's Project workers, made first (runner=docker's containers
+        start before the other checks and import meanwhile; stopped if one fails)."""
+        launcher = None
+        if cfg["runner"]["name"] in ("mlflow", "docker"):
+            from mlops_tune.workers.projects import ProjectWorkers
+
+            launcher = ProjectWorkers(cfg)
+        try:
+            return cls._check(cfg, n_jobs, splits, launcher)
+        except BaseException:
+            if launcher is not None:
+                launcher.stop()
+                launcher.close()
+            raise
+
+    @classmethod
+    def _check(cls, cfg: Mapping[str, Any], n_jobs: int, splits: Splits | None,
+               launcher: ProjectWorkers | None) -> Plan:
         if cfg["registry"]["promote"]:
             registry.check_name(cfg["registry"]["name"])
         space = SearchSpace.from_config((cfg.get("search") or {}).get("space"), cfg)
@@ -72,11 +90,8 @@ class Plan:
         stores.check_reachable(str(cfg["tracking"]["uri"]))
         check_writable(str(cfg["study"]["storage"]))
         runner = get_runner(cfg["runner"])
-        launcher = None
-        if cfg["runner"]["name"] in ("mlflow", "docker"):
-            from mlops_tune.workers.projects import ProjectWorkers
-
-            launcher = ProjectWorkers(cfg)
+        if launcher is not None:
+            launcher.check()
         return cls(cfg, str(cfg["study"]["name"]), space, family, sampler, pruner, splits, runner, n_jobs, launcher)
 
     def start_from(self, point: Mapping[str, Any]) -> None:

@@ -2,19 +2,24 @@
 same, in the model family's image).
 
 The study's process starts ``runner.workers`` runs of the ``worker`` entry point of a small
-MLflow Project it generates (``docker_env`` naming the family's image for runner=docker), with
-``mlflow.projects.run(..., synchronous=False)``. Each is a worker like any other: it runs the
-worker loop (:func:`mlops_tune.workers.loop.run_worker`, from ``python -m mlops_tune.worker``)
-and pulls its trials from the study's Optuna storage; a container reaches the storage through
-Optuna's gRPC storage proxy, which the study serves on 127.0.0.1 while it runs. The proxy starts
-once the checks have passed and the workers once the study's parent run exists: their start-up
-(a container's imports take seconds) overlaps the study's own.
+MLflow Project it generates (``docker_env`` naming the family's image for runner=docker). Each is
+a worker like any other: it runs the worker loop (:func:`mlops_tune.workers.loop.run_worker`,
+from ``python -m mlops_tune.worker``) and pulls its trials from the study's Optuna storage; a
+container reaches the storage through Optuna's gRPC storage proxy, which the study serves on
+127.0.0.1 while it runs (the proxy starts once the checks have passed).
 
-A local worker is a run of MLflow's asynchronous mode (an ``mlflow run`` process): the study
-waits on its ``SubmittedRun`` and stops it with ``SubmittedRun.cancel()``. A container is a run of
-MLflow's synchronous mode in a thread of the study's process (the asynchronous mode would spend
-seconds starting an ``mlflow run`` process before the container starts): the thread waits for it,
-and Docker's own stop (SIGTERM, then SIGKILL after a grace) stops it.
+A local worker (runner=mlflow) starts once the study's parent run exists, as a run of MLflow's
+asynchronous mode (``mlflow.projects.run(..., synchronous=False)``, an ``mlflow run`` process):
+the study waits on its ``SubmittedRun`` and stops it with ``SubmittedRun.cancel()``.
+
+A container (runner=docker) starts as soon as the image and the engine are checked, before the
+study loads its data and opens its stores: its start and its imports (seconds) overlap the
+study's own. It is the project's worker entry point run with ``docker run`` (the command MLflow
+would run for its ``docker_env``, which needs the worker's run before it starts), and it asks the
+study for its assignment once it has imported its libraries (:mod:`mlops_tune.workers.handover`);
+the study creates the worker's run, a child of the parent run, when it answers. A study that
+fails before that leaves no run: its containers are killed. The study waits on the ``docker
+run`` process; Docker's own stop (SIGTERM, then SIGKILL after a grace) stops a container.
 
 A worker that ends before the work does is replaced: a killed one (``docker kill``, the OOM
 killer) costs its trial nothing (the trials its tickets name are given back and run again);
@@ -26,16 +31,17 @@ package.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import os
 import queue
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,11 +51,12 @@ import optuna
 
 from mlops_tune.records import claims, tracking
 from mlops_tune.runtime import faults, heap, keys
-from mlops_tune.runtime.errors import EnvironmentFault, first_line
+from mlops_tune.runtime.errors import EnvironmentFault, UsageError, first_line
 from mlops_tune.runtime.secrets import redact_text, write_private
 from mlops_tune.search import gate
 from mlops_tune.show import report
 from mlops_tune.workers import ASSIGNMENT_FILE, CONFIG_FILE, containers
+from mlops_tune.workers.handover import Desk
 from mlops_tune.workers.loop import Assignment
 from mlops_tune.workers.objective import give_back_lost
 
@@ -63,11 +70,13 @@ STOP_GRACE = 20
 @dataclass
 class _Worker:
     label: str
+    #: its MLflow run ("": a container the study has not assigned yet)
     run_id: str
     #: runner=mlflow: the SubmittedRun of MLflow's asynchronous mode (an ``mlflow run`` process)
     submitted: Any
-    #: runner=docker: the container, which Docker stops
+    #: runner=docker: the container, which Docker stops, and its ``docker run`` process
     container: str
+    process: subprocess.Popen[bytes] | None = None
     #: waits for the worker's end and puts it on the study's queue
     waiter: threading.Thread | None = None
 
@@ -76,7 +85,8 @@ class ProjectWorkers:
     """``runner.workers`` workers of one study as MLflow Project runs (in containers for runner=docker)."""
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
-        """Check what the workers need (runner=docker: the image, an MLflow server; exit 2), writing nothing."""
+        """Check what the workers need (runner=docker: the image, the engine, an MLflow server; exit 2),
+        writing nothing; runner=docker: start the containers (they wait for :meth:`start`)."""
         runner = dict(cfg["runner"])
         self.cfg, self.runner = cfg, runner
         self.docker = runner.get("name") == "docker"
@@ -86,12 +96,30 @@ class ProjectWorkers:
                                                    else ("", [], None))
         self.workdir: Path | None = None
         self.proxy: Any = None
-        self.workers: dict[str, _Worker] = {}
+        self.workers: dict[str, _Worker] = {}  # by label
         self.ended: queue.Queue[tuple[_Worker, bool]] = queue.Queue()
         self.count = itertools.count(1)
         self.stopping = False
+        self.assignment: Assignment | None = None
+        self.lock = threading.Lock()  # an assignment and a stop: one at a time
+        self.desk = Desk() if self.docker else None
         # the project command says `python`, and `mlflow run` starts the workers: this environment's
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        if self.docker:
+            try:
+                self._folder()
+                for _ in range(self.n):
+                    self._launch()
+            except BaseException:
+                self.stop()
+                self.close()
+                raise
+
+    def check(self) -> None:
+        """What is checked once the study's other checks passed (runner=docker: an experiment whose
+        artifacts a container cannot write)."""
+        if self.docker:
+            containers.check_experiment(str(self.cfg["tracking"]["uri"]), str(self.cfg["tracking"]["experiment"]))
 
     def describe(self) -> str:
         what = "one trial per worker" if self.fresh else "trial after trial"
@@ -118,12 +146,16 @@ class ProjectWorkers:
         self.close()
 
     def start(self, assignment: Assignment) -> None:
-        """Start the workers as soon as the parent run exists: they import their libraries (seconds,
-        in a container) while this process finishes opening the study (on a failure meanwhile,
-        leaving this context stops them)."""
-        self._folder(assignment)
+        """The parent run exists: runner=mlflow starts the workers (they import their libraries while
+        this process finishes opening the study; on a failure meanwhile, leaving this context stops
+        them); runner=docker's containers get their assignment."""
+        self.assignment = replace(assignment, trials=1 if self.fresh else None)
+        if self.desk is not None:
+            self.desk.open(self._assign)
+            return
+        self._folder()
         for _ in range(self.n):
-            self._launch(assignment)
+            self._launch()
 
     def run(self, study: optuna.Study, storage: Any, budget: claims.Budget, assignment: Assignment,
             started: float) -> None:
@@ -131,7 +163,7 @@ class ProjectWorkers:
         ended. Raises :class:`EnvironmentFault` when workers keep ending before finishing a trial."""
         if not self.workers:  # a study that runs its workers again (a dead process's trials)
             for _ in range(self.n):
-                self._launch(assignment)
+                self._launch()
         gate_cfg, threshold = self.cfg["gate"], float(self.cfg["gate"]["threshold"])
         if self.proxy is not None:
             self.proxy.wait_ready()
@@ -143,32 +175,38 @@ class ProjectWorkers:
         fruitless = 0
         while self.workers:
             worker, ok = self.ended.get()
-            del self.workers[worker.run_id]
-            finished = self._finished_by(study, worker.run_id)
-            if not ok:
+            with self.lock:
+                del self.workers[worker.label]
+            finished = self._finished_by(study, worker.run_id) if worker.run_id else 0
+            if not ok and worker.run_id:
                 lost = give_back_lost(study, storage, (worker.run_id,), budget,
                                       f"its worker ({worker.label}) exited mid-trial")
                 for frozen in lost:
                     report.trial_line(study, frozen, threshold, time.perf_counter() - started, gate_cfg)
-                self._close_run(worker, "FAILED")
+            if worker.run_id:  # runner=docker: no MLflow Project run marks the worker's run ended
+                self._close_run(worker, "FINISHED" if ok else "FAILED")
+            if not ok:
                 fruitless = 0 if finished else fruitless + 1
                 if fruitless >= MAX_FRUITLESS_WORKERS:
                     raise EnvironmentFault("trial worker", f"{fruitless} workers in a row ended before finishing a "
                                            f"trial (last: {worker.label}, run {worker.run_id}); see its output above")
             if (finished or not ok) and self._work_left(study, budget, assignment, gate_cfg):
-                self._launch(assignment)
+                self._launch()
 
     def stop(self) -> None:
         """The study failed or was stopped: every worker gets SIGTERM (it closes its runs as KILLED),
-        and is killed after a grace."""
-        self.stopping = True
-        workers, deadline = list(self.workers.values()), time.monotonic() + STOP_GRACE
+        and is killed after a grace; a container not assigned yet is killed at once (it wrote nothing)."""
+        with self.lock:  # no assignment from now on
+            self.stopping = True
+            workers, deadline = list(self.workers.values()), time.monotonic() + STOP_GRACE
+        if self.desk is not None:
+            self.desk.close()  # a container that asks later gets no answer and ends
         if not workers:
             return
         faults.extend_stop(STOP_GRACE + faults.STOP_DEADLINE)  # a stop waits for them to close their runs
         for worker in workers:  # all at once; then each is waited for
             if worker.container:
-                containers.signal_container(worker.container, signal.SIGTERM)
+                containers.signal_container(worker.container, signal.SIGTERM if worker.run_id else signal.SIGKILL)
             else:
                 with contextlib.suppress(Exception):
                     worker.submitted.cancel()  # SIGTERM to `mlflow run`'s process group, the worker's too
@@ -177,11 +215,17 @@ class ProjectWorkers:
                 containers.end(worker.container, deadline)
             else:
                 _wait_for_group(worker.submitted, deadline)
-            if worker.waiter is not None:  # MLflow has marked its run ended: the study's status goes over it
+            if worker.waiter is not None:  # the worker has ended: the study's status goes over MLflow's
                 worker.waiter.join(max(0.0, deadline - time.monotonic()))
-            self._close_run(worker, "KILLED")
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.kill()  # `docker run` of a container that never started
+                worker.process.wait()
+            if worker.run_id:
+                self._close_run(worker, "KILLED")
 
     def close(self) -> None:
+        if self.desk is not None:
+            self.desk.close()
         if self.proxy is not None:
             self.proxy.stop()
             self.proxy = None
@@ -189,15 +233,14 @@ class ProjectWorkers:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # ------------------------------------------------------------------ workers
-    def _folder(self, assignment: Assignment) -> None:
+    def _folder(self) -> None:
         """The project and the workers' config, in a private folder (readable by a container's user)."""
         import yaml
 
         self.workdir = Path(tempfile.mkdtemp(prefix="mlops-tune-workers-"))
         storage = str(self.cfg["study"]["storage"])
         if self.docker:
-            assert self.proxy is not None, "the study enters this context first (__enter__)"
-            storage = str(self.proxy.url)
+            storage = "grpc://"  # the proxy's address, which starts once the checks passed, comes with the assignment
             self.workdir.chmod(0o755)
         config = {**self.cfg, "runner": {"name": "inprocess"}, "study": {**self.cfg["study"], "storage": storage,
                                                                           "n_jobs": 1},
@@ -215,47 +258,78 @@ class ProjectWorkers:
         project = self.workdir / "project"
         project.mkdir(mode=0o755)
         (project / "MLproject").write_text(yaml.safe_dump(spec, sort_keys=False))
-        self._assignment = replace(assignment, trials=1 if self.fresh else None)
+        if self.desk is not None:
+            self.env_file = containers.write_env_file(self.workdir, {
+                "MLFLOW_TRACKING_URI": str(self.cfg["tracking"]["uri"]), **self.desk.environment()})
 
-    def _launch(self, assignment: Assignment) -> None:
-        """One more worker: its run (a child of the study's run), its folder, its Project run."""
-        import mlflow.projects
-        import yaml
-
+    def _launch(self) -> None:
+        """One more worker: its folder, and its Project run (runner=mlflow; its run, a child of the
+        study's run, made first) or its container (runner=docker; its run made once it asks)."""
         assert self.workdir is not None
-        index = next(self.count)
-        project = self.workdir / "project"
-        run_id = tracking.create_run(assignment.experiment_id, f"worker-{index}", {
-            "mlflow.parentRunId": assignment.parent_run_id, tracking.TAG_ROLE: "worker",
-            "mlflow.source.type": "PROJECT", "mlflow.source.name": project.as_uri(),
-            "mlflow.project.entryPoint": WORKER_ENTRY_POINT})
-        tags = {tracking.TAG_WORKER_RUN: run_id}
-        if self.docker:
-            tags.update({"mlflow.project.env": "docker", "mlflow.docker.image.uri": self.image})
-        folder = self.workdir / f"worker-{index}"
+        label = f"worker-{next(self.count)}"
+        folder = self.workdir / label
         folder.mkdir(mode=0o755)
         (folder / CONFIG_FILE).symlink_to(self.workdir / CONFIG_FILE)
-        (folder / ASSIGNMENT_FILE).write_text(yaml.safe_dump(
-            asdict(replace(self._assignment, owner=run_id, tags=tags)), sort_keys=False))
-        container = f"mlops-tune-worker-{run_id}" if self.docker else ""
-        options: dict[str, Any] = (
-            {"docker_args": {**containers.docker_args(self.runner, container, self.workdir)}, "build_image": False}
-            if self.docker else {"env_manager": "local"})
-        run = functools.partial(mlflow.projects.run, str(project), entry_point=WORKER_ENTRY_POINT,
-                                parameters={"folder": str(folder)}, run_id=run_id,
-                                experiment_id=assignment.experiment_id, **options)
-        worker = _Worker(f"worker-{index}", run_id, None, container)
         if self.docker:
-            # MLflow's synchronous mode, in a thread: its asynchronous mode starts an `mlflow run` process
-            # per worker, seconds of start-up before the container does; Docker stops the container
-            wait = functools.partial(_ran, run, worker.label)
+            worker = _Worker(label, "", None, f"mlops-tune-worker-{uuid.uuid4().hex[:12]}")
+            command = containers.run_command(self.runner, worker.container, self.image,
+                                             [f"{self.workdir}:{self.workdir}:ro", *self.mounts], self.env_file,
+                                             ["python", "-m", "mlops_tune.worker", str(folder)])
+            try:  # its output is the study's; a Ctrl-C meant for the study is the study's to pass on
+                worker.process = subprocess.Popen(command, start_new_session=True)
+            except OSError as exc:
+                raise UsageError(f"runner=docker: cannot run the docker command ({exc.strerror or exc})") from None
+            process = worker.process
+            wait: Any = lambda: process.wait() == 0  # noqa: E731
         else:
-            worker.submitted = run(synchronous=False)
+            worker = self._project_run(label, folder)
             wait = worker.submitted.wait
-        self.workers[run_id] = worker
+        self.workers[label] = worker
         worker.waiter = threading.Thread(target=lambda: self.ended.put((worker, bool(wait()))),
                                          name=f"mlops-tune-{worker.label}", daemon=True)
         worker.waiter.start()
+
+    def _project_run(self, label: str, folder: Path) -> _Worker:
+        """runner=mlflow: the worker's run, its assignment file and its Project run (an ``mlflow run``)."""
+        import mlflow.projects
+        import yaml
+
+        assert self.assignment is not None and self.workdir is not None
+        run_id = self._create_run(label)
+        (folder / ASSIGNMENT_FILE).write_text(yaml.safe_dump(
+            asdict(replace(self.assignment, owner=run_id, tags={tracking.TAG_WORKER_RUN: run_id})), sort_keys=False))
+        submitted = mlflow.projects.run(str(self.workdir / "project"), entry_point=WORKER_ENTRY_POINT,
+                                        parameters={"folder": str(folder)}, run_id=run_id,
+                                        experiment_id=self.assignment.experiment_id, env_manager="local",
+                                        synchronous=False)
+        return _Worker(label, run_id, submitted, "")
+
+    def _assign(self, label: str) -> dict[str, Any]:
+        """runner=docker: what container ``label`` is assigned when it asks: its run, made now."""
+        with self.lock:
+            worker = self.workers.get(label)
+            if self.stopping or worker is None or self.assignment is None:
+                raise LookupError(label)  # no answer: the container ends
+            try:
+                worker.run_id = self._create_run(label)
+            except Exception as exc:  # the container gets no answer and ends: its end says no more
+                print(f"{label}: the study could not create its run: {redact_text(first_line(exc, 300))}",
+                      file=sys.stderr, flush=True)
+                raise
+            tags = {tracking.TAG_WORKER_RUN: worker.run_id, "mlflow.project.env": "docker",
+                    "mlflow.docker.image.uri": self.image}
+            assert self.proxy is not None, "the study enters this context first (__enter__)"
+            return {**asdict(replace(self.assignment, owner=worker.run_id, tags=tags)), "storage": self.proxy.url}
+
+    def _create_run(self, label: str) -> str:
+        """A worker's run: a child of the study's run, a run of the project's worker entry point."""
+        assert self.assignment is not None and self.workdir is not None
+        tags = {"mlflow.parentRunId": self.assignment.parent_run_id, tracking.TAG_ROLE: "worker",
+                "mlflow.source.type": "PROJECT", "mlflow.source.name": (self.workdir / "project").as_uri(),
+                "mlflow.project.entryPoint": WORKER_ENTRY_POINT}
+        if self.docker:
+            tags.update({"mlflow.project.env": "docker", "mlflow.docker.image.uri": self.image})
+        return tracking.create_run(self.assignment.experiment_id, label, tags)
 
     def _work_left(self, study: optuna.Study, budget: claims.Budget, assignment: Assignment,
                    gate_cfg: Mapping[str, Any]) -> bool:
@@ -287,22 +361,6 @@ class ProjectWorkers:
             client = mlflow.MlflowClient()
             if status == "KILLED" or client.get_run(worker.run_id).info.status == "RUNNING":
                 client.set_terminated(worker.run_id, status)
-
-
-def _ran(run: Any, label: str) -> bool:
-    """Run a worker's Project run to its end (``mlflow.projects.run(synchronous=True)``, which marks
-    the run FINISHED or FAILED); whether its worker succeeded."""
-    from mlflow.exceptions import ExecutionException
-
-    try:
-        run(synchronous=True)
-        return True
-    except ExecutionException:  # the worker exited non-zero: its output said why
-        return False
-    except Exception as exc:  # the Docker engine or the tracking server failed to start it
-        print(f"{label}: could not start its container: {redact_text(first_line(exc, 300))}", file=sys.stderr,
-              flush=True)
-        return False
 
 
 def _wait_for_group(submitted: Any, deadline: float) -> None:

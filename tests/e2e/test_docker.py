@@ -305,6 +305,25 @@ def test_bad_docker_setup_exits_2_and_writes_nothing(server: str, workdir: Path,
     assert mlflow_runs(server, experiment) == []
 
 
+def test_a_check_failing_after_the_containers_started_kills_them_and_writes_nothing(
+        engine, server: str, workdir: Path) -> None:
+    """The containers start once the image and the engine are checked, before the data is: a data
+    error found then (a target column the CSV lacks) is still exit 2 with one line, no run, no
+    study, and no container left; the containers, which were waiting for their assignment, say nothing."""
+    csv = workdir / "data.csv"
+    csv.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
+    experiment = _experiment()
+    result = _tune(workdir, server, experiment, "model=knn", "data=csv", f"data.path={csv}", "data.target=nope",
+                   "runner.workers=2")
+    assert result.code == 2, result.stderr[-2000:]
+    [line] = result.error_lines
+    assert "'nope' not in" in line
+    assert not (workdir / "optuna.db").exists()
+    assert mlflow_runs(server, experiment) == []
+    assert _containers_left() == ""
+    assert "Traceback" not in result.stderr and "mlops-tune worker" not in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(("uri", "message"), [
     ("sqlite:///mlflow.db", "runner=docker needs an MLflow server"),
     ("http://127.0.0.1:9", "cannot reach the MLflow server"),

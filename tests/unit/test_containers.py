@@ -1,56 +1,112 @@
-"""What a trial container is given (mlops_tune.workers.containers), without a Docker engine."""
+"""What a worker container is given (mlops_tune.workers.containers) and how it gets its assignment
+(mlops_tune.workers.handover), without a Docker engine."""
 
 from __future__ import annotations
 
+import multiprocessing.connection
+import os
 import stat
 import threading
 from pathlib import Path
 
 import pytest
 
-from mlops_tune.workers import containers
+from mlops_tune.workers import containers, handover
 
 
-def test_a_credentials_file_another_worker_made_meanwhile_is_no_error(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two warm workers of a study start at once: the second checks for the file before the
-    first has written it, and must neither fail (trial 0 of a KNN study did, FileExistsError)
-    nor leave a file of its own beside it."""
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
-    path = tmp_path / "credentials.env"
-    path.write_text("MLFLOW_TRACKING_PASSWORD=s3cret\n")
-    monkeypatch.setattr(Path, "exists", lambda self: False)  # the check ran before the other's write
-    args = containers.docker_args({}, "trial-0", tmp_path)
-    monkeypatch.undo()
-    assert args["env-file"] == str(path)
-    assert "MLFLOW_TRACKING_PASSWORD=s3cret\n" in path.read_text()
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["credentials.env"]
-
-
-def test_workers_starting_together_all_get_the_whole_credentials_file(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in containers.PASS_THROUGH:  # CI passes TF_CPP_MIN_LOG_LEVEL through: count only these two
+def test_the_workers_environment_file_holds_the_secrets_and_the_command_line_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in containers.PASS_THROUGH:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "k3y")
-    errors: list[BaseException] = []
-    for round_ in range(50):
-        folder = tmp_path / str(round_)
-        folder.mkdir()
-        start = threading.Barrier(3)
+    path = containers.write_env_file(tmp_path, {"MLFLOW_TRACKING_URI": "http://u:pw@127.0.0.1:5000",
+                                                handover.KEY_ENV: "abcd"})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(path.read_text().splitlines()) == [
+        "AWS_SECRET_ACCESS_KEY=k3y", "MLFLOW_TRACKING_PASSWORD=s3cret", "MLFLOW_TRACKING_URI=http://u:pw@127.0.0.1:5000",
+        f"{handover.KEY_ENV}=abcd"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # nothing half-written beside it
+    command = containers.run_command({"cpus": 1.5, "memory": "1g"}, "mlops-tune-worker-x", "img:tag",
+                                     [f"{tmp_path}:{tmp_path}:ro"], path, ["python", "-m", "mlops_tune.worker", "f"])
+    text = " ".join(command)
+    assert "s3cret" not in text and "pw@" not in text and "abcd" not in text
+    assert command[:4] == ["docker", "run", "--rm", "--pull"] and command[4] == "never"  # never pulled
+    assert command[command.index("--cpus"):command.index("--cpus") + 2] == ["--cpus", "1.5"]
+    assert command[command.index("--memory"):command.index("--memory") + 2] == ["--memory", "1g"]
+    assert command[command.index("--env-file") + 1] == str(path)
+    assert command[-5:] == ["img:tag", "python", "-m", "mlops_tune.worker", "f"]
 
-        def worker(folder: Path = folder, start: threading.Barrier = start) -> None:
-            start.wait()
-            try:
-                assert Path(containers.docker_args({}, "c", folder)["env-file"]).read_text().count("\n") == 2
-            except BaseException as exc:  # collected for the assertion below
-                errors.append(exc)
 
-        threads = [threading.Thread(target=worker) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert sorted(p.name for p in folder.iterdir()) == ["credentials.env"]
-    assert errors == []
+def _ask_in_thread(name: str) -> tuple[threading.Thread, list]:
+    answers: list = []
+
+    def ask() -> None:
+        try:
+            answers.append(handover.ask(name))
+        except (OSError, EOFError) as exc:  # collected for the assertions
+            answers.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    return thread, answers
+
+
+def test_a_worker_that_asks_before_the_study_knows_waits_for_its_assignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    desk = handover.Desk()
+    try:
+        for key, value in desk.environment().items():
+            monkeypatch.setenv(key, value)
+        thread, answers = _ask_in_thread("worker-1")
+        thread.join(0.5)
+        assert thread.is_alive() and answers == []  # asked, and waits: nothing to give yet
+        desk.open(lambda name: {"name": "study", "owner": f"run-of-{name}"})
+        thread.join(10)
+        assert answers == [{"name": "study", "owner": "run-of-worker-1"}]
+        assert handover.KEY_ENV not in os.environ  # the key is not left to the trials' code
+    finally:
+        desk.close()
+
+
+def test_a_stopped_study_answers_no_waiting_worker_and_a_caller_without_the_key_gets_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    desk = handover.Desk()
+    for key, value in desk.environment().items():
+        monkeypatch.setenv(key, value)
+    thread, answers = _ask_in_thread("worker-1")
+    thread.join(0.3)
+    desk.close()  # the study failed its checks: the container ends without an assignment
+    thread.join(10)
+    assert len(answers) == 1 and isinstance(answers[0], (OSError, EOFError))
+
+    desk = handover.Desk()
+    try:
+        desk.open(lambda name: {"secret": "assignment"})
+        host, _, port = desk.address.rpartition(":")
+        with pytest.raises(multiprocessing.connection.AuthenticationError):
+            multiprocessing.connection.Client((host, int(port)), authkey=b"wrong key")
+    finally:
+        desk.close()
+
+
+def test_a_failed_assignment_closes_the_workers_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracking server fails as the study makes the worker's run: the worker gets no answer
+    (and fails), the desk keeps answering others."""
+    desk = handover.Desk()
+    try:
+        for key, value in desk.environment().items():
+            monkeypatch.setenv(key, value)
+
+        def assign(name: str) -> dict:
+            if name == "worker-1":
+                raise ConnectionError("tracking server gone")
+            return {"owner": name}
+
+        desk.open(assign)
+        with pytest.raises((OSError, EOFError)):
+            handover.ask("worker-1")
+        for key, value in desk.environment().items():
+            monkeypatch.setenv(key, value)
+        assert handover.ask("worker-2") == {"owner": "worker-2"}
+    finally:
+        desk.close()
