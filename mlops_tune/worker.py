@@ -65,12 +65,20 @@ def _preload(cfg: Any) -> Any:
     its assignment (the seconds a container spends here overlap the study's own start-up). Returns
     the data's splits, or None when they do not load: the study's own checks say why (exit 2) and
     stop this container, or the worker's checks do once it is assigned."""
+    import warnings
+
     import mlflow  # noqa: F401
-    from optuna.storages import GrpcStorageProxy  # noqa: F401
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import GrpcStorageProxy
 
     from mlops_tune.data import load_splits
     from mlops_tune.families import settle_imports
 
+    # the client imports gRPC and its protocol when it first makes a channel (a channel connects
+    # only when called: this one, made and closed, never does)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        GrpcStorageProxy(host="127.0.0.1", port=9).close()
     settle_imports(str(cfg["model"]["family"]))
     try:
         return load_splits(cfg["data"], int(cfg["seed"]))

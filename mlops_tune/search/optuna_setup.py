@@ -298,10 +298,16 @@ def open_storage(url: str) -> Any:
     from optuna.storages import GrpcStorageProxy
 
     parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", int(parts.port or 13000)
+    # the proxy takes calls once it listens: a TCP connect says so at once, where the client's
+    # wait_server_ready polls the channel's state in 0.2 s steps
+    deadline = time.monotonic() + 30
+    while not _port_open(port, host):
+        if time.monotonic() > deadline:
+            raise ConnectionError(f"the Optuna storage proxy at {host}:{port} did not answer within 30 s")
+        time.sleep(0.05)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = GrpcStorageProxy(host=parts.hostname or "127.0.0.1", port=int(parts.port or 13000))
-    storage.wait_server_ready(timeout=30)
-    return storage
+    return GrpcStorageProxy(host=host, port=port)
 
 
 def _free_port() -> int:
@@ -310,10 +316,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        return sock.connect_ex((host, port)) == 0
 
 
 def _serve(port: int) -> None:
