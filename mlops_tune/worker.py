@@ -17,10 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlops_tune.workers import ASSIGNMENT_FILE, CONFIG_FILE
+
+if TYPE_CHECKING:
+    from mlops_tune.data import Splits
 
 PROG = "mlops-tune worker"
 
@@ -60,7 +64,7 @@ def serve(folder: Path) -> int:
     return 0
 
 
-def _preload(cfg: Any) -> Any:
+def _preload(cfg: Mapping[str, Any]) -> Splits | None:
     """What the worker's trials and stores need, imported, and its data loaded, before it asks for
     its assignment (the seconds a container spends here overlap the study's own start-up). Returns
     the data's splits, or None when they do not load: the study's own checks say why (exit 2) and

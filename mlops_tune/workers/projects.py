@@ -103,6 +103,7 @@ class ProjectWorkers:
         self.assignment: Assignment | None = None
         self.lock = threading.Lock()  # an assignment and a stop: one at a time
         self.desk = Desk() if self.docker else None
+        self.env_file = Path()  # runner=docker: the containers' environment (written with the folder)
         # the project command says `python`, and `mlflow run` starts the workers: this environment's
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         if self.docker:
