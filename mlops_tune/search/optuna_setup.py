@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -266,17 +266,17 @@ class StorageServer:
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Return once the proxy takes connections (its process imports Optuna and opens the storage
         meanwhile: the study starts its workers first). Raises ``UsageError`` when it cannot start."""
-        deadline = time.monotonic() + timeout
-        while not _port_open(self.port):
-            if self._process.poll() is not None:
-                error = (self._process.stderr.read() if self._process.stderr else b"").decode(errors="replace")
-                lines = [line for line in error.splitlines() if line.strip()]
-                raise UsageError(f"study.storage: the Optuna storage proxy did not start "
-                                 f"({redact(lines[-1] if lines else 'no output')})")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise UsageError(f"study.storage: the Optuna storage proxy did not answer within {timeout:.0f} s")
-            time.sleep(0.1)
+        if not _listening("127.0.0.1", self.port, timeout, 0.1, self._alive):
+            self.stop()
+            raise UsageError(f"study.storage: the Optuna storage proxy did not answer within {timeout:.0f} s")
+
+    def _alive(self) -> None:
+        """Raises ``UsageError`` with the proxy's last line when its process has ended."""
+        if self._process.poll() is not None:
+            error = (self._process.stderr.read() if self._process.stderr else b"").decode(errors="replace")
+            lines = [line for line in error.splitlines() if line.strip()]
+            raise UsageError(f"study.storage: the Optuna storage proxy did not start "
+                             f"({redact(lines[-1] if lines else 'no output')})")
 
     def stop(self) -> None:
         if self._process.poll() is None:
@@ -301,11 +301,8 @@ def open_storage(url: str) -> Any:
     host, port = parts.hostname or "127.0.0.1", int(parts.port or 13000)
     # the proxy takes calls once it listens: a TCP connect says so at once, where the client's
     # wait_server_ready polls the channel's state in 0.2 s steps
-    deadline = time.monotonic() + 30
-    while not _port_open(port, host):
-        if time.monotonic() > deadline:
-            raise ConnectionError(f"the Optuna storage proxy at {host}:{port} did not answer within 30 s")
-        time.sleep(0.05)
+    if not _listening(host, port, 30, 0.05):
+        raise ConnectionError(f"the Optuna storage proxy at {host}:{port} did not answer within 30 s")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return GrpcStorageProxy(host=host, port=port)
 
@@ -314,6 +311,18 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _listening(host: str, port: int, timeout: float, step: float, alive: Callable[[], None] = lambda: None) -> bool:
+    """Whether ``host:port`` takes connections within ``timeout`` s, tried every ``step`` s
+    (``alive`` is called between tries and may raise)."""
+    deadline = time.monotonic() + timeout
+    while not _port_open(port, host):
+        alive()
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:

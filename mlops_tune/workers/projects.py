@@ -184,7 +184,7 @@ class ProjectWorkers:
                                       f"its worker ({worker.label}) exited mid-trial")
                 for frozen in lost:
                     report.trial_line(study, frozen, threshold, time.perf_counter() - started, gate_cfg)
-            if worker.run_id:  # runner=docker: no MLflow Project run marks the worker's run ended
+            if worker.run_id and (worker.container or not ok):  # MLflow marks a Project run that ended well
                 self._close_run(worker, "FINISHED" if ok else "FAILED")
             if not ok:
                 fruitless = 0 if finished else fruitless + 1
