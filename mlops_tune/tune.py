@@ -33,7 +33,7 @@ def tune(cfg: Any) -> int:
 
     set_verbose(bool(cfg.get("verbose")))
     quiet_libraries()
-    plain = load_tune(cfg)
+    plain = load_tune(cfg, model=False)  # the model's section: by the study's checks (Plan.check)
     started = time.perf_counter()
     junit_path = (plain.get("report") or {}).get("junit")
     if junit_path:

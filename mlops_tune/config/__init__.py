@@ -32,12 +32,15 @@ def load_train(cfg: Any) -> dict[str, Any]:
     return plain
 
 
-def load_tune(cfg: Any) -> dict[str, Any]:
-    """A ``tune`` config, resolved, typed by the schema and checked."""
+def load_tune(cfg: Any, model: bool = True) -> dict[str, Any]:
+    """A ``tune`` config, resolved, typed by the schema and checked. ``model=False``: the model's
+    section by its family only later (it imports the model's framework, e.g. scikit-learn: ~1 s),
+    by :meth:`mlops_tune.workers.plan.Plan.check`, which the study calls once runner=docker's
+    containers have started."""
     from mlops_tune.config.schema import TuneConfig
 
     plain = apply_schema(to_plain(cfg), TuneConfig)
-    validate_tune(plain)
+    validate_tune(plain, model)
     return plain
 
 
@@ -116,8 +119,9 @@ def _mask_environment_values(cfg: Any, plain: Mapping[str, Any]) -> None:
     walk(cfg, plain, "")
 
 
-def validate_train(cfg: Mapping[str, Any]) -> None:
-    """Check a ``train`` config: model (by its family), data (by its loader), seed, tracking."""
+def validate_train(cfg: Mapping[str, Any], model: bool = True) -> None:
+    """Check a ``train`` config: model (by its family; ``model=False``: its family's name only),
+    data (by its loader), seed, tracking."""
     from mlops_tune.data import loader_arguments
     from mlops_tune.families import get_family
 
@@ -128,7 +132,9 @@ def validate_train(cfg: Mapping[str, Any]) -> None:
     _check_tracking(cfg["tracking"])
     if not isinstance(cfg["model"].get("family"), str):
         raise UsageError("model.family: missing (every model YAML names its family)")
-    get_family(cfg["model"]["family"]).validate(cfg["model"])
+    family = get_family(cfg["model"]["family"])
+    if model:
+        family.validate(cfg["model"])
     loader_arguments(cfg["data"])
 
 
@@ -144,9 +150,9 @@ def _check_tracking(tracking: Mapping[str, Any]) -> None:
                          f"got {ui_url!r}")
 
 
-def validate_tune(cfg: Mapping[str, Any]) -> None:
+def validate_tune(cfg: Mapping[str, Any], model: bool = True) -> None:
     """Check a ``tune`` config: everything :func:`validate_train` checks, plus gate and study."""
-    validate_train(cfg)
+    validate_train(cfg, model)
     threshold = cfg["gate"]["threshold"]
     if not 0 <= threshold <= 1:
         raise UsageError(f"gate.threshold: must be an accuracy in [0, 1], got {threshold!r}")

@@ -54,9 +54,10 @@ class Plan:
     @classmethod
     def check(cls, cfg: Mapping[str, Any], n_jobs: int = 1, splits: Splits | None = None) -> Plan:
         """Check everything that can fail on bad input and build the plan, writing nothing
-        (``UsageError``: exit 2). ``splits``: the data another process of the study loaded.
-        runner=mlflow|docker: the study's Project workers, made first (runner=docker's containers
-        start before the other checks and import meanwhile; stopped if one fails)."""
+        (``UsageError``: exit 2); the model's section by its family too. ``splits``: the data
+        another process of the study loaded. runner=mlflow|docker: the study's Project workers,
+        made first (runner=docker's containers start before the other checks, the model's
+        included, and import meanwhile; stopped if one fails)."""
         launcher = None
         if cfg["runner"]["name"] in ("mlflow", "docker"):
             from mlops_tune.workers.projects import ProjectWorkers
@@ -73,10 +74,11 @@ class Plan:
     @classmethod
     def _check(cls, cfg: Mapping[str, Any], n_jobs: int, splits: Splits | None,
                launcher: ProjectWorkers | None) -> Plan:
+        family = get_family(cfg["model"]["family"])
+        family.validate(cfg["model"])  # imports the model's framework (scikit-learn: ~1 s; TensorFlow: never)
         if cfg["registry"]["promote"]:
             registry.check_name(cfg["registry"]["name"])
         space = SearchSpace.from_config((cfg.get("search") or {}).get("space"), cfg)
-        family = get_family(cfg["model"]["family"])
         pruner = make_pruner(cfg["study"]["pruner"])
         if n_jobs > 1:  # a worker's trial in flight stops at its next epoch once another met the gate
             pruner = GateAwarePruner(pruner, cfg["gate"])

@@ -13,8 +13,8 @@ asynchronous mode (``mlflow.projects.run(..., synchronous=False)``, an ``mlflow 
 the study waits on its ``SubmittedRun`` and stops it with ``SubmittedRun.cancel()``.
 
 A container (runner=docker) starts as soon as the image and the engine are checked, before the
-study loads its data and opens its stores: its start and its imports (seconds) overlap the
-study's own. It is the project's worker entry point run with ``docker run`` (the command MLflow
+study checks the model's section, loads its data and opens its stores: its start and its imports
+(seconds) overlap the study's own. It is the project's worker entry point run with ``docker run`` (the command MLflow
 would run for its ``docker_env``, which needs the worker's run before it starts), and it asks the
 study for its assignment once it has imported its libraries (:mod:`mlops_tune.workers.handover`);
 the study creates the worker's run, a child of the parent run, when it answers. A study that

@@ -305,19 +305,24 @@ def test_bad_docker_setup_exits_2_and_writes_nothing(server: str, workdir: Path,
     assert mlflow_runs(server, experiment) == []
 
 
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["data.target=nope"], "'nope' not in"),
+    (["data.target=label", "model.n_neighbors=0"], "model.n_neighbors"),
+])
 def test_a_check_failing_after_the_containers_started_kills_them_and_writes_nothing(
-        engine, server: str, workdir: Path) -> None:
-    """The containers start once the image and the engine are checked, before the data is: a data
-    error found then (a target column the CSV lacks) is still exit 2 with one line, no run, no
-    study, and no container left; the containers, which were waiting for their assignment, say nothing."""
+        engine, server: str, workdir: Path, overrides: list[str], words: str) -> None:
+    """The containers start once the image and the engine are checked, before the model's section
+    and the data are: an error found then (a model parameter out of range, a target column the CSV
+    lacks) is still exit 2 with one line, no run, no study, and no container left; the containers,
+    which were waiting for their assignment, say nothing."""
     csv = workdir / "data.csv"
     csv.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
     experiment = _experiment()
-    result = _tune(workdir, server, experiment, "model=knn", "data=csv", f"data.path={csv}", "data.target=nope",
+    result = _tune(workdir, server, experiment, "model=knn", "data=csv", f"data.path={csv}", *overrides,
                    "runner.workers=2")
     assert result.code == 2, result.stderr[-2000:]
     [line] = result.error_lines
-    assert "'nope' not in" in line
+    assert words in line
     assert not (workdir / "optuna.db").exists()
     assert mlflow_runs(server, experiment) == []
     assert _containers_left() == ""

@@ -110,3 +110,45 @@ def test_a_failed_assignment_closes_the_workers_connection(monkeypatch: pytest.M
         assert handover.ask("worker-2") == {"owner": "worker-2"}
     finally:
         desk.close()
+
+
+def test_a_container_whose_config_fails_its_checks_leaves_the_error_to_the_study(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A container starts before the study has checked the model's section: when the worker's own
+    check fails, the study's says why (one line) and stops it, so the worker says nothing; only a
+    study that found nothing wrong (it answers) gets the worker's error."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from mlops_tune import worker
+    from mlops_tune.config import load_tune
+    from mlops_tune.runtime.errors import EXIT_CRASH, UsageError
+    from mlops_tune.workers import CONFIG_FILE
+    from tests.conftest import compose_config
+
+    plain = load_tune(compose_config("tune", "model=knn", "model.n_neighbors=0"), model=False)  # the study's, so far
+    folder = tmp_path / "worker-1"
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump(plain))
+    with pytest.raises(UsageError, match=r"model\.n_neighbors"):
+        load_tune(OmegaConf.create(plain))  # what the study's own check finds a moment later
+
+    desk = handover.Desk()
+    try:
+        for key, value in desk.environment().items():
+            monkeypatch.setenv(key, value)
+        threading.Timer(0.2, desk.close).start()  # the study failed its checks while the worker asks
+        assert worker.serve(folder) == EXIT_CRASH
+        assert capsys.readouterr() == ("", "")
+    finally:
+        desk.close()
+
+    desk = handover.Desk()
+    try:
+        for key, value in desk.environment().items():
+            monkeypatch.setenv(key, value)
+        desk.open(lambda name: {"name": "study"})  # the study found nothing wrong: the worker's error is said
+        with pytest.raises(UsageError, match=r"model\.n_neighbors"):
+            worker.serve(folder)
+    finally:
+        desk.close()
