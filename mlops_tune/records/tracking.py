@@ -168,16 +168,22 @@ def run(
     Yields the run id; the run is the active run inside the block.
     """
     import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     # MLFLOW_RUN_ID set: `mlflow run` (or runner=mlflow) created the run; MLflow resumes it
     given = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
+    nested = mlflow.active_run() is not None
+    tags = dict(tags or {})
+    if parent_run_id and not nested and not given:
+        # the tag that nests a run, as start_run(parent_run_id=...) sets it, which first reads the
+        # parent run (a request a trial in a worker, whose parent run is not active here)
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     active = mlflow.start_run(
         run_id=resume_run_id,
         experiment_id=None if given else experiment_id,
         run_name=None if given else name,
-        nested=mlflow.active_run() is not None,
-        parent_run_id=parent_run_id if mlflow.active_run() is None else None,
-        tags=dict(tags or {}),
+        nested=nested,
+        tags=tags,
     )
     try:
         yield active.info.run_id

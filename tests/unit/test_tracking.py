@@ -37,6 +37,33 @@ def test_batches_over_the_store_limits_are_chunked_and_the_final_value_is_latest
         mlflow.set_tracking_uri(None)
 
 
+def test_a_run_under_a_parent_run_that_is_not_active_does_not_read_the_parent(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's trial run is a child of the study's run, which is not active in the worker:
+    the run is nested by its tag alone, without a request for the parent run (one a trial)."""
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment_id = tracking.connect(uri, "nesting")
+        client = mlflow.MlflowClient()
+        parent = client.create_run(experiment_id).info.run_id
+        reads: list[str] = []
+        get_run = mlflow.MlflowClient.get_run
+        monkeypatch.setattr(mlflow.MlflowClient, "get_run",
+                            lambda self, run_id: reads.append(run_id) or get_run(self, run_id))
+        with tracking.run(experiment_id, "trial-1", parent_run_id=parent, tags={"t": "1"}) as child:
+            assert mlflow.active_run().info.run_id == child
+        monkeypatch.undo()
+        assert parent not in reads
+        run = client.get_run(child)
+        assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["t"] == "1"
+        assert run.info.status == "FINISHED" and run.info.run_name == "trial-1"
+        assert [r.info.run_id for r in client.search_runs(
+            [experiment_id], f"tags.mlflow.parentRunId = '{parent}'")] == [child]
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_workers_logging_the_same_new_dataset_at_once_all_succeed(workdir: Path) -> None:
     """MLflow's store looks a dataset up, then inserts it: concurrent first loggers collide."""
     import threading
