@@ -1,8 +1,8 @@
 """Optuna from config: the storage, the sampler and the pruner a study runs with.
 
 Everything here uses Optuna's public API. The study's storage can also be served to
-trial processes that cannot open it themselves (containers): :func:`serve_storage`
-starts Optuna's gRPC storage proxy in a child process, :func:`open_storage` is the
+trial processes that cannot open it themselves (containers): :class:`StorageServer`
+runs Optuna's gRPC storage proxy in a child process, :func:`open_storage` is the
 client side (``grpc://HOST:PORT``).
 """
 
@@ -56,7 +56,13 @@ def make_storage(study_cfg: Mapping[str, Any]) -> optuna.storages.BaseStorage:
             return JournalStorage(JournalFileBackend(claims.journal_path(url)))
         write_ahead_sqlite(url)
         with locks.sqlite_schema(url):  # processes starting together on a new file
-            return _open_rdb(url, study_cfg)
+            return _open_rdb(
+                url,
+                heartbeat_interval=int(study_cfg["heartbeat_interval"]),
+                grace_period=int(study_cfg["grace_period"]),
+                # a dead worker's trial is failed, then run again once by whoever asks next
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
     except Exception as exc:
         host = urlsplit(url).hostname or url.split("://", 1)[-1].split("?")[0]
         reason = first_line(exc, 200)
@@ -106,21 +112,13 @@ def rdb_storage(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
     return SQLiteStorage(url, path, **kwargs) if path is not None else optuna.storages.RDBStorage(url, **kwargs)
 
 
-def _open_rdb(url: str, study_cfg: Mapping[str, Any], attempts: int = 4) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats; retried when workers race to create a new database.
-
-    The loser of that race sees a unique-key error and finds the tables on its next try.
-    """
+def _open_rdb(url: str, attempts: int = 4, **kwargs: Any) -> optuna.storages.RDBStorage:
+    """An RDB storage (``kwargs``: Optuna's, e.g. heartbeats); retried when processes race to
+    create a new database (the study's and its storage proxy's, or workers'): the loser of that
+    race sees a unique-key error and finds the tables on its next try."""
     for attempt in retrying(lambda exc: "IntegrityError" in type(exc).__name__ + str(exc), attempts, 0.5):
         with attempt:
-            return rdb_storage(
-                url,
-                engine_kwargs=_engine_kwargs(url),
-                heartbeat_interval=int(study_cfg["heartbeat_interval"]),
-                grace_period=int(study_cfg["grace_period"]),
-                # a dead worker's trial is failed, then run again once by whoever asks next
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
+            return rdb_storage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
     raise AssertionError("attempts must be >= 1")
 
 
@@ -339,13 +337,22 @@ def _serve(port: int) -> None:
     write_ahead_sqlite(url)  # as the study's own process writes it: no fsync per commit
 
     def end_with_the_study() -> None:
-        sys.stdin.buffer.read()  # returns when the study's process closed the pipe or is gone
+        # returns when the study's process closed the pipe or is gone; the file descriptor, not
+        # sys.stdin: a failure below ends the interpreter with this thread still reading, and
+        # stdin's buffer (locked by the read) would turn the failure's traceback into a fatal error
+        while os.read(0, 4096):
+            pass
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=end_with_the_study, name="mlops-tune-proxy-parent", daemon=True).start()
-    with locks.sqlite_schema(url):  # the study's process may be creating the tables now
-        # with Optuna's cache of finished trials, as for a URL (get_storage)
-        storage = optuna.storages.get_storage(rdb_storage(url, engine_kwargs=_engine_kwargs(url)))
+    try:
+        with locks.sqlite_schema(url):  # the study's process may be creating the tables now
+            # with Optuna's cache of finished trials, as for a URL (get_storage); a new PostgreSQL
+            # database's tables are created by the study's process at the same time: retried
+            storage = optuna.storages.get_storage(_open_rdb(url))
+    except Exception as exc:  # one line, the study's to say (StorageServer.wait_ready)
+        print(f"{type(exc).__name__}: {first_line(exc, 300)}", file=sys.stderr, flush=True)
+        sys.exit(1)
     optuna.storages.run_grpc_proxy_server(storage, host="127.0.0.1", port=port)
 
 

@@ -159,6 +159,23 @@ def test_tickets_work_through_the_storage_proxy(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_a_storage_proxy_that_cannot_open_its_storage_says_why_in_one_line() -> None:
+    """The proxy's process fails to open the storage (here: no server on the port): the study's
+    one line names that error, not the interpreter's shutdown (the proxy's thread that watches
+    the study's process once turned every such failure into "Fatal Python error ... <no Python
+    frame>"), and no password."""
+    from mlops_tune.runtime.errors import UsageError
+    from mlops_tune.search.optuna_setup import StorageServer
+
+    server = StorageServer("postgresql+psycopg2://optuna:s3cret@127.0.0.1:9/optuna")
+    with pytest.raises(UsageError) as caught:
+        server.wait_ready(60)
+    message = str(caught.value)
+    assert message.startswith("study.storage: the Optuna storage proxy did not start (OperationalError")
+    assert "Connection refused" in message and "\n" not in message
+    assert "s3cret" not in message and "Python frame" not in message
+
+
 def test_the_storage_proxy_ends_with_the_study_process_even_on_sigkill(tmp_path: Path) -> None:
     """A study killed outright (SIGKILL: no stop() runs) must not leave its storage proxy serving
     forever: the proxy ends once the study's process is gone."""
