@@ -35,7 +35,7 @@ def serve(folder: Path) -> int:
     from omegaconf import OmegaConf
 
     from mlops_tune.config import load_tune
-    from mlops_tune.runtime.errors import EXIT_CRASH, UsageError
+    from mlops_tune.runtime.errors import EXIT_CRASH
     from mlops_tune.runtime.logs import quiet_libraries, set_verbose
     from mlops_tune.workers import handover
     from mlops_tune.workers.loop import Assignment, run_worker
@@ -43,19 +43,13 @@ def serve(folder: Path) -> int:
 
     # MLflow's variable names this worker's own run (the study made it): trial runs are new runs
     worker_run = os.environ.pop("MLFLOW_RUN_ID", "")
-    container = bool(os.environ.get(handover.ADDRESS_ENV))  # started while the study checks its config
-    try:
-        cfg = load_tune(OmegaConf.load(folder / CONFIG_FILE))  # ${oc.env:MLFLOW_TRACKING_URI}
-    except UsageError:
-        # a container may start before the study has checked the model: the study says what is
-        # wrong (and stops it); this worker's own error is said only if the study found none
-        if container and not _assigned(folder):
-            return EXIT_CRASH
-        raise
+    # the model's section is checked by Plan.check below, once assigned: a container starts before
+    # the study has checked it, and a study that finds it wrong says so and assigns no one
+    cfg = load_tune(OmegaConf.load(folder / CONFIG_FILE), model=False)  # ${oc.env:MLFLOW_TRACKING_URI}
     set_verbose(bool(cfg.get("verbose")))
     quiet_libraries()
     splits = None
-    if container:
+    if os.environ.get(handover.ADDRESS_ENV):  # a container, started while the study checks
         splits = _preload(cfg)
         try:
             fields = handover.ask(folder.name)
@@ -70,17 +64,6 @@ def serve(folder: Path) -> int:
           flush=True)
     run_worker(Plan.check(cfg, splits=splits), assignment)
     return 0
-
-
-def _assigned(folder: Path) -> bool:
-    """Whether the study assigns this container work (it asks; False once the study stopped)."""
-    from mlops_tune.workers import handover
-
-    try:
-        handover.ask(folder.name)
-    except (OSError, EOFError):
-        return False
-    return True
 
 
 def _preload(cfg: Mapping[str, Any]) -> Splits | None:

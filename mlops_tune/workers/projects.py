@@ -14,12 +14,13 @@ the study waits on its ``SubmittedRun`` and stops it with ``SubmittedRun.cancel(
 
 A container (runner=docker) starts as soon as the image and the engine are checked, before the
 study checks the model's section, loads its data and opens its stores: its start and its imports
-(seconds) overlap the study's own. It is the project's worker entry point run with ``docker run`` (the command MLflow
-would run for its ``docker_env``, which needs the worker's run before it starts), and it asks the
-study for its assignment once it has imported its libraries (:mod:`mlops_tune.workers.handover`);
-the study creates the worker's run, a child of the parent run, when it answers. A study that
-fails before that leaves no run: its containers are killed. The study waits on the ``docker
-run`` process; Docker's own stop (SIGTERM, then SIGKILL after a grace) stops a container.
+(seconds) overlap the study's own. It is the project's worker entry point run with ``docker
+run`` (the command MLflow would run for its ``docker_env``, which needs the worker's run before
+it starts), and it asks the study for its assignment once it has imported its libraries
+(:mod:`mlops_tune.workers.handover`); the study creates the worker's run, a child of the parent
+run, when it answers. A study that fails before that leaves no run: its containers are killed.
+The study waits on the ``docker run`` process; Docker's own stop (SIGTERM, then SIGKILL after a
+grace) stops a container.
 
 A worker that ends before the work does is replaced: a killed one (``docker kill``, the OOM
 killer) costs its trial nothing (the trials its tickets name are given back and run again);

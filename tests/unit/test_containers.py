@@ -147,7 +147,9 @@ def test_a_container_whose_config_fails_its_checks_leaves_the_error_to_the_study
     try:
         for key, value in desk.environment().items():
             monkeypatch.setenv(key, value)
-        desk.open(lambda name: {"name": "study"})  # the study found nothing wrong: the worker's error is said
+        # the study found nothing wrong: the worker's error is said (its check of the model, once assigned)
+        desk.open(lambda name: {"name": "study", "experiment_id": "0", "parent_run_id": "p", "started_at": 0.0,
+                                "storage": "grpc://127.0.0.1:9"})
         with pytest.raises(UsageError, match=r"model\.n_neighbors"):
             worker.serve(folder)
     finally:
