@@ -23,7 +23,7 @@ that keeps 1.3 CPUs busy leaves room for 2 / 1.3 = 1.5x at most).
 It also times what a container trial pays before any of our code runs: starting a
 container and the imports of a trial process, inside the image and on the host.
 
-Run: ``.venv/bin/python benchmarks/runner_overhead.py`` (about 15 minutes; needs a Docker
+Run: ``.venv/bin/python benchmarks/runner_overhead.py`` (about 22 minutes; needs a Docker
 engine and ``make images``). Writes ``benchmarks/results/runner_overhead.json``.
 """
 
@@ -63,10 +63,12 @@ MODES = {
 #: KNN only: the throughput of one and of two warm containers, one CPU each, over a study of
 #: PARALLEL_TRIALS trials (first trial's start to last trial's end)
 PARALLEL_TRIALS = 60
-PARALLEL_REPEATS = 5
+#: one and two containers in turn this many times; the figure is the median pair's (the pairs of
+#: one run here ranged 1.08-2.05x: with five, the median moved by 0.3x from one run to the next)
+PARALLEL_REPEATS = 9
 #: KNN: in-process and one warm container, in turn, this many times (the first pair is the modes'
-#: own runs): the target figure is the median pair's (one pair ranged 0.08-0.17 s a trial in one run here)
-AMORTIZED_PAIRS = 5
+#: own runs): the target figure is the median pair's (the pairs of one run ranged 0.04-0.15 s a trial)
+AMORTIZED_PAIRS = 9
 PARALLEL_MODES = {
     "docker-warm-1cpu": ["runner=docker", "runner.cpus=1"],
     "docker-warm-2x1cpu": ["runner=docker", "runner.cpus=1", "runner.workers=2"],
