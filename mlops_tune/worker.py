@@ -94,8 +94,10 @@ def _preload(cfg: Mapping[str, Any]) -> Splits | None:
 
 def container_tags() -> dict[str, str]:
     """In a trial image (``MLOPS_TUNE_IMAGE_FAMILY`` set by the Dockerfile): run tags saying
-    which image, which user, and the memory and CPU limits the trial ran under (cgroup v2
-    format: bytes or ``max``; ``QUOTA PERIOD`` in microseconds). Elsewhere: none."""
+    which image, which user, the memory and CPU limits the trial ran under (cgroup v2
+    format: bytes or ``max``; ``QUOTA PERIOD`` in microseconds) and, when set, the threads of its
+    native pools (``OMP_NUM_THREADS``: see :func:`mlops_tune.runtime.threads.limit_to_quota`).
+    Elsewhere: none."""
     family = os.environ.get("MLOPS_TUNE_IMAGE_FAMILY")
     if not family:
         return {}
@@ -106,19 +108,22 @@ def container_tags() -> dict[str, str]:
                 return Path(path).read_text().strip()
         return None
 
+    from mlops_tune.runtime.threads import CFS_PERIOD, CFS_QUOTA, CPU_MAX
+
     memory = read("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
-    cpu = read("/sys/fs/cgroup/cpu.max")
+    cpu = read(CPU_MAX)
     if cpu is None:  # cgroup v1: quota and period in two files
-        quota, period = read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+        quota, period = read(CFS_QUOTA), read(CFS_PERIOD)
         cpu = f"{'max' if quota == '-1' else quota} {period}" if quota and period else None
     tags = {"mlops_tune.image": family, "mlops_tune.uid": str(os.getuid())}
-    tags.update({tag: value for tag, value in (("mlops_tune.memory_limit", memory), ("mlops_tune.cpu_quota", cpu))
+    tags.update({tag: value for tag, value in (("mlops_tune.memory_limit", memory), ("mlops_tune.cpu_quota", cpu),
+                                               ("mlops_tune.threads", os.environ.get("OMP_NUM_THREADS")))
                  if value})
     return tags
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mlops_tune.runtime import exits, faults, heap, secrets
+    from mlops_tune.runtime import exits, faults, heap, secrets, threads  # none of them loads numpy
     from mlops_tune.runtime.errors import EXIT_USAGE
     from mlops_tune.workers import handover
 
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
               f"or with {CONFIG_FILE} and {handover.ADDRESS_ENV} set: written and set by a study with "
               "runner=mlflow or runner=docker)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    threads.limit_to_quota()  # a container of fewer CPUs than the machine's cores
     heap.defer()  # until the first trial: see mlops_tune.runtime.heap
     faults.install_signal_handlers(PROG)
     faults.quiet_background_faults()

@@ -28,16 +28,38 @@ PARALLEL_FAMILIES = ("keras_dense", "keras_cnn")
 TF_THREAD_VARS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 
 
-def cpu_count() -> int:
-    """Cores this process may use: its CPU affinity, bounded by a cgroup v2 CPU quota."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+#: where a CPU quota is: cgroup v2 (``QUOTA PERIOD`` or ``max PERIOD``), cgroup v1 (two files, -1: none)
+CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CFS_QUOTA, CFS_PERIOD = "/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"
+#: native thread pools (OpenMP: scikit-learn's neighbours and trees; OpenBLAS/MKL: numpy) that
+#: start one thread per core they see, quota or not
+NATIVE_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _affinity() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_quota() -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (``docker run --cpus``), None without one."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) // int(period))))
+        quota, period = Path(CPU_MAX).read_text().split()[:2]
     except (OSError, ValueError):
-        pass
-    return max(1, cores)
+        try:
+            quota, period = Path(CFS_QUOTA).read_text().strip(), Path(CFS_PERIOD).read_text().strip()
+        except OSError:
+            return None
+    try:
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def cpu_count() -> int:
+    """Cores this process may use: its CPU affinity, bounded by its cgroup's CPU quota (rounded
+    down, at least 1)."""
+    quota = cpu_quota()
+    return max(1, min(_affinity(), int(quota) if quota is not None else _affinity()))
 
 
 def parse_n_jobs(value: object) -> int | str:
@@ -80,6 +102,24 @@ def limit_threads(n_jobs: int) -> dict[str, str]:
         if not os.environ.get(key):
             os.environ[key] = value
     return {key: os.environ[key] for key in TF_THREAD_VARS}
+
+
+def limit_to_quota() -> dict[str, str]:
+    """Under a CPU quota below the cores this process sees (a container of ``runner.cpus=1`` on a
+    bigger machine): thread pools sized to the quota (:func:`cpu_count`), native ones (OpenMP,
+    OpenBLAS, MKL) and TensorFlow's (:func:`thread_env`), which otherwise start a thread per core,
+    run out the quota and wait for the next period: a Keras trial of 5 epochs in a 1-CPU container
+    on 2 cores trained in 2.0-2.1 s against 2.5-2.7 s. Without such a quota nothing changes (at
+    ``runner.cpus=2`` on 2 cores TensorFlow's own pools trained faster than one inter-op thread:
+    2.0-2.2 s against 2.5-2.6 s). What is set already stays. Call before numpy or TensorFlow
+    loads. Returns what it set."""
+    cores = cpu_count()
+    if cores >= _affinity():
+        return {}
+    wanted = {**{key: str(cores) for key in NATIVE_THREAD_VARS}, **thread_env(1)}
+    set_now = {key: value for key, value in wanted.items() if not os.environ.get(key)}
+    os.environ.update(set_now)
+    return set_now
 
 
 def tf_threads_text() -> str:

@@ -118,6 +118,8 @@ def test_knn_study_runs_every_trial_in_the_sklearn_image(engine, server: str, wo
         assert tags["mlops_tune.memory_limit"] == str(2**30)
         quota, period = tags["mlops_tune.cpu_quota"].split()
         assert int(quota) / int(period) == pytest.approx(1.5)
+        # 1.5 CPUs on a bigger machine: one thread per native pool, not one per core it sees
+        assert tags["mlops_tune.threads"] == "1"
         assert child.data.metrics["val_accuracy"] == pytest.approx(
             study.trials[int(tags[tracking.TAG_TRIAL_NUMBER])].value)
     assert not [r for r in runs if r.info.status == "RUNNING"]

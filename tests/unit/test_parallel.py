@@ -47,6 +47,37 @@ def test_cpu_count_respects_the_affinity() -> None:
     assert 1 <= threads.cpu_count() <= len(os.sched_getaffinity(0))
 
 
+@pytest.mark.parametrize(("files", "quota"), [
+    ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.cfs_quota_us": "50000\n", "cpu.cfs_period_us": "100000\n"}, 0.5),  # cgroup v1
+    ({"cpu.cfs_quota_us": "-1\n", "cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),  # no cgroup files at all
+])
+def test_a_cpu_quota_bounds_the_thread_pools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             files: dict[str, str], quota: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    for attr, name in (("CPU_MAX", "cpu.max"), ("CFS_QUOTA", "cpu.cfs_quota_us"), ("CFS_PERIOD", "cpu.cfs_period_us")):
+        monkeypatch.setattr(threads, attr, str(tmp_path / name))
+    monkeypatch.setattr(threads, "_affinity", lambda: 4)
+    for key in (*threads.NATIVE_THREAD_VARS, *threads.TF_THREAD_VARS):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")  # the user's choice stays
+
+    assert threads.cpu_quota() == quota
+    assert threads.cpu_count() == (max(1, int(quota)) if quota else 4)
+    set_now = threads.limit_to_quota()
+    if quota is None:  # all four cores: the libraries' own defaults
+        assert set_now == {} and "OMP_NUM_THREADS" not in os.environ
+    else:
+        cores = str(max(1, int(quota)))
+        assert set_now == {"OMP_NUM_THREADS": cores, "MKL_NUM_THREADS": cores,
+                           "TF_NUM_INTRAOP_THREADS": cores, "TF_NUM_INTEROP_THREADS": "1"}
+        assert os.environ["OMP_NUM_THREADS"] == cores
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
+
+
 def _trial(study: optuna.Study, batch: int, curve: list[float], state: optuna.trial.TrialState) -> None:
     study.add_trial(optuna.trial.create_trial(
         params={"model.batch_size": batch}, distributions={"model.batch_size": CategoricalDistribution([16, 128])},
