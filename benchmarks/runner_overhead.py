@@ -21,7 +21,9 @@ machine's CPUs busy meanwhile (every process: on a 2-CPU machine
 the tracking server and the storage proxy share the cores with the containers, so one container
 that keeps 1.3 CPUs busy leaves room for 2 / 1.3 = 1.5x at most).
 It also times what a container trial pays before any of our code runs: starting a
-container and the imports of a trial process, inside the image and on the host.
+container and the imports of a trial process, inside the image and on the host; and it records
+the CPUs the host took from this machine during each study (``/proc/stat`` steal: on a shared
+virtual machine, the likeliest reason two runs of the same code differ).
 
 Run: ``.venv/bin/python benchmarks/runner_overhead.py`` (about 22 minutes; needs a Docker
 engine and ``make images``). Writes ``benchmarks/results/runner_overhead.json``.
@@ -77,6 +79,10 @@ CASES = {
     "knn": (["model=knn"], 20),
     "ann": (["model=ann", "model.epochs=5", "model.early_stopping_patience=0"], 6),
 }
+#: CPUs stolen by the host (``/proc/stat`` steal) from which a study's figures say so
+STEAL_NOTED = 0.05
+#: the stolen CPUs of every study this run measured
+STOLEN: list[float] = []
 #: issue targets: KNN overhead amortized over a 20-trial warm-container study; a warm ANN
 #: trial against in-process; two warm containers against one
 TARGET_KNN_WARM_DOCKER_S = 0.1
@@ -96,12 +102,12 @@ def study_overheads(server: str, work: Path, overrides: list[str], n_trials: int
     started = time.perf_counter()
     proc = subprocess.Popen(args, cwd=work, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output, busy = [], []  # the machine's busy CPU seconds at each trial line
+    output, busy = [], []  # the machine's busy and stolen CPU seconds at each trial line
     assert proc.stdout is not None
     for line in proc.stdout:
         output.append(line)
         if line.startswith(("[trial", "starting trial")):
-            busy.append((time.perf_counter(), machine_busy_seconds()))
+            busy.append((time.perf_counter(), *machine_cpu_seconds()))
     returncode = proc.wait()
     wall = time.perf_counter() - started
     if returncode != 1:
@@ -112,6 +118,7 @@ def study_overheads(server: str, work: Path, overrides: list[str], n_trials: int
         raise RuntimeError(f"{mode}: {len(done)} of {n_trials} trials completed")
     per_trial = [t.user_attrs["seconds"] - t.user_attrs["times"]["fit"] for t in done]
     span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+    measured_span = len(busy) > 1 and busy[-1][0] > busy[0][0]
     return {
         "trials": n_trials,
         "trial_seconds_median": statistics.median(t.user_attrs["seconds"] for t in done),
@@ -124,7 +131,11 @@ def study_overheads(server: str, work: Path, overrides: list[str], n_trials: int
         # CPUs of this machine in use while the trials ran (every process: the workers, the study's, the
         # tracking server's, the storage proxy's): with one worker, the room left for a second
         "cores_busy_during_trials": ((busy[-1][1] - busy[0][1]) / (busy[-1][0] - busy[0][0])
-                                     if len(busy) > 1 and busy[-1][0] > busy[0][0] else None),
+                                     if measured_span else None),
+        # CPUs the hypervisor gave other machines while this one wanted them ("steal"): on a shared
+        # host, what makes the same study's figures differ from one run to the next
+        "cores_stolen_during_trials": ((busy[-1][2] - busy[0][2]) / (busy[-1][0] - busy[0][0])
+                                       if measured_span else None),
         "val_accuracies": [round(t.value, 4) for t in sorted(done, key=lambda t: t.number)],
     }
 
@@ -134,11 +145,14 @@ def amortized(r: dict, base: dict) -> float:
     return (r["process_wall_seconds"] - base["process_wall_seconds"]) / r["trials"]
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds this machine spent busy since boot, every core (Linux ``/proc/stat``)."""
+def machine_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds since boot, every core (Linux ``/proc/stat``): this machine busy, and stolen
+    (its virtual CPUs wanted to run while the hypervisor ran another machine's)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    fields += [0] * (8 - len(fields))
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def measured(model: str, name: str, server: str, work: Path, overrides: list[str], n_trials: int,
@@ -146,6 +160,10 @@ def measured(model: str, name: str, server: str, work: Path, overrides: list[str
     print(f"{model} / {name}: {n_trials} trials ...", flush=True)
     r = study_overheads(server, work, overrides, n_trials, mode)
     cores = f", {r['cores_busy_during_trials']:.2f} CPUs busy" if r["cores_busy_during_trials"] else ""
+    if r["cores_stolen_during_trials"] is not None:
+        STOLEN.append(r["cores_stolen_during_trials"])
+    if (r["cores_stolen_during_trials"] or 0) >= STEAL_NOTED:
+        cores += f" ({r['cores_stolen_during_trials']:.2f} stolen by the host)"
     print(f"  trial {r['trial_seconds_median']:.2f} s (fit {r['fit_seconds_median']:.2f} s, "
           f"first {r['first_trial_seconds']:.1f} s), {r['seconds_per_trial_in_study']:.2f} s per trial "
           f"in the study, {r['trials_per_minute']:.0f} trials/min{cores}", flush=True)
@@ -244,8 +262,11 @@ def main() -> None:
     for target in targets.values():
         target["met"] = (target["measured"] >= target["target"] if target.get("at_least")
                          else target["measured"] <= target["target"])
+    stolen = sorted(STOLEN)
     out = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "cores_stolen_during_trials": {"median": statistics.median(stolen), "max": stolen[-1]}
+                    if stolen else None},
         "cases": {model: {"overrides": o, "trials": n} for model, (o, n) in CASES.items()},
         "parallel_trials": PARALLEL_TRIALS,
         "modes": {**MODES, **PARALLEL_MODES},
@@ -262,6 +283,9 @@ def main() -> None:
     if ceiling:
         print(f"one 1-CPU container kept {one:.2f} of {os.cpu_count()} CPUs busy: two can do at most "
               f"{ceiling:.2f}x its trials per minute on this machine")
+    if stolen and stolen[-1] >= STEAL_NOTED:
+        print(f"the host took up to {stolen[-1]:.2f} of the {os.cpu_count()} CPUs during some studies (median "
+              f"{statistics.median(stolen):.2f}): their figures, and the pairs' spread, are partly the host's")
     print(f"container start {container_start:.2f} s, trial imports in the container "
           f"{breakdown['trial_imports_in_container_s']:.2f} s (host {host_imports:.2f} s)")
     print(f"wrote {path}")

@@ -99,6 +99,10 @@ def main() -> None:
                         f"proxy, workers); the ceiling of 2 | {one['cores_busy_during_trials']:.2f} -> "
                         f"{both['cores_busy_during_trials']:.2f} of {runners['machine']['cpus']}; "
                         f"{runners['two_workers_ceiling']:.2f}x | |")
+        stolen = runners["machine"].get("cores_stolen_during_trials")
+        if stolen and stolen["max"] >= 0.05:
+            rows.append(f"| CPUs the host took from this machine during the studies (steal: their figures are "
+                        f"partly the host's) | median {stolen['median']:.2f}, up to {stolen['max']:.2f} | |")
         b = runners["breakdown"]
         rows.append(f"| what a container trial pays before our code: container start / trial imports | "
                     f"{b['container_start_s']:.1f} s / {b['trial_imports_in_container_s']:.1f} s "
