@@ -55,7 +55,7 @@ def _job(cfg: Any) -> int:
 def main() -> None:
     from mlops_tune.runtime import threads
 
-    threads.limit_to_quota()  # under a CPU quota below the cores, before numpy loads
+    threads.limit_to_quota(tensorflow=True)  # under a CPU quota below the cores, before numpy loads
     hydra_main("train", _job, PROG)
 
 

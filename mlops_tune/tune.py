@@ -101,7 +101,9 @@ def _job(cfg: Any) -> int:
 def main() -> None:
     from mlops_tune.runtime import heap, threads
 
-    threads.limit_to_quota()  # under a CPU quota below the cores (a CI agent's container), before numpy loads
+    # under a CPU quota below the cores (a CI agent's container), before numpy loads; TensorFlow's
+    # pools: the coordinator's threads.limit_threads, by the trials that share the quota
+    threads.limit_to_quota()
     heap.defer()  # until the first trial: see mlops_tune.runtime.heap
     hydra_main("tune", _job, PROG)
 

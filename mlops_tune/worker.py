@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
               f"or with {CONFIG_FILE} and {handover.ADDRESS_ENV} set: written and set by a study with "
               "runner=mlflow or runner=docker)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    threads.limit_to_quota()  # a container of fewer CPUs than the machine's cores
+    threads.limit_to_quota(tensorflow=True)  # a container of fewer CPUs than the cores; one trial at a time
     heap.defer()  # until the first trial: see mlops_tune.runtime.heap
     faults.install_signal_handlers(PROG)
     faults.quiet_background_faults()

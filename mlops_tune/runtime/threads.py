@@ -104,19 +104,21 @@ def limit_threads(n_jobs: int) -> dict[str, str]:
     return {key: os.environ[key] for key in TF_THREAD_VARS}
 
 
-def limit_to_quota() -> dict[str, str]:
+def limit_to_quota(tensorflow: bool = False) -> dict[str, str]:
     """Under a CPU quota below the cores this process sees (a container of ``runner.cpus=1`` on a
-    bigger machine): thread pools sized to the quota (:func:`cpu_count`), native ones (OpenMP,
-    OpenBLAS, MKL) and TensorFlow's (:func:`thread_env`), which otherwise start a thread per core,
-    run out the quota and wait for the next period: a Keras trial of 5 epochs in a 1-CPU container
-    on 2 cores trained in 2.0-2.1 s against 2.5-2.7 s. Without such a quota nothing changes (at
-    ``runner.cpus=2`` on 2 cores TensorFlow's own pools trained faster than one inter-op thread:
-    2.0-2.2 s against 2.5-2.6 s). What is set already stays. Call before numpy or TensorFlow
-    loads. Returns what it set."""
+    bigger machine): the native thread pools (OpenMP, OpenBLAS, MKL) sized to the quota
+    (:func:`cpu_count`), and with ``tensorflow`` TensorFlow's for one training at a time
+    (:func:`thread_env`); unbounded, each starts a thread per core, runs out the quota and waits
+    for the next period (figures: docs/containers.md). A study's own process leaves TensorFlow's
+    to :func:`limit_threads`, which knows how many trials share the quota. Without such a quota
+    nothing changes. What is set already stays. Call before numpy or TensorFlow loads. Returns
+    what it set."""
     cores = cpu_count()
     if cores >= _affinity():
         return {}
-    wanted = {**{key: str(cores) for key in NATIVE_THREAD_VARS}, **thread_env(1)}
+    wanted = {key: str(cores) for key in NATIVE_THREAD_VARS}
+    if tensorflow:
+        wanted.update(thread_env(1))
     set_now = {key: value for key, value in wanted.items() if not os.environ.get(key)}
     os.environ.update(set_now)
     return set_now

@@ -67,7 +67,7 @@ def test_a_cpu_quota_bounds_the_thread_pools(tmp_path: Path, monkeypatch: pytest
 
     assert threads.cpu_quota() == quota
     assert threads.cpu_count() == (max(1, int(quota)) if quota else 4)
-    set_now = threads.limit_to_quota()
+    set_now = threads.limit_to_quota(tensorflow=True)  # a worker: one trial at a time
     if quota is None:  # all four cores: the libraries' own defaults
         assert set_now == {} and "OMP_NUM_THREADS" not in os.environ
     else:
@@ -76,6 +76,18 @@ def test_a_cpu_quota_bounds_the_thread_pools(tmp_path: Path, monkeypatch: pytest
                            "TF_NUM_INTRAOP_THREADS": cores, "TF_NUM_INTEROP_THREADS": "1"}
         assert os.environ["OMP_NUM_THREADS"] == cores
     assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
+
+
+def test_a_study_under_a_quota_splits_it_between_its_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlops-tune under 2 CPUs of 4 cores, two trials at once: the native pools get the quota, and
+    TensorFlow's are left to limit_threads, which splits the quota, not the cores, between the trials."""
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    monkeypatch.setattr(threads, "CPU_MAX", str(tmp_path / "cpu.max"))
+    monkeypatch.setattr(threads, "_affinity", lambda: 4)
+    for key in (*threads.NATIVE_THREAD_VARS, *threads.TF_THREAD_VARS):
+        monkeypatch.delenv(key, raising=False)
+    assert threads.limit_to_quota() == {key: "2" for key in threads.NATIVE_THREAD_VARS}
+    assert threads.limit_threads(2) == {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 
 def _trial(study: optuna.Study, batch: int, curve: list[float], state: optuna.trial.TrialState) -> None:
