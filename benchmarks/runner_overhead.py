@@ -118,7 +118,11 @@ def study_overheads(server: str, work: Path, overrides: list[str], n_trials: int
         raise RuntimeError(f"{mode}: {len(done)} of {n_trials} trials completed")
     per_trial = [t.user_attrs["seconds"] - t.user_attrs["times"]["fit"] for t in done]
     span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
-    measured_span = len(busy) > 1 and busy[-1][0] > busy[0][0]
+    def rate(column: int) -> float | None:  # CPU seconds a second from the first trial line to the last
+        if len(busy) < 2 or busy[-1][0] <= busy[0][0]:
+            return None
+        return (busy[-1][column] - busy[0][column]) / (busy[-1][0] - busy[0][0])
+
     return {
         "trials": n_trials,
         "trial_seconds_median": statistics.median(t.user_attrs["seconds"] for t in done),
@@ -130,12 +134,10 @@ def study_overheads(server: str, work: Path, overrides: list[str], n_trials: int
         "process_wall_seconds": wall,
         # CPUs of this machine in use while the trials ran (every process: the workers, the study's, the
         # tracking server's, the storage proxy's): with one worker, the room left for a second
-        "cores_busy_during_trials": ((busy[-1][1] - busy[0][1]) / (busy[-1][0] - busy[0][0])
-                                     if measured_span else None),
+        "cores_busy_during_trials": rate(1),
         # CPUs the hypervisor gave other machines while this one wanted them ("steal"): on a shared
         # host, what makes the same study's figures differ from one run to the next
-        "cores_stolen_during_trials": ((busy[-1][2] - busy[0][2]) / (busy[-1][0] - busy[0][0])
-                                       if measured_span else None),
+        "cores_stolen_during_trials": rate(2),
         "val_accuracies": [round(t.value, 4) for t in sorted(done, key=lambda t: t.number)],
     }
 

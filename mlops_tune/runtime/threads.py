@@ -58,8 +58,8 @@ def cpu_quota() -> float | None:
 def cpu_count() -> int:
     """Cores this process may use: its CPU affinity, bounded by its cgroup's CPU quota (rounded
     down, at least 1)."""
-    quota = cpu_quota()
-    return max(1, min(_affinity(), int(quota) if quota is not None else _affinity()))
+    cores, quota = _affinity(), cpu_quota()
+    return cores if quota is None else max(1, min(cores, int(quota)))
 
 
 def parse_n_jobs(value: object) -> int | str:
