@@ -51,21 +51,17 @@ from typing import Any
 import optuna
 
 from mlops_tune.records import claims, tracking
-from mlops_tune.runtime import faults, heap, keys
+from mlops_tune.runtime import faults, heap
 from mlops_tune.runtime.errors import EnvironmentFault, UsageError, first_line
 from mlops_tune.runtime.secrets import redact_text, write_private
-from mlops_tune.search import gate
 from mlops_tune.show import report
 from mlops_tune.workers import ASSIGNMENT_FILE, CONFIG_FILE, containers
 from mlops_tune.workers.handover import Desk
+from mlops_tune.workers.launched import MAX_FRUITLESS_WORKERS, STOP_GRACE, close_run, finished_by, work_left
 from mlops_tune.workers.loop import Assignment
 from mlops_tune.workers.objective import give_back_lost
 
 WORKER_ENTRY_POINT = "worker"
-#: workers in a row that end before finishing any trial, before the study gives up (exit 3)
-MAX_FRUITLESS_WORKERS = 2
-#: seconds a stopped worker has to close its runs before it is killed
-STOP_GRACE = 20
 
 
 @dataclass
@@ -179,20 +175,20 @@ class ProjectWorkers:
             worker, ok = self.ended.get()
             with self.lock:
                 del self.workers[worker.label]
-            finished = self._finished_by(study, worker.run_id) if worker.run_id else 0
+            finished = finished_by(study, worker.run_id) if worker.run_id else 0
             if not ok and worker.run_id:
                 lost = give_back_lost(study, storage, (worker.run_id,), budget,
                                       f"its worker ({worker.label}) exited mid-trial")
                 for frozen in lost:
                     report.trial_line(study, frozen, threshold, time.perf_counter() - started, gate_cfg)
             if worker.run_id and (worker.container or not ok):  # MLflow marks a Project run that ended well
-                self._close_run(worker, "FINISHED" if ok else "FAILED")
+                close_run(worker.run_id, "FINISHED" if ok else "FAILED")
             if not ok:
                 fruitless = 0 if finished else fruitless + 1
                 if fruitless >= MAX_FRUITLESS_WORKERS:
                     raise EnvironmentFault("trial worker", f"{fruitless} workers in a row ended before finishing a "
                                            f"trial (last: {worker.label}, run {worker.run_id}); see its output above")
-            if (finished or not ok) and self._work_left(study, budget, assignment, gate_cfg):
+            if (finished or not ok) and not self.stopping and work_left(self.cfg, study, budget, assignment):
                 self._launch()
 
     def stop(self) -> None:
@@ -223,7 +219,7 @@ class ProjectWorkers:
                 worker.process.kill()  # `docker run` of a container that never started
                 worker.process.wait()
             if worker.run_id:
-                self._close_run(worker, "KILLED")
+                close_run(worker.run_id, "KILLED")
 
     def close(self) -> None:
         if self.desk is not None:
@@ -332,37 +328,6 @@ class ProjectWorkers:
         if self.docker:
             tags.update({"mlflow.project.env": "docker", "mlflow.docker.image.uri": self.image})
         return tracking.create_run(self.assignment.experiment_id, label, tags)
-
-    def _work_left(self, study: optuna.Study, budget: claims.Budget, assignment: Assignment,
-                   gate_cfg: Mapping[str, Any]) -> bool:
-        """Trials given back wait, or the gate is not met, tickets are left and time too."""
-        if self.stopping:
-            return False
-        trials = study.get_trials(deepcopy=False)
-        if any(t.state == optuna.trial.TrialState.WAITING for t in trials):
-            return True
-        timeout = self.cfg["study"]["timeout"]
-        if timeout is not None and time.time() - assignment.started_at >= float(timeout):
-            return False
-        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        return not gate.met(done, gate_cfg) and budget.tickets.held() < int(self.cfg["study"]["n_trials"])
-
-    @staticmethod
-    def _finished_by(study: optuna.Study, owner: str) -> int:
-        """The trials worker ``owner`` finished (their tickets name it)."""
-        return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished()
-                   and keys.NOT_CHARGED not in t.user_attrs
-                   and str(t.user_attrs.get(keys.TICKET, "")).partition(" ")[2].startswith(owner))
-
-    @staticmethod
-    def _close_run(worker: _Worker, status: str) -> None:
-        """The status the study decided, over MLflow's FAILED for a worker it stopped."""
-        import mlflow
-
-        with contextlib.suppress(Exception):
-            client = mlflow.MlflowClient()
-            if status == "KILLED" or client.get_run(worker.run_id).info.status == "RUNNING":
-                client.set_terminated(worker.run_id, status)
 
 
 def _wait_for_group(submitted: Any, deadline: float) -> None:
