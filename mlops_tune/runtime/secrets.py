@@ -29,6 +29,8 @@ MASK = "***"
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<user>[^:@/\s'\"]*):(?P<password>[^@\s'\"]*)@")
 _known: set[str] = set()
 _pgpass: Path | None = None
+#: the lines this process put in its private PGPASSFILE (the passwords of its own URLs)
+_entries: list[str] = []
 
 
 def remember(secret: str) -> None:
@@ -115,7 +117,6 @@ def write_private(path: str | Path, text: str) -> None:
 
 def _add_pgpass(tail: str, user: str, password: str) -> None:
     """Add ``host:port:db:user:password`` for the URL whose rest (``host:port/db...``) is ``tail``."""
-    global _pgpass
     parts = urlsplit(f"postgresql://{tail}")
     host, port = parts.hostname or "localhost", parts.port or 5432
     database = parts.path.lstrip("/").split("/")[0] or "*"
@@ -123,7 +124,21 @@ def _add_pgpass(tail: str, user: str, password: str) -> None:
     def esc(value: str) -> str:
         return value.replace("\\", "\\\\").replace(":", "\\:")
 
-    line = ":".join(esc(v) for v in (host, str(port), database, user, password))
+    add_pgpass_entries([":".join(esc(v) for v in (host, str(port), database, user, password))])
+
+
+def pgpass_entries() -> list[str]:
+    """The ``host:port:db:user:password`` lines this process added to its private ``PGPASSFILE``
+    (the user's own file's entries are not among them)."""
+    return list(_entries)
+
+
+def add_pgpass_entries(lines: list[str]) -> None:
+    """Put ``lines`` first in this process's private ``PGPASSFILE`` (made on first use, holding
+    the user's own entries after ours; removed at exit); their passwords are masked in output."""
+    global _pgpass
+    if not lines:
+        return
     if _pgpass is None:
         fd, name = tempfile.mkstemp(prefix="mlops-tune-pgpass-")  # mode 0600
         os.close(fd)
@@ -133,8 +148,11 @@ def _add_pgpass(tail: str, user: str, password: str) -> None:
         _pgpass.write_text(own if own.endswith("\n") or not own else own + "\n")
         os.environ["PGPASSFILE"] = name
         atexit.register(_pgpass.unlink, missing_ok=True)
+    for line in lines:
+        remember(re.split(r"(?<!\\):", line)[-1].replace("\\:", ":").replace("\\\\", "\\"))
+        _entries.append(line)
     # first match wins in libpq: our entries go before the user's own
-    _pgpass.write_text(f"{line}\n{_pgpass.read_text()}")
+    _pgpass.write_text("".join(f"{line}\n" for line in lines) + _pgpass.read_text())
 
 
 class _RedactingStream:
