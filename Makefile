@@ -1,7 +1,7 @@
 # Everything runs from a virtual environment at .venv in the checkout, made on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= keras,dev,postgres,parallel,docker
+EXTRAS ?= keras,dev,postgres,parallel,docker,ray
 
 .PHONY: install run test test-fast lint bench ui server stop-services images base-image clean
 

@@ -4,6 +4,8 @@
   127.0.0.1 only, with databases for Optuna (``optuna``) and MLflow (``mlflow``).
 * ``server``: ``mlflow server`` on 127.0.0.1 with a PostgreSQL backend store and a
   proxied artifact store (``--serve-artifacts``), so clients need no artifact credentials.
+* Ray nodes (``start_ray_node``): each its own ``ray start`` with its own CPU count, folder and
+  ports, so that several nodes of one cluster run on this machine (tests, benchmarks).
 
 ``make server`` runs ``python -m devtools.devservices up .services``: it prints the
 ``tracking.uri`` and ``study.storage`` to use and leaves pid files that
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import shutil
@@ -137,6 +140,59 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def start_ray_node(folder: Path, cpus: int, head: str | None = None, env: dict[str, str] | None = None) -> str:
+    """``ray start`` of one node (the head when ``head`` is None) with its temporary folder ``folder`` and
+    ports of its own; returns the head's address (``127.0.0.1:PORT``) or "". ``env`` is the node's
+    environment (its workers inherit it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port
+    args = [str(Path(sys.executable).parent / "ray"), "start", "--num-cpus", str(cpus), "--temp-dir", str(folder),
+            "--disable-usage-stats", "--node-manager-port", str(port()), "--object-manager-port", str(port()),
+            "--metrics-export-port", str(port()), "--dashboard-agent-listen-port", str(port()),
+            "--dashboard-agent-grpc-port", str(port()), "--runtime-env-agent-port", str(port()),
+            "--min-worker-port", "0", "--max-worker-port", "0"]
+    address = ""
+    if head is None:
+        address = f"127.0.0.1:{port()}"
+        args += ["--head", "--port", address.rsplit(":", 1)[1], "--include-dashboard", "true",
+                 "--dashboard-port", str(port()), "--ray-client-server-port", str(port())]
+    else:
+        args += ["--address", head]
+    proc = subprocess.run(args, env={"RAY_USAGE_STATS_ENABLED": "0", **(env or os.environ)}, capture_output=True,
+                          text=True, timeout=180)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray start failed: {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+    return address
+
+
+def ray_node_id(folder: Path, timeout: float = 60) -> str:
+    """The id of the node whose temporary folder is ``folder`` (its raylet's log names it)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for log in folder.glob("session_*/logs/raylet.out"):
+            for line in log.read_text(errors="replace").splitlines():
+                if "Setting node ID" in line:
+                    return line.rsplit("node_id=", 1)[-1].split()[0].strip(",.")
+        time.sleep(0.5)
+    raise RuntimeError(f"no node id in {folder}")
+
+
+def kill_ray_node(folder: Path) -> None:
+    """SIGKILL every process of the node whose temporary folder is ``folder``: those naming it in their
+    command line (its raylet, its agents) and every process under them (its workers)."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if str(folder) in " ".join(proc.info["cmdline"] or []):
+            found[proc.pid] = proc
+            with contextlib.suppress(psutil.Error):
+                found.update({child.pid: child for child in proc.children(recursive=True)})
+    for proc in found.values():
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:

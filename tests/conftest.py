@@ -135,13 +135,13 @@ def mlflow_client(folder: Path):
 
 def heavy_imports_after(command: str, args: list[str], cwd: Path) -> tuple[int, list[str], str]:
     """Run ``mlops_tune.<command>.main`` with ``args`` in a fresh interpreter; return its exit
-    code, the TensorFlow/Keras modules it imported, and its stderr."""
+    code, the TensorFlow, Keras and Ray modules it imported (none but where they are used), and its stderr."""
     probe = (
         "import sys\n"
         f"sys.argv = ['mlops-{command}', *{args!r}]\n"
         f"from mlops_tune.{command} import main\n"
         "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'ray'))\n"
         "print('HEAVY=' + ','.join(heavy))\n"
         "sys.exit(code)\n"
     )

@@ -65,11 +65,13 @@ class ReportConfig:
 @dataclass
 class RunnerConfig:
     name: str = "inprocess"
-    workers: int = 1  # runner=mlflow|docker: warm workers (trials at once)
+    workers: int = 1  # runner=mlflow|docker|ray: warm workers (trials at once)
     fresh_per_trial: bool = False  # runner=mlflow|docker: one process (container) per trial
     images: Optional[dict[str, str]] = None  # noqa: UP045 - runner=docker: image per family
     cpus: Optional[float] = None  # noqa: UP045
     memory: Optional[str] = None  # noqa: UP045
+    address: Optional[str] = None  # noqa: UP045 - runner=ray: the cluster to connect to
+    resources: Optional[dict[str, Any]] = None  # noqa: UP045 - runner=ray: custom resources by family
 
 
 @dataclass

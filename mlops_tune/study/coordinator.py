@@ -65,7 +65,7 @@ class Study:
         """Run the study. Raises :class:`EnvironmentFault` when a store or the disk fails meanwhile."""
         plan = self.plan
         try:
-            # runner=mlflow|docker: the storage proxy starts now, the workers once the parent run exists
+            # runner=mlflow|docker|ray: the storage proxy (docker) starts now, the workers once the parent run exists
             with plan.launcher or contextlib.nullcontext():
                 print(f"study '{plan.name}': opening the stores (Optuna {redact_text(plan.storage_url)}, "
                       f"MLflow {redact_text(plan.tracking_uri)}) ...", flush=True)
@@ -94,7 +94,7 @@ class Study:
         reconcile(study, experiment_id, parent_run_id, budget)  # before any worker of this run starts a trial
         started = time.perf_counter()
         assignment = Assignment(plan.name, experiment_id, parent_run_id, time.time(), first)
-        if plan.launcher is not None:  # runner=mlflow|docker: they start while this process finishes opening
+        if plan.launcher is not None:  # runner=mlflow|docker|ray: they start while this process finishes opening
             plan.launcher.start(assignment)
         with tracking.run(experiment_id, plan.name, resume_run_id=parent_run_id,
                           tags={tracking.TAG_STUDY: plan.name}) as run_id:
@@ -111,7 +111,7 @@ class Study:
                                          first, after_first=later)
             others = functools.partial(others_running, study, storage, plan.gate, budget)
             with progress:
-                if plan.launcher is not None:  # runner=mlflow|docker: no trial trains in this process
+                if plan.launcher is not None:  # runner=mlflow|docker|ray: no trial trains in this process
                     plan.launcher.run(study, storage, budget, assignment, started)
                     while others():  # a dead process's trial taken back: new workers run it
                         plan.launcher.run(study, storage, budget, assignment, started)

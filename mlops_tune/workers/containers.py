@@ -52,7 +52,7 @@ def check(runner_cfg: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[str, l
     absolute path."""
     from mlops_tune.families import get_family
 
-    _check_limits(runner_cfg)
+    check_limits(runner_cfg)
     family = get_family(cfg["model"]["family"])
     images = runner_cfg.get("images") or {}
     key = family.name if family.name in images else family.image
@@ -82,7 +82,8 @@ def check(runner_cfg: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[str, l
     return image, mounts, resolved
 
 
-def _check_limits(runner_cfg: Mapping[str, Any]) -> None:
+def check_limits(runner_cfg: Mapping[str, Any]) -> None:
+    """``runner.cpus`` a positive number or null, ``runner.memory`` a size like 2g or null (exit 2)."""
     cpus, memory = runner_cfg.get("cpus"), runner_cfg.get("memory")
     if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus <= 0):
         raise UsageError(f"runner.cpus: must be a positive number of CPUs or null, got {cpus!r}")

@@ -15,6 +15,7 @@ from mlops_tune.search.optuna_setup import check_writable, make_pruner, make_sam
 from mlops_tune.search.space import SearchSpace
 
 if TYPE_CHECKING:
+    from mlops_tune.workers.cluster import RayWorkers
     from mlops_tune.workers.projects import ProjectWorkers
 
 
@@ -32,8 +33,9 @@ class Plan:
     runner: Runner
     #: trials of this study running at once in local processes (``study.n_jobs``)
     n_jobs: int = 1
-    #: runner=mlflow|docker: the study's workers are MLflow Project runs (none train in this process)
-    launcher: ProjectWorkers | None = None
+    #: runner=mlflow|docker: the study's workers are MLflow Project runs; runner=ray: Ray tasks
+    #: (none train in this process)
+    launcher: ProjectWorkers | RayWorkers | None = None
 
     @property
     def gate(self) -> Mapping[str, Any]:
@@ -58,11 +60,15 @@ class Plan:
         another process of the study loaded. runner=mlflow|docker: the study's Project workers,
         made first (runner=docker's containers start before the other checks, the model's
         included, and import meanwhile; stopped if one fails)."""
-        launcher = None
+        launcher: ProjectWorkers | RayWorkers | None = None
         if cfg["runner"]["name"] in ("mlflow", "docker"):
             from mlops_tune.workers.projects import ProjectWorkers
 
             launcher = ProjectWorkers(cfg)
+        elif cfg["runner"]["name"] == "ray":
+            from mlops_tune.workers.cluster import RayWorkers
+
+            launcher = RayWorkers(cfg)
         try:
             return cls._check(cfg, n_jobs, splits, launcher)
         except BaseException:
@@ -73,7 +79,7 @@ class Plan:
 
     @classmethod
     def _check(cls, cfg: Mapping[str, Any], n_jobs: int, splits: Splits | None,
-               launcher: ProjectWorkers | None) -> Plan:
+               launcher: ProjectWorkers | RayWorkers | None) -> Plan:
         family = get_family(cfg["model"]["family"])
         family.validate(cfg["model"])  # imports the model's framework (scikit-learn: ~1 s; TensorFlow: never)
         if cfg["registry"]["promote"]:
