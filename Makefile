@@ -36,6 +36,7 @@ bench: install
 	$(PY) benchmarks/workers.py
 	$(PY) benchmarks/time_to_target.py
 	$(PY) benchmarks/runner_overhead.py   # needs a Docker engine and `make images`
+	$(PY) benchmarks/ray_workers.py      # needs the PostgreSQL server binaries
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1

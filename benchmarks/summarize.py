@@ -107,6 +107,15 @@ def main() -> None:
         rows.append(f"| what a container trial pays before our code: container start / trial imports | "
                     f"{b['container_start_s']:.1f} s / {b['trial_imports_in_container_s']:.1f} s "
                     f"(host {b['trial_imports_on_host_s']:.1f} s) | |")
+    if ray := _load("ray_workers"):
+        for n, r in ray["results"]["ray"].items():
+            local, ratio = ray["results"]["local"][n], ray["results"]["ray_over_local"][n]
+            rows.append(f"| trials/min knn, {n} worker(s): Ray tasks on a two-node cluster / local processes | "
+                        f"{r['trials_per_minute']:.0f} / {local['trials_per_minute']:.0f} "
+                        f"({ratio['trials_per_minute']:.2f}x) | |")
+            rows.append(f"| first trial after the command's start, {n} worker(s): Ray / local | "
+                        f"{r['seconds_to_first_trial']:.1f} s / {local['seconds_to_first_trial']:.1f} s "
+                        f"(+{ratio['extra_seconds_to_first_trial']:.1f} s) | |")
     print("\n".join(rows))
 
 
