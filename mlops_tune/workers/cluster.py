@@ -76,8 +76,10 @@ class RayWorkers:
         self.cfg, self.runner, self.n = cfg, runner, int(runner.get("workers") or 1)
         check_limits(runner)
         family = get_family(cfg["model"]["family"])
-        wanted = (runner.get("resources") or {}).get(family.name, (runner.get("resources") or {}).get(family.image))
-        self.resources = {str(k): float(v) for k, v in dict(wanted or {}).items()}
+        by_family = runner.get("resources") or {}
+        #: the key of runner.resources this study's workers read: the family's, else its image's (keras)
+        self.family = family.name if family.name in by_family else family.image
+        self.resources = {str(k): float(v) for k, v in dict(by_family.get(self.family) or {}).items()}
         self.tasks: dict[Any, _Task] = {}  # by the task's ObjectRef
         self.count, self.stopping = 0, False
         self.assignment: Assignment | None = None
@@ -86,7 +88,7 @@ class RayWorkers:
         self.ray = _connect(str(runner.get("address") or "auto"))
         try:
             nodes = [node for node in self.ray.nodes() if node.get("Alive")]
-            _check_resources(nodes, self.ask(), family.name)
+            _check_resources(nodes, self.ask(), self.family)
             check_reachable_from(nodes, self.ray.util.get_node_ip_address(), str(cfg["study"]["storage"]),
                                  str(cfg["tracking"]["uri"]))
         except BaseException:
@@ -359,8 +361,9 @@ def _check_resources(nodes: list[dict[str, Any]], ask: Mapping[str, Any], family
     custom = [k for k in missing if k not in ("CPU", "memory")]
     hint = (f"start the nodes that have it with `ray start --resources '{{\"{custom[0]}\": 4}}'`, or set "
             f"runner.resources.{family}={{}}" if custom else "ask less (runner.cpus, runner.memory)")
+    shown = [f"memory {wanted[k] / 2**30:g}g" if k == "memory" else f"{k} {wanted[k]:g}" for k in missing]
     raise UsageError(f"runner.resources: no node of the Ray cluster offers what a {family} worker asks "
-                     f"({', '.join(f'{k} {wanted[k]:g}' for k in missing)}); {hint}")
+                     f"({', '.join(shown)}); {hint}")
 
 
 def check_reachable_from(nodes: list[dict[str, Any]], here: str, storage_url: str, tracking_uri: str) -> None:

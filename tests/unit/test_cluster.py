@@ -72,6 +72,9 @@ def test_a_worker_no_node_can_hold_is_refused_with_the_resource_it_lacks() -> No
     cluster._check_resources(_nodes(HERE, "10.0.0.6", tensorflow=2.0), ask, "keras")
     with pytest.raises(UsageError, match="CPU 8"):  # one node must hold it whole
         cluster._check_resources(_nodes(HERE, "10.0.0.6"), {**ask, "num_cpus": 8.0, "resources": {}}, "sklearn")
+    with pytest.raises(UsageError, match=r"asks \(memory 40g\); ask less \(runner.cpus, runner.memory\)"):
+        cluster._check_resources(_nodes(HERE), {**ask, "memory": cluster.memory_bytes("40g"), "resources": {}},
+                                 "sklearn")
 
 
 def test_a_worker_gets_the_checked_config_to_run_in_its_own_process(tmp_path: Path) -> None:
