@@ -122,8 +122,9 @@ class RayWorkers:
         self.close()
 
     def start(self, assignment: Assignment) -> None:
-        """The parent run exists: the tasks start (their processes import while this one finishes opening)."""
-        self.assignment = assignment
+        """The parent run exists: the tasks start (their processes import while this one finishes opening).
+        ``runner.fresh_per_trial``: each task runs one trial (a fresh process per trial)."""
+        self.assignment = replace(assignment, trials=1 if self.runner.get("fresh_per_trial") else None)
         for _ in range(self.n):
             self._launch()
 

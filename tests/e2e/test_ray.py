@@ -156,6 +156,19 @@ def test_workers_finishing_together_promote_once(cluster: Cluster, stores: dict[
     assert "RUNNING" not in {r.info.status for r in runs}
 
 
+def test_fresh_per_trial_gives_every_trial_a_task_of_its_own(cluster: Cluster, stores: dict[str, str],
+                                                            workdir: Path) -> None:
+    study = f"ray-{uuid.uuid4().hex[:6]}"
+    proc = _tune(_args(cluster, stores, study, "study.n_trials=3", "gate.threshold=0.999", "runner.workers=1",
+                       "runner.fresh_per_trial=true"), workdir)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = _runs(stores, study)
+    workers = {r.info.run_id for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "worker"}
+    trial_runs = [r for r in runs if tracking.TAG_TRIAL_NUMBER in r.data.tags]
+    assert len(trial_runs) == 3 and len(workers) == 3
+    assert sorted(r.data.tags[tracking.TAG_WORKER_RUN] for r in trial_runs) == sorted(workers)
+
+
 def test_a_store_only_this_machine_reaches_is_fine_when_every_node_is_this_machine(
         cluster: Cluster, workdir: Path) -> None:
     study = f"ray-{uuid.uuid4().hex[:6]}"
