@@ -57,9 +57,9 @@ class Plan:
     def check(cls, cfg: Mapping[str, Any], n_jobs: int = 1, splits: Splits | None = None) -> Plan:
         """Check everything that can fail on bad input and build the plan, writing nothing
         (``UsageError``: exit 2); the model's section by its family too. ``splits``: the data
-        another process of the study loaded. runner=mlflow|docker: the study's Project workers,
-        made first (runner=docker's containers start before the other checks, the model's
-        included, and import meanwhile; stopped if one fails)."""
+        another process of the study loaded. runner=mlflow|docker|ray: the study's launcher, made
+        first (runner=docker's containers start before the other checks, the model's included,
+        and import meanwhile; runner=ray connects to its cluster and checks it; stopped if one fails)."""
         launcher: ProjectWorkers | RayWorkers | None = None
         if cfg["runner"]["name"] in ("mlflow", "docker"):
             from mlops_tune.workers.projects import ProjectWorkers
