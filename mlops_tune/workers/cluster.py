@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import socket
 import sys
@@ -42,7 +41,7 @@ from mlops_tune.records import claims, tracking
 from mlops_tune.runtime import faults, heap, secrets
 from mlops_tune.runtime.errors import EXIT_CRASH, EnvironmentFault, StudyAborted, UsageError, first_line
 from mlops_tune.show import report
-from mlops_tune.workers.containers import PASS_THROUGH, check_limits
+from mlops_tune.workers.containers import PASS_THROUGH, check_limits, memory_bytes
 from mlops_tune.workers.launched import MAX_FRUITLESS_WORKERS, STOP_GRACE, close_run, finished_by, work_left
 from mlops_tune.workers.loop import Assignment
 from mlops_tune.workers.objective import give_back_lost
@@ -54,14 +53,12 @@ PROG = "mlops-tune worker"
 HANDED_ON = (*PASS_THROUGH, "PGPASSWORD")
 #: hosts that name this machine only
 LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0", "")
-_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([bkmgBKMG]?)$")
 
 
 @dataclass
 class _Task:
     label: str
     run_id: str
-    ref: Any = None
 
 
 class RayWorkers:
@@ -149,7 +146,7 @@ class RayWorkers:
             if not done:
                 continue
             task = self.tasks.pop(done[0])
-            code, why = self._outcome(task)
+            code, why = self._outcome(done[0])
             finished = finished_by(study, task.run_id)
             if code is None:  # its process or its node died: its trial is given back
                 reason = f"its worker ({task.label}) {why}"
@@ -212,14 +209,14 @@ class RayWorkers:
         if self.handed is None:  # the config and the credentials, once per study, in the object store
             self.handed = self.ray.put({"config": worker_config(self.cfg), "credentials": handed_on()})
         ref = self.ray.remote(max_calls=1)(serve).options(**options).remote(self.handed, fields)
-        self.tasks[ref] = _Task(label, run_id, ref)
+        self.tasks[ref] = _Task(label, run_id)
 
-    def _outcome(self, task: _Task) -> tuple[int | None, str]:
+    def _outcome(self, ref: Any) -> tuple[int | None, str]:
         """The task's exit code and why (None: its process or its node died, or it was cancelled)."""
         from ray.exceptions import RayError, RayTaskError
 
         try:
-            code, error = self.ray.get(task.ref)
+            code, error = self.ray.get(ref)
         except RayTaskError as exc:  # raised outside the worker's own mapping (its imports?)
             return EXIT_CRASH, secrets.redact_text(first_line(exc, 300))
         except RayError as exc:  # WorkerCrashedError, NodeDiedError, TaskCancelledError ...
@@ -261,10 +258,11 @@ def serve(handed: Mapping[str, Any], fields: dict[str, Any]) -> tuple[int, str]:
             secrets.remember(value)
     secrets.add_pgpass_entries(list(credentials["pgpass"]))
     secrets.guard_streams()
-    cpus = max(1, int(float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    runtime = ray.get_runtime_context()
+    cpus = max(1, int(float(runtime.get_assigned_resources().get("CPU", 1))))
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(cpus))
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-    node = ray.get_runtime_context().get_node_id()
+    node = runtime.get_node_id()
     fields = {**fields, "tags": {**fields.get("tags", {}), TAG_NODE: node, TAG_HOST: socket.gethostname()}}
     errors: list[str] = []
 
@@ -341,15 +339,6 @@ def _hide_secrets_from_ray() -> None:
         raise UsageError("runner=ray with a password in the command line needs setproctitle: "
                          "pip install 'mlops-tune[ray]'") from None
     setproctitle.setproctitle(secrets.redact_text(shown))
-
-
-def memory_bytes(size: str) -> int:
-    """``4g`` / ``512m`` / ``1024`` as bytes."""
-    match = _SIZE.match(size)
-    if match is None:
-        raise UsageError(f"runner.memory: must be a size like 2g or 512m, or null, got {size!r}")
-    unit = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match[2].lower()]
-    return int(float(match[1]) * unit)
 
 
 def _check_resources(nodes: list[dict[str, Any]], ask: Mapping[str, Any], family: str) -> None:

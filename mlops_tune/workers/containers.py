@@ -40,7 +40,8 @@ PASS_THROUGH = (
     # the study's deadlines and retries for the tracking server (records.stores.configure_http)
     "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
 )
-_MEMORY = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$")
+#: a size such as ``4g``, ``512m``, ``1.5G`` or ``1024`` (bytes)
+_MEMORY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([bkmgBKMG]?)$")
 MAKE_IMAGES = "build it with `make images`"
 #: seconds a Docker engine call may take when a worker is stopped
 STOP_TIMEOUT = 60
@@ -143,6 +144,15 @@ def check_experiment(uri: str, name: str) -> None:
             f"tracking.experiment: '{name}' keeps its artifacts in the server's folder "
             f"{experiment.artifact_location}, which a container cannot write; use a server started "
             "with --serve-artifacts (make server) and a new experiment")
+
+
+def memory_bytes(size: str) -> int:
+    """``4g`` / ``512m`` / ``1024`` as bytes (the sizes :func:`check_limits` takes)."""
+    match = _MEMORY.match(size)
+    if match is None:
+        raise UsageError(f"runner.memory: must be a size like 2g or 512m, or null, got {size!r}")
+    unit = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match[2].lower()]
+    return int(float(match[1]) * unit)
 
 
 def limits_text(runner_cfg: Mapping[str, Any]) -> str:
